@@ -1,0 +1,232 @@
+/*
+ * genpipe: the command-line interface.
+ *
+ *   genpipe dev up [--data-dir DIR]      start the local stack
+ *   genpipe dev status [--json]          each process: pid, port, health
+ *   genpipe dev logs NAME [--lines N]    a process's log
+ *   genpipe dev down                     stop everything by pid, keep data
+ *   genpipe migrate                      apply migrations to GENPIPE_DATABASE_URL
+ *   genpipe version
+ *
+ * Exit codes: 0 ok, 1 failure, 2 usage error.
+ */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "db.h"
+#include "log.h"
+#include "stack.h"
+
+static const char *data_dir = ".genpipe";
+static const char *migrations_dir = GENPIPE_SOURCE_MIGRATIONS;
+static const char *database_url;
+static int json_out;
+static long long log_lines = 100;
+
+static const struct gp_opt common_opts[] = {
+	{ "data-dir", "GENPIPE_DATA_DIR", GP_OPT_STR, ".genpipe",
+	  "local stack data directory", &data_dir },
+	{ "migrations-dir", "GENPIPE_MIGRATIONS_DIR", GP_OPT_STR, GENPIPE_SOURCE_MIGRATIONS,
+	  "directory of NNNN_name.sql migrations", &migrations_dir },
+	{ "database-url", "GENPIPE_DATABASE_URL", GP_OPT_STR, NULL,
+	  "PostgreSQL URL (migrate)", &database_url },
+	{ "json", NULL, GP_OPT_BOOL, "false", "machine-readable output", &json_out },
+	{ "lines", NULL, GP_OPT_INT, "100", "lines of log to show (dev logs)", &log_lines },
+};
+#define NOPTS ((int)(sizeof common_opts / sizeof common_opts[0]))
+
+static const char usage_text[] =
+	"genpipe COMMAND [options]\n\n"
+	"commands:\n"
+	"  dev up            start nats-server (JetStream), PostgreSQL and the services\n"
+	"  dev status        show each process: pid, port, healthy or not\n"
+	"  dev logs NAME     print the last --lines of NAME's log (nats, postgres, orchestrator, ...)\n"
+	"  dev down          stop every process by its pid; data is kept\n"
+	"  migrate           apply migrations to --database-url\n"
+	"  version           print the version";
+
+static void usage(FILE *f)
+{
+	gp_config_usage(common_opts, NOPTS, usage_text, f);
+}
+
+/* Absolute data dir: pid files and env must not depend on the cwd later. */
+static const char *abs_dir(const char *d, char *buf, size_t len)
+{
+	if (d[0] == '/')
+		return d;
+	char cwd[PATH_MAX];
+	if (!getcwd(cwd, sizeof cwd))
+		return d;
+	snprintf(buf, len, "%s/%s", cwd, d);
+	return buf;
+}
+
+static void self_dir(char *out, size_t len)
+{
+	ssize_t n = readlink("/proc/self/exe", out, len - 1);
+	if (n <= 0) {
+		snprintf(out, len, ".");
+		return;
+	}
+	out[n] = '\0';
+	char *slash = strrchr(out, '/');
+	if (slash)
+		*slash = '\0';
+}
+
+static int cmd_status(const char *dir)
+{
+	struct gp_stack_proc *p = NULL;
+	int n = 0;
+	struct gp_err err = { 0 };
+	if (gp_stack_status(dir, migrations_dir, &p, &n, &err)) {
+		fprintf(stderr, "genpipe: %s\n", err.msg);
+		return 1;
+	}
+	int all = 1;
+	if (json_out) {
+		cJSON *arr = cJSON_CreateArray();
+		for (int i = 0; i < n; i++) {
+			cJSON *o = cJSON_CreateObject();
+			cJSON_AddStringToObject(o, "name", p[i].name);
+			cJSON_AddNumberToObject(o, "pid", p[i].pid);
+			cJSON_AddNumberToObject(o, "port", p[i].port);
+			cJSON_AddBoolToObject(o, "running", p[i].alive);
+			cJSON_AddBoolToObject(o, "healthy", p[i].healthy);
+			cJSON_AddStringToObject(o, "detail", p[i].detail);
+			cJSON_AddItemToArray(arr, o);
+		}
+		char *s = cJSON_Print(arr);
+		puts(s);
+		free(s);
+		cJSON_Delete(arr);
+	} else {
+		printf("%-14s %8s %6s  %-9s %s\n", "NAME", "PID", "PORT", "STATE", "DETAIL");
+	}
+	for (int i = 0; i < n; i++) {
+		all &= p[i].healthy;
+		if (!json_out)
+			printf("%-14s %8d %6d  %-9s %s\n", p[i].name, p[i].pid, p[i].port,
+			       !p[i].alive ? "stopped" : p[i].healthy ? "healthy" : "unhealthy",
+			       p[i].detail);
+	}
+	free(p);
+	return all ? 0 : 1;
+}
+
+static int cmd_logs(const char *dir, const char *name)
+{
+	char path[PATH_MAX + 64];
+	gp_stack_log_path(dir, name, path, sizeof path);
+	FILE *f = fopen(path, "r");
+	if (!f) {
+		fprintf(stderr, "genpipe: no log for \"%s\" (%s: %s)\n", name, path, strerror(errno));
+		return 1;
+	}
+	/* Keep the last N lines in a ring. */
+	long long n = log_lines > 0 ? log_lines : 100;
+	if (n > 100000)
+		n = 100000;
+	char **ring = calloc((size_t)n, sizeof *ring);
+	long long count = 0;
+	char *line = NULL;
+	size_t cap = 0;
+	while (ring && getline(&line, &cap, f) > 0) {
+		free(ring[count % n]);
+		ring[count % n] = strdup(line);
+		count++;
+	}
+	free(line);
+	fclose(f);
+	long long start = count > n ? count - n : 0;
+	for (long long i = start; ring && i < count; i++)
+		fputs(ring[i % n] ? ring[i % n] : "", stdout);
+	for (long long i = 0; ring && i < n; i++)
+		free(ring[i]);
+	free(ring);
+	return 0;
+}
+
+static int cmd_migrate(void)
+{
+	struct gp_err err = { 0 };
+	struct gp_db *db = NULL;
+	int applied = 0, total = 0;
+	if (gp_db_connect(&db, database_url, 30000, &err) ||
+	    gp_db_migrate(db, migrations_dir, &applied, &total, &err)) {
+		fprintf(stderr, "genpipe: %s\n", err.msg);
+		gp_db_destroy(db);
+		return 1;
+	}
+	gp_db_destroy(db);
+	printf("migrations: %d applied now, %d in total\n", applied, total);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	int first = 0, help = 0;
+	struct gp_err err = { 0 };
+	gp_log_init("cli");
+	if (gp_config_parse(common_opts, NOPTS, argc, argv, usage_text, stdout, &first, &help,
+			    &err)) {
+		fprintf(stderr, "genpipe: %s\n", err.msg);
+		return 2;
+	}
+	if (help)
+		return 0;
+	int nargs = argc - first;
+	char **args = argv + first;
+	if (nargs == 0) {
+		usage(stderr);
+		return 2;
+	}
+	char dirbuf[PATH_MAX + 2];
+	const char *dir = abs_dir(data_dir, dirbuf, sizeof dirbuf);
+	if (!strcmp(args[0], "version")) {
+		printf("genpipe %s\n", GENPIPE_VERSION);
+		return 0;
+	}
+	if (!strcmp(args[0], "migrate") && nargs == 1)
+		return cmd_migrate();
+	if (!strcmp(args[0], "dev") && nargs >= 2) {
+		if (!strcmp(args[1], "up") && nargs == 2) {
+			char bindir[PATH_MAX];
+			self_dir(bindir, sizeof bindir);
+			struct gp_stack_options o = {
+				.data_dir = dir,
+				.migrations_dir = migrations_dir,
+				.bin_dir = bindir,
+				.progress = stdout,
+			};
+			if (gp_stack_up(&o, &err)) {
+				fprintf(stderr, "genpipe: dev up: %s\n", err.msg);
+				return 1;
+			}
+			printf("stack is up; environment in %s/env\n", dir);
+			return 0;
+		}
+		if (!strcmp(args[1], "down") && nargs == 2) {
+			if (gp_stack_down(dir, stdout, &err)) {
+				fprintf(stderr, "genpipe: dev down: %s\n", err.msg);
+				return 1;
+			}
+			return 0;
+		}
+		if (!strcmp(args[1], "status") && nargs == 2)
+			return cmd_status(dir);
+		if (!strcmp(args[1], "logs") && nargs == 3)
+			return cmd_logs(dir, args[2]);
+	}
+	fprintf(stderr, "genpipe: unknown command \"%s%s%s\"\n", args[0], nargs > 1 ? " " : "",
+		nargs > 1 ? args[1] : "");
+	usage(stderr);
+	return 2;
+}

@@ -1,0 +1,411 @@
+/*
+ * db.c: libpq wrapper and the migration runner.
+ *
+ * Migrations: forward-only files named NNNN_name.sql. The runner takes a
+ * session-level advisory lock (key GP_MIGRATE_LOCK) so that any number of
+ * processes may run it at once: the first applies, the others wait and then
+ * find nothing to do. Each file and its schema_migrations row commit together,
+ * so a crash leaves either both or neither.
+ */
+#include "db.h"
+
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GP_MIGRATE_LOCK "7262696365"  /* arbitrary, stable advisory lock key */
+#define GP_MIGRATION_MAX_BYTES (4 << 20)
+#define GP_MIGRATION_MAX_FILES 10000
+
+struct gp_db {
+	PGconn *conn;
+};
+
+static void notice_quiet(void *arg, const char *msg)
+{
+	(void)arg;
+	(void)msg;
+}
+
+gp_status gp_db_connect(struct gp_db **out, const char *url, long long wait_ms,
+			struct gp_err *err)
+{
+	if (!url || !*url)
+		return gp_err_set(err, GP_ERR_INVALID, "no database url (set GENPIPE_DATABASE_URL)");
+	long long deadline = gp_now_ms() + wait_ms;
+	long long backoff = 100;
+	for (;;) {
+		PGconn *c = PQconnectdb(url);
+		if (c && PQstatus(c) == CONNECTION_OK) {
+			struct gp_db *db = calloc(1, sizeof *db);
+			if (!db) {
+				PQfinish(c);
+				return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+			}
+			PQsetNoticeProcessor(c, notice_quiet, NULL);
+			db->conn = c;
+			*out = db;
+			return GP_OK;
+		}
+		char msg[GP_ERR_MSG_MAX];
+		snprintf(msg, sizeof msg, "%s", c ? PQerrorMessage(c) : "out of memory");
+		size_t l = strlen(msg);
+		while (l && (msg[l - 1] == '\n' || msg[l - 1] == ' '))
+			msg[--l] = '\0';
+		PQfinish(c);
+		if (gp_now_ms() + backoff > deadline)
+			return gp_err_set(err, GP_ERR_UNAVAILABLE, "could not connect to database: %s",
+					  msg);
+		gp_sleep_ms(backoff);
+		backoff = backoff * 2 > 2000 ? 2000 : backoff * 2;
+	}
+}
+
+void gp_db_destroy(struct gp_db *db)
+{
+	if (!db)
+		return;
+	PQfinish(db->conn);
+	free(db);
+}
+
+PGconn *gp_db_conn(struct gp_db *db)
+{
+	return db->conn;
+}
+
+int gp_db_ok(struct gp_db *db)
+{
+	if (PQstatus(db->conn) == CONNECTION_OK)
+		return 1;
+	PQreset(db->conn);
+	return PQstatus(db->conn) == CONNECTION_OK;
+}
+
+gp_status gp_db_status_from_sqlstate(const char *s)
+{
+	if (!s || strlen(s) != 5)
+		return GP_ERR_DB;
+	if (!strcmp(s, "23505"))
+		return GP_ERR_EXISTS;
+	if (!strcmp(s, "40001") || !strcmp(s, "40P01") || !strcmp(s, "55P03"))
+		return GP_ERR_CONFLICT;
+	if (!strcmp(s, "57014"))
+		return GP_ERR_TIMEOUT;
+	if (!strncmp(s, "08", 2) || !strcmp(s, "57P01") || !strcmp(s, "57P02") ||
+	    !strcmp(s, "57P03"))
+		return GP_ERR_UNAVAILABLE;
+	if (!strcmp(s, "42P01") || !strcmp(s, "42703"))
+		return GP_ERR_NOT_FOUND;
+	if (!strncmp(s, "22", 2) || !strncmp(s, "23", 2))
+		return GP_ERR_INVALID;
+	if (!strcmp(s, "53200"))
+		return GP_ERR_NOMEM;
+	return GP_ERR_DB;
+}
+
+static gp_status result_status(struct gp_db *db, PGresult *r, const char *what, struct gp_err *err)
+{
+	ExecStatusType es = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+	if (es == PGRES_COMMAND_OK || es == PGRES_TUPLES_OK)
+		return GP_OK;
+	const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+	const char *primary = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+	gp_status st = state ? gp_db_status_from_sqlstate(state) : GP_ERR_UNAVAILABLE;
+	if (!state && PQstatus(db->conn) == CONNECTION_OK)
+		st = GP_ERR_DB;
+	char msg[GP_ERR_MSG_MAX];
+	snprintf(msg, sizeof msg, "%s", primary ? primary : PQerrorMessage(db->conn));
+	size_t l = strlen(msg);
+	while (l && msg[l - 1] == '\n')
+		msg[--l] = '\0';
+	return gp_err_set(err, st, "%s: %s%s%s%s", what, msg, state ? " (SQLSTATE " : "",
+			  state ? state : "", state ? ")" : "");
+}
+
+gp_status gp_db_exec(struct gp_db *db, const char *what, const char *sql, int nparams,
+		     const char *const *params, PGresult **res, struct gp_err *err)
+{
+	PGresult *r = PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+	gp_status st = result_status(db, r, what, err);
+	if (st || !res)
+		PQclear(r);
+	else
+		*res = r;
+	return st;
+}
+
+gp_status gp_db_run(struct gp_db *db, const char *what, const char *sql, struct gp_err *err)
+{
+	PGresult *r = PQexec(db->conn, sql);
+	gp_status st = result_status(db, r, what, err);
+	PQclear(r);
+	return st;
+}
+
+gp_status gp_db_begin(struct gp_db *db, struct gp_err *err)
+{
+	return gp_db_run(db, "begin transaction", "BEGIN", err);
+}
+
+gp_status gp_db_commit(struct gp_db *db, struct gp_err *err)
+{
+	return gp_db_run(db, "commit transaction", "COMMIT", err);
+}
+
+void gp_db_rollback(struct gp_db *db)
+{
+	if (PQtransactionStatus(db->conn) == PQTRANS_IDLE)
+		return;
+	PQclear(PQexec(db->conn, "ROLLBACK"));
+}
+
+void gp_sha256_hex(const void *data, size_t len, char out[65])
+{
+	unsigned char md[32];
+	unsigned int mdlen = 0;
+	EVP_Digest(data, len, md, &mdlen, EVP_sha256(), NULL);
+	for (int i = 0; i < 32; i++)
+		sprintf(out + 2 * i, "%02x", md[i]);
+	out[64] = '\0';
+}
+
+struct mfile {
+	int version;
+	char name[256];
+};
+
+static int mfile_cmp(const void *a, const void *b)
+{
+	return ((const struct mfile *)a)->version - ((const struct mfile *)b)->version;
+}
+
+/* List NNNN_name.sql files; other files are ignored, malformed .sql names are errors. */
+static gp_status list_migrations(const char *dir, struct mfile **out, int *n, struct gp_err *err)
+{
+	DIR *d = opendir(dir);
+	if (!d)
+		return gp_err_set(err, GP_ERR_IO, "could not open migrations directory \"%s\": %s", dir,
+				  strerror(errno));
+	struct mfile *v = NULL;
+	int cnt = 0, cap = 0;
+	gp_status st = GP_OK;
+	struct dirent *e;
+	while ((e = readdir(d)) != NULL) {
+		size_t l = strlen(e->d_name);
+		if (l < 4 || strcmp(e->d_name + l - 4, ".sql") != 0)
+			continue;
+		if (l < 10 || !isdigit((unsigned char)e->d_name[0]) ||
+		    !isdigit((unsigned char)e->d_name[1]) || !isdigit((unsigned char)e->d_name[2]) ||
+		    !isdigit((unsigned char)e->d_name[3]) || e->d_name[4] != '_' ||
+		    l >= sizeof v[0].name) {
+			st = gp_err_set(err, GP_ERR_INVALID,
+					"%s/%s: migration file names must look like NNNN_name.sql",
+					dir, e->d_name);
+			goto out;
+		}
+		if (cnt == cap) {
+			cap = cap ? cap * 2 : 16;
+			if (cap > GP_MIGRATION_MAX_FILES) {
+				st = gp_err_set(err, GP_ERR_TOO_BIG, "%s: too many migration files", dir);
+				goto out;
+			}
+			struct mfile *nv = realloc(v, sizeof *v * (size_t)cap);
+			if (!nv) {
+				st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+				goto out;
+			}
+			v = nv;
+		}
+		v[cnt].version = atoi(e->d_name);
+		snprintf(v[cnt].name, sizeof v[cnt].name, "%s", e->d_name);
+		cnt++;
+	}
+	qsort(v, (size_t)cnt, sizeof *v, mfile_cmp);
+	for (int i = 0; i < cnt; i++) {
+		if (v[i].version != i + 1) {
+			st = gp_err_set(err, GP_ERR_INVALID,
+					"%s/%s: expected migration number %04d (numbers start at 0001 "
+					"and have no gaps or duplicates)",
+					dir, v[i].name, i + 1);
+			goto out;
+		}
+	}
+out:
+	closedir(d);
+	if (st) {
+		free(v);
+		return st;
+	}
+	*out = v;
+	*n = cnt;
+	return GP_OK;
+}
+
+static gp_status read_file(const char *path, char **out, size_t *len, struct gp_err *err)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return gp_err_set(err, GP_ERR_IO, "could not open \"%s\": %s", path, strerror(errno));
+	char *p = malloc(GP_MIGRATION_MAX_BYTES + 1);
+	if (!p) {
+		fclose(f);
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	}
+	size_t n = fread(p, 1, GP_MIGRATION_MAX_BYTES + 1, f);
+	int bad = ferror(f);
+	fclose(f);
+	if (bad) {
+		free(p);
+		return gp_err_set(err, GP_ERR_IO, "could not read \"%s\"", path);
+	}
+	if (n > GP_MIGRATION_MAX_BYTES) {
+		free(p);
+		return gp_err_set(err, GP_ERR_TOO_BIG, "\"%s\" is larger than %d bytes", path,
+				  GP_MIGRATION_MAX_BYTES);
+	}
+	p[n] = '\0';
+	*out = p;
+	*len = n;
+	return GP_OK;
+}
+
+static const char create_table_sql[] =
+	"CREATE TABLE IF NOT EXISTS schema_migrations ("
+	" version integer PRIMARY KEY,"
+	" name text NOT NULL,"
+	" checksum text NOT NULL,"
+	" applied_at timestamptz NOT NULL DEFAULT now())";
+
+static gp_status run_migrations(struct gp_db *db, const char *dir, int apply, int *applied,
+				int *total, int *pending, struct gp_err *err)
+{
+	struct mfile *files = NULL;
+	int n = 0, done = 0, todo = 0;
+	char *sql = NULL;
+	gp_status st = list_migrations(dir, &files, &n, err);
+	if (st)
+		return st;
+	if (apply) {
+		/* The lock is taken before the table exists so that concurrent first
+		 * runs do not race on CREATE TABLE either. */
+		if ((st = gp_db_run(db, "take migration lock",
+				    "SELECT pg_advisory_lock(" GP_MIGRATE_LOCK ")", err)))
+			goto out;
+		if ((st = gp_db_run(db, "create schema_migrations", create_table_sql, err)))
+			goto unlock;
+	}
+	for (int i = 0; i < n; i++) {
+		char path[4096], ver[16], sum[65];
+		size_t len = 0;
+		snprintf(path, sizeof path, "%s/%s", dir, files[i].name);
+		snprintf(ver, sizeof ver, "%d", files[i].version);
+		if ((st = read_file(path, &sql, &len, err)))
+			goto unlock;
+		gp_sha256_hex(sql, len, sum);
+		PGresult *r = NULL;
+		const char *p1[] = { ver };
+		st = gp_db_exec(db, "read schema_migrations",
+				"SELECT checksum FROM schema_migrations WHERE version = $1::integer", 1,
+				p1, &r, err);
+		if (st == GP_ERR_NOT_FOUND && !apply) {
+			/* No table yet: nothing applied. */
+			todo = n;
+			st = GP_OK;
+			free(sql);
+			sql = NULL;
+			break;
+		}
+		if (st)
+			goto unlock;
+		if (PQntuples(r) == 1) {
+			const char *have = PQgetvalue(r, 0, 0);
+			if (strcmp(have, sum) != 0) {
+				st = gp_err_set(err, GP_ERR_CONFLICT,
+						"%s: migration was edited after it was applied "
+						"(checksum %.12s, recorded %.12s); add a new migration "
+						"instead",
+						path, sum, have);
+				PQclear(r);
+				goto unlock;
+			}
+			PQclear(r);
+			free(sql);
+			sql = NULL;
+			continue;
+		}
+		PQclear(r);
+		todo++;
+		if (!apply) {
+			free(sql);
+			sql = NULL;
+			continue;
+		}
+		if ((st = gp_db_begin(db, err)))
+			goto unlock;
+		r = PQexec(db->conn, sql);
+		if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK) {
+			const char *pos = PQresultErrorField(r, PG_DIAG_STATEMENT_POSITION);
+			int line = 1;
+			if (pos) {
+				long off = atol(pos);
+				for (long k = 0; k < off - 1 && sql[k]; k++)
+					line += sql[k] == '\n';
+			}
+			const char *m = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+			st = gp_err_set(err, GP_ERR_DB, "%s:%d: %s", path, line,
+					m ? m : PQerrorMessage(db->conn));
+			PQclear(r);
+			gp_db_rollback(db);
+			goto unlock;
+		}
+		PQclear(r);
+		const char *p3[] = { ver, files[i].name, sum };
+		if ((st = gp_db_exec(db, "record migration",
+				     "INSERT INTO schema_migrations (version, name, checksum) "
+				     "VALUES ($1::integer, $2, $3)",
+				     3, p3, NULL, err))) {
+			gp_db_rollback(db);
+			goto unlock;
+		}
+		if ((st = gp_db_commit(db, err))) {
+			gp_db_rollback(db);
+			goto unlock;
+		}
+		done++;
+		free(sql);
+		sql = NULL;
+	}
+unlock:
+	if (apply)
+		PQclear(PQexec(db->conn, "SELECT pg_advisory_unlock(" GP_MIGRATE_LOCK ")"));
+out:
+	free(sql);
+	free(files);
+	if (!st) {
+		if (applied)
+			*applied = apply ? done : n - todo;
+		if (total)
+			*total = n;
+		if (pending)
+			*pending = apply ? 0 : todo;
+	}
+	return st;
+}
+
+gp_status gp_db_migrate(struct gp_db *db, const char *dir, int *applied, int *total,
+			struct gp_err *err)
+{
+	return run_migrations(db, dir, 1, applied, total, NULL, err);
+}
+
+gp_status gp_db_migration_status(struct gp_db *db, const char *dir, int *applied, int *pending,
+				 struct gp_err *err)
+{
+	int total = 0;
+	return run_migrations(db, dir, 0, applied, &total, pending, err);
+}

@@ -1,0 +1,180 @@
+/*
+ * outbox.c: the transactional outbox and its relay (see outbox.h).
+ */
+#include "outbox.h"
+
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+void gp_outbox_msg_id(long long id, char *buf, size_t len)
+{
+	snprintf(buf, len, "outbox-%lld", id);
+}
+
+/* bytea parameters travel in hex text form; this keeps gp_db_exec text-only. */
+static char *to_hex_bytea(const void *p, size_t n)
+{
+	static const char hx[] = "0123456789abcdef";
+	char *s = malloc(2 * n + 3);
+	if (!s)
+		return NULL;
+	s[0] = '\\';
+	s[1] = 'x';
+	const unsigned char *b = p;
+	for (size_t i = 0; i < n; i++) {
+		s[2 + 2 * i] = hx[b[i] >> 4];
+		s[3 + 2 * i] = hx[b[i] & 15];
+	}
+	s[2 + 2 * n] = '\0';
+	return s;
+}
+
+gp_status gp_outbox_put(struct gp_db *db, const char *subject, const void *payload, size_t len,
+			long long *id, struct gp_err *err)
+{
+	char *hex = to_hex_bytea(payload, len);
+	if (!hex)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	const char *params[] = { subject, hex };
+	PGresult *r = NULL;
+	gp_status st = gp_db_exec(db, "insert outbox message",
+				  "INSERT INTO outbox (subject, payload) VALUES ($1, $2::bytea) "
+				  "RETURNING id",
+				  2, params, &r, err);
+	free(hex);
+	if (st)
+		return st;
+	if (id)
+		*id = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return GP_OK;
+}
+
+static gp_status mark_sent(struct gp_db *db, const long long *ids, int n, struct gp_err *err)
+{
+	if (n == 0)
+		return GP_OK;
+	/* Build a Postgres array literal {1,2,3}. */
+	size_t cap = (size_t)n * 21 + 3;
+	char *arr = malloc(cap);
+	if (!arr)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	size_t len = 0;
+	arr[len++] = '{';
+	for (int i = 0; i < n; i++)
+		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", ids[i]);
+	arr[len++] = '}';
+	arr[len] = '\0';
+	const char *params[] = { arr };
+	gp_status st = gp_db_exec(db, "mark outbox rows sent",
+				  "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", 1,
+				  params, NULL, err);
+	free(arr);
+	return st;
+}
+
+gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
+			       const struct gp_relay_hooks *hooks, int *published, int *duplicates,
+			       struct gp_err *err)
+{
+	char maxs[16];
+	snprintf(maxs, sizeof maxs, "%d", max > 0 ? max : 100);
+	PGresult *r = NULL;
+	long long *ids = NULL;
+	int done = 0, dups = 0, marked = 0;
+	gp_status pub_st = GP_OK;
+	struct gp_err pub_err = { 0 };
+	gp_status st = gp_db_begin(db, err);
+	if (st)
+		return st;
+	const char *params[] = { maxs };
+	st = gp_db_exec(db, "read unsent outbox rows",
+			"SELECT id, subject, payload FROM outbox WHERE sent_at IS NULL "
+			"ORDER BY id LIMIT $1::integer FOR UPDATE SKIP LOCKED",
+			1, params, &r, err);
+	if (st)
+		goto out;
+	int n = PQntuples(r);
+	ids = calloc((size_t)n + 1, sizeof *ids);
+	if (!ids) {
+		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		goto out;
+	}
+	for (int i = 0; i < n; i++) {
+		long long id = atoll(PQgetvalue(r, i, 0));
+		const char *subject = PQgetvalue(r, i, 1);
+		size_t blen = 0;
+		unsigned char *payload =
+			PQunescapeBytea((const unsigned char *)PQgetvalue(r, i, 2), &blen);
+		if (!payload) {
+			pub_st = gp_err_set(&pub_err, GP_ERR_NOMEM, "out of memory");
+			break;
+		}
+		char msgid[32];
+		gp_outbox_msg_id(id, msgid, sizeof msgid);
+		int dup = 0;
+		pub_st = gp_bus_publish(bus, subject, payload, (int)blen, msgid, 5000, &dup, NULL,
+					&pub_err);
+		PQfreemem(payload);
+		if (pub_st)
+			break;
+		if (hooks && hooks->after_publish)
+			hooks->after_publish(id, hooks->closure);
+		ids[done++] = id;
+		dups += dup;
+	}
+	if ((st = mark_sent(db, ids, done, err)))
+		goto out;
+	if ((st = gp_db_commit(db, err)))
+		goto out;
+	marked = done;
+	if (pub_st) {
+		/* What went out is marked; report the publish failure. */
+		st = pub_st;
+		if (err)
+			*err = pub_err;
+	}
+out:
+	if (st && PQtransactionStatus(gp_db_conn(db)) != PQTRANS_IDLE)
+		gp_db_rollback(db);
+	PQclear(r);
+	free(ids);
+	if (published)
+		*published = marked;
+	if (duplicates)
+		*duplicates = dups;
+	return st;
+}
+
+gp_status gp_outbox_listen(struct gp_db *db, struct gp_err *err)
+{
+	return gp_db_run(db, "listen for outbox notifications", "LISTEN genpipe_outbox", err);
+}
+
+void gp_outbox_wait(struct gp_db *db, long long timeout_ms)
+{
+	PGconn *c = gp_db_conn(db);
+	PGnotify *nt;
+	PQconsumeInput(c);
+	int got = 0;
+	while ((nt = PQnotifies(c)) != NULL) {
+		PQfreemem(nt);
+		got = 1;
+	}
+	if (got)
+		return;
+	struct pollfd pfd = { .fd = PQsocket(c), .events = POLLIN };
+	if (pfd.fd < 0) {
+		gp_sleep_ms(timeout_ms);
+		return;
+	}
+	if (poll(&pfd, 1, (int)timeout_ms) > 0) {
+		PQconsumeInput(c);
+		while ((nt = PQnotifies(c)) != NULL)
+			PQfreemem(nt);
+	}
+}

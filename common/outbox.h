@@ -1,0 +1,51 @@
+/*
+ * outbox.h: messages that must follow a committed state change.
+ *
+ * Producer side: gp_outbox_put() inserts the message in the caller's open
+ * transaction, so it exists if and only if the state change committed.
+ * Relay side: gp_outbox_relay_once() publishes unsent rows in id order with
+ * Nats-Msg-Id = "outbox-<id>", then marks them sent. A relay killed between
+ * publish and mark re-publishes those rows on its next pass: inside the
+ * stream's duplicate window JetStream drops the copy (PubAck.Duplicate),
+ * after it the consumer's idempotent effect (claim by attempt id) absorbs it.
+ * Several relays may run: rows are locked with SKIP LOCKED.
+ */
+#ifndef GP_OUTBOX_H
+#define GP_OUTBOX_H
+
+#include <stddef.h>
+
+#include "bus.h"
+#include "db.h"
+
+/* Insert a message; must run inside the caller's transaction. *id may be NULL. */
+gp_status gp_outbox_put(struct gp_db *db, const char *subject, const void *payload, size_t len,
+			long long *id, struct gp_err *err);
+
+struct gp_relay_hooks {
+	/* Called after each successful publish, before anything is marked sent.
+	 * Tests use it to kill the process at exactly that point. */
+	void (*after_publish)(long long outbox_id, void *closure);
+	void *closure;
+};
+
+/*
+ * Publish up to max unsent rows and mark them sent. *published gets the
+ * count marked (duplicates included); *duplicates (may be NULL) how many the
+ * server reported as already stored. A publish failure stops the pass after
+ * marking what went out; the rest stays for the next pass.
+ */
+gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
+			       const struct gp_relay_hooks *hooks, int *published, int *duplicates,
+			       struct gp_err *err);
+
+/* LISTEN for the outbox trigger's notifications on this connection. */
+gp_status gp_outbox_listen(struct gp_db *db, struct gp_err *err);
+
+/* Wait up to timeout_ms for a notification (or socket activity); consumes them. */
+void gp_outbox_wait(struct gp_db *db, long long timeout_ms);
+
+/* Message id used for an outbox row. buf needs 32 bytes. */
+void gp_outbox_msg_id(long long id, char *buf, size_t len);
+
+#endif

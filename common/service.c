@@ -1,0 +1,116 @@
+/*
+ * service.c: shared service bootstrap (see service.h).
+ */
+#include "service.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "log.h"
+
+static volatile int stop_flag;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	stop_flag = 1;
+}
+
+void gp_service_signals(void)
+{
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+}
+
+int gp_service_stopping(void)
+{
+	return stop_flag;
+}
+
+volatile int *gp_service_stop_flag(void)
+{
+	return &stop_flag;
+}
+
+void gp_service_options(struct gp_service *svc, struct gp_opt *o)
+{
+	o[0] = (struct gp_opt){ "nats-url", "GENPIPE_NATS_URL", GP_OPT_STR, "nats://127.0.0.1:4222",
+				"NATS server URL(s), comma-separated", &svc->nats_url };
+	o[1] = (struct gp_opt){ "database-url", "GENPIPE_DATABASE_URL", GP_OPT_STR, NULL,
+				"PostgreSQL connection URL", &svc->database_url };
+	o[2] = (struct gp_opt){ "http-addr", "GENPIPE_HTTP_ADDR", GP_OPT_STR, "127.0.0.1",
+				"address for /healthz, /readyz and /metrics", &svc->http_addr };
+	o[3] = (struct gp_opt){ "http-port", "GENPIPE_HTTP_PORT", GP_OPT_INT, "0",
+				"port for /healthz, /readyz and /metrics (0: any)", &svc->http_port };
+	o[4] = (struct gp_opt){ "log-level", "GENPIPE_LOG_LEVEL", GP_OPT_STR, "info",
+				"debug, info, warn or error", &svc->log_level };
+}
+
+static int ready(void *cls, char *why, size_t len)
+{
+	struct gp_service *s = cls;
+	if (gp_service_stopping()) {
+		snprintf(why, len, "draining");
+		return 0;
+	}
+	if (!gp_bus_connected(s->bus)) {
+		snprintf(why, len, "nats: not connected");
+		return 0;
+	}
+	return 1;
+}
+
+gp_status gp_service_start(struct gp_service *svc, int bus_flags, long long wait_ms,
+			   struct gp_err *err)
+{
+	int lvl = gp_log_parse_level(svc->log_level);
+	if (lvl < 0)
+		return gp_err_set(err, GP_ERR_INVALID, "invalid log level \"%s\"", svc->log_level);
+	gp_log_set_level((enum gp_log_level)lvl);
+	gp_status st;
+	char cname[96];
+	snprintf(cname, sizeof cname, "genpipe-%s", svc->name);
+	svc->metrics = gp_metrics_create();
+	if (!svc->metrics)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	svc->up = gp_metrics_get(svc->metrics, GP_GAUGE, "genpipe_up",
+				 "1 while the service runs and is connected", NULL, NULL, 0);
+	if ((st = gp_http_create(&svc->http, svc->http_addr, (int)svc->http_port, svc->metrics,
+				 ready, svc, err)))
+		goto fail;
+	if ((st = gp_db_connect(&svc->db, svc->database_url, wait_ms, err)))
+		goto fail;
+	if ((st = gp_bus_connect(&svc->bus, svc->nats_url, cname, bus_flags, wait_ms, err)))
+		goto fail;
+	gp_metric_set(svc->up, 1);
+	char port[16];
+	snprintf(port, sizeof port, "%d", gp_http_port(svc->http));
+	gp_log_kv(GP_LOG_INFO, "service started", "service", svc->name, "http_port", port, NULL);
+	return GP_OK;
+fail:
+	gp_service_stop(svc);
+	return st;
+}
+
+void gp_service_stop(struct gp_service *svc)
+{
+	if (svc->bus) {
+		struct gp_err e = { 0 };
+		if (gp_bus_drain(svc->bus, 5000, &e))
+			gp_warn("drain: %s", e.msg);
+	}
+	gp_bus_destroy(svc->bus);
+	svc->bus = NULL;
+	gp_db_destroy(svc->db);
+	svc->db = NULL;
+	gp_http_destroy(svc->http);
+	svc->http = NULL;
+	gp_metrics_destroy(svc->metrics);
+	svc->metrics = NULL;
+}

@@ -1,0 +1,62 @@
+/*
+ * service.h: what every genpipe service binary shares: the standard flags,
+ * signal handling, connections, and the health/metrics endpoint.
+ *
+ * Standard options (flag / environment / default):
+ *   --nats-url      GENPIPE_NATS_URL      nats://127.0.0.1:4222
+ *   --database-url  GENPIPE_DATABASE_URL  (none)
+ *   --http-addr     GENPIPE_HTTP_ADDR     127.0.0.1
+ *   --http-port     GENPIPE_HTTP_PORT     0 (any free port)
+ *   --log-level     GENPIPE_LOG_LEVEL     info
+ * A service appends its own options after these.
+ *
+ * SIGTERM and SIGINT set the stop flag (gp_service_stopping()); services
+ * drain in-flight work and exit 0.
+ */
+#ifndef GP_SERVICE_H
+#define GP_SERVICE_H
+
+#include "bus.h"
+#include "config.h"
+#include "db.h"
+#include "http.h"
+
+struct gp_service {
+	const char *name;       /* "orchestrator" */
+	const char *nats_url;
+	const char *database_url;
+	const char *http_addr;
+	long long http_port;
+	const char *log_level;
+	struct gp_metrics *metrics;
+	struct gp_http *http;
+	struct gp_db *db;
+	struct gp_bus *bus;
+	struct gp_metric *up;
+};
+
+/* Number of standard options gp_service_options() writes. */
+#define GP_SERVICE_NOPTS 5
+
+/* Fill opts[0..GP_SERVICE_NOPTS) with the standard options bound to svc. */
+void gp_service_options(struct gp_service *svc, struct gp_opt *opts);
+
+/* Install SIGTERM/SIGINT handlers; ignore SIGPIPE. */
+void gp_service_signals(void);
+/* Non-zero once SIGTERM or SIGINT arrived. */
+int gp_service_stopping(void);
+/* The flag itself, for loops that take a pointer. */
+volatile int *gp_service_stop_flag(void);
+
+/*
+ * Connect to PostgreSQL and NATS (each retried up to wait_ms), start the
+ * HTTP endpoint, register the up gauge. bus_flags as for gp_bus_connect.
+ * On failure everything started is released again.
+ */
+gp_status gp_service_start(struct gp_service *svc, int bus_flags, long long wait_ms,
+			   struct gp_err *err);
+
+/* Drain the bus, close everything. Accepts a partly started service. */
+void gp_service_stop(struct gp_service *svc);
+
+#endif

@@ -1,0 +1,698 @@
+/*
+ * worker.c: claim, heartbeat, fenced result, reap (see worker.h).
+ *
+ * All lease arithmetic uses the database clock (now()), so workers with
+ * skewed clocks still agree on who holds a lease.
+ */
+#include "worker.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "outbox.h"
+#include "subjects.h"
+
+struct gp_worker {
+	char *kind;
+	char worker_id[128];
+	long long lease_ms, heartbeat_ms, ack_wait_ms;
+	gp_job_fn handler;
+	void *closure;
+	struct gp_db *db;
+	struct gp_db *hb_db;
+	struct gp_bus *bus;
+	natsSubscription *sub;
+	char durable[96], filter[128];
+	volatile int stop;
+	struct gp_metric *m_ok, *m_failed, *m_released, *m_dead, *m_lost_claim, *m_refused,
+		*m_hb_fail, *m_seconds, *m_events_dropped;
+};
+
+struct gp_job {
+	struct gp_worker *w;
+	gp_stage_job *msg;
+	natsMsg *nm;
+	char token[40];
+	volatile int lease_lost;
+	enum gp_job_outcome outcome;
+	char *outputs, *metrics, *error;
+	pthread_t hb;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int hb_done;
+	long long started_ms;
+};
+
+static void random_hex(char *out, size_t bytes)
+{
+	unsigned char b[32];
+	if (bytes > sizeof b)
+		bytes = sizeof b;
+	if (getrandom(b, bytes, 0) != (ssize_t)bytes) {
+		/* getrandom on Linux does not fail for <= 256 bytes once seeded;
+		 * fall back to something unique rather than abort. */
+		long long t = gp_wall_ms() ^ ((long long)getpid() << 20);
+		memcpy(b, &t, sizeof t < bytes ? sizeof t : bytes);
+	}
+	for (size_t i = 0; i < bytes; i++)
+		sprintf(out + 2 * i, "%02x", b[i]);
+}
+
+gp_status gp_worker_create(struct gp_worker **out, const struct gp_worker_config *cfg,
+			   struct gp_db *db, struct gp_bus *bus, const char *database_url,
+			   struct gp_err *err)
+{
+	if (!gp_bus_token_ok(cfg->kind))
+		return gp_err_set(err, GP_ERR_INVALID, "stage kind \"%s\" is not a DNS label",
+				  cfg->kind ? cfg->kind : "");
+	if (cfg->lease_ms <= 0 || cfg->heartbeat_ms <= 0 || cfg->heartbeat_ms >= cfg->lease_ms)
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "worker: heartbeat (%lld ms) must be positive and shorter than the "
+				  "lease (%lld ms)",
+				  cfg->heartbeat_ms, cfg->lease_ms);
+	struct gp_worker *w = calloc(1, sizeof *w);
+	if (!w)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	gp_status st;
+	w->kind = strdup(cfg->kind);
+	if (!w->kind) {
+		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		goto fail;
+	}
+	if (cfg->worker_id) {
+		snprintf(w->worker_id, sizeof w->worker_id, "%s", cfg->worker_id);
+	} else {
+		char host[64] = "host", rnd[9];
+		gethostname(host, sizeof host - 1);
+		random_hex(rnd, 4);
+		snprintf(w->worker_id, sizeof w->worker_id, "%s-%d-%s", host, (int)getpid(), rnd);
+	}
+	w->lease_ms = cfg->lease_ms;
+	w->heartbeat_ms = cfg->heartbeat_ms;
+	w->ack_wait_ms = cfg->ack_wait_ms > 0 ? cfg->ack_wait_ms : cfg->lease_ms;
+	w->handler = cfg->handler;
+	w->closure = cfg->closure;
+	w->db = db;
+	w->bus = bus;
+	struct gp_consumer_def cd = gp_bus_job_consumer(w->kind, w->durable, sizeof w->durable,
+							 w->filter, sizeof w->filter, w->ack_wait_ms);
+	int ns;
+	const struct gp_stream_def *streams = gp_bus_default_streams(&ns);
+	if ((st = gp_bus_declare(bus, streams, ns, &cd, 1, err)))
+		goto fail;
+	if ((st = gp_bus_pull_subscribe(bus, &cd, &w->sub, err)))
+		goto fail;
+	if ((st = gp_db_connect(&w->hb_db, database_url, 10000, err)))
+		goto fail;
+	struct gp_metrics *m = cfg->metrics;
+	if (m) {
+		char lab[160];
+		snprintf(lab, sizeof lab, "kind=\"%s\",outcome=\"succeeded\"", w->kind);
+		w->m_ok = gp_metrics_get(m, GP_COUNTER, "genpipe_jobs_total",
+					 "Stage jobs finished by this worker", lab, NULL, 0);
+		snprintf(lab, sizeof lab, "kind=\"%s\",outcome=\"failed\"", w->kind);
+		w->m_failed = gp_metrics_get(m, GP_COUNTER, "genpipe_jobs_total",
+					     "Stage jobs finished by this worker", lab, NULL, 0);
+		snprintf(lab, sizeof lab, "kind=\"%s\",outcome=\"released\"", w->kind);
+		w->m_released = gp_metrics_get(m, GP_COUNTER, "genpipe_jobs_total",
+					       "Stage jobs finished by this worker", lab, NULL, 0);
+		snprintf(lab, sizeof lab, "kind=\"%s\"", w->kind);
+		w->m_dead = gp_metrics_get(m, GP_COUNTER, "genpipe_dead_letters_total",
+					   "Messages terminated and recorded as dead letters", lab,
+					   NULL, 0);
+		w->m_lost_claim = gp_metrics_get(m, GP_COUNTER, "genpipe_claims_lost_total",
+						 "Job messages dropped because the attempt was not "
+						 "queued",
+						 lab, NULL, 0);
+		w->m_refused = gp_metrics_get(m, GP_COUNTER, "genpipe_results_refused_total",
+					      "Results refused because the lease was lost", lab,
+					      NULL, 0);
+		w->m_hb_fail = gp_metrics_get(m, GP_COUNTER, "genpipe_heartbeat_failures_total",
+					      "Heartbeats that could not extend the lease", lab,
+					      NULL, 0);
+		w->m_events_dropped = gp_metrics_get(m, GP_COUNTER,
+						     "genpipe_progress_events_dropped_total",
+						     "Progress events that could not be published",
+						     lab, NULL, 0);
+		static const double b[] = { 0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200 };
+		w->m_seconds = gp_metrics_get(m, GP_HISTOGRAM, "genpipe_job_duration_seconds",
+					      "Wall time of stage jobs", lab, b, 9);
+	}
+	*out = w;
+	return GP_OK;
+fail:
+	gp_worker_destroy(w);
+	return st;
+}
+
+void gp_worker_destroy(struct gp_worker *w)
+{
+	if (!w)
+		return;
+	if (w->sub) {
+		natsSubscription_Unsubscribe(w->sub);
+		natsSubscription_Destroy(w->sub);
+	}
+	gp_db_destroy(w->hb_db);
+	free(w->kind);
+	free(w);
+}
+
+const char *gp_worker_id(const struct gp_worker *w)
+{
+	return w->worker_id;
+}
+
+void gp_worker_request_stop(struct gp_worker *w)
+{
+	w->stop = 1;
+}
+
+const gp_stage_job *gp_job_msg(const struct gp_job *job)
+{
+	return job->msg;
+}
+
+const char *gp_job_lease_token(const struct gp_job *job)
+{
+	return job->token;
+}
+
+int gp_job_should_stop(const struct gp_job *job)
+{
+	if (job->lease_lost)
+		return 1;
+	if (job->w->stop)
+		return 2;
+	return 0;
+}
+
+static void set_str(char **dst, const char *s)
+{
+	free(*dst);
+	*dst = s ? strdup(s) : NULL;
+}
+
+void gp_job_succeed(struct gp_job *job, const char *outputs_json, const char *metrics_json)
+{
+	job->outcome = GP_JOB_SUCCEEDED;
+	set_str(&job->outputs, outputs_json);
+	set_str(&job->metrics, metrics_json);
+}
+
+void gp_job_fail(struct gp_job *job, int permanent, const char *error)
+{
+	job->outcome = permanent ? GP_JOB_FAILED_PERMANENT : GP_JOB_FAILED;
+	set_str(&job->error, error ? error : "failed");
+}
+
+void gp_job_release(struct gp_job *job, const char *reason)
+{
+	job->outcome = GP_JOB_RELEASED;
+	set_str(&job->error, reason ? reason : "released");
+}
+
+void gp_job_progress(struct gp_job *job, double fraction, const char *message,
+		     const char *metrics_json)
+{
+	gp_stage_event ev = GENPIPE__V1__STAGE_EVENT__INIT;
+	ev.attempt_id = job->msg->attempt_id;
+	ev.run_id = job->msg->run_id;
+	ev.stage = job->msg->stage;
+	ev.type = GENPIPE__V1__EVENT_TYPE__EVENT_PROGRESS;
+	ev.progress = fraction;
+	ev.message = (char *)(message ? message : "");
+	ev.metrics_json = (char *)(metrics_json ? metrics_json : "");
+	ev.time_unix_ms = gp_wall_ms();
+	ev.worker = job->w->worker_id;
+	uint8_t *buf = NULL;
+	size_t len = 0;
+	struct gp_err err = { 0 };
+	char subj[64];
+	snprintf(subj, sizeof subj, GP_SUBJ_EVENTS "%lld", (long long)job->msg->run_id);
+	if (gp_wire_encode(&ev.base, &buf, &len, &err) ||
+	    gp_bus_publish(job->w->bus, subj, buf, (int)len, NULL, 2000, NULL, NULL, &err)) {
+		gp_metric_inc(job->w->m_events_dropped, 1);
+		gp_warn("progress event for attempt %lld dropped: %s",
+			(long long)job->msg->attempt_id, err.msg);
+	}
+	free(buf);
+}
+
+static void *heartbeat_main(void *arg)
+{
+	struct gp_job *job = arg;
+	struct gp_worker *w = job->w;
+	char id[24], lease[24];
+	snprintf(id, sizeof id, "%lld", (long long)job->msg->attempt_id);
+	snprintf(lease, sizeof lease, "%lld", w->lease_ms);
+	pthread_mutex_lock(&job->mu);
+	while (!job->hb_done && !job->lease_lost) {
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		long long ns = ts.tv_nsec + (w->heartbeat_ms % 1000) * 1000000LL;
+		ts.tv_sec += w->heartbeat_ms / 1000 + ns / 1000000000LL;
+		ts.tv_nsec = ns % 1000000000LL;
+		pthread_cond_timedwait(&job->cv, &job->mu, &ts);
+		if (job->hb_done)
+			break;
+		pthread_mutex_unlock(&job->mu);
+		const char *p[] = { id, job->token, lease };
+		PGresult *r = NULL;
+		struct gp_err err = { 0 };
+		gp_status st = gp_db_exec(
+			w->hb_db, "extend lease",
+			"UPDATE stage_attempts SET lease_deadline = now() + $3::integer * "
+			"interval '1 millisecond', heartbeat_at = now() "
+			"WHERE id = $1::bigint AND lease_token = $2 AND state = 'running' "
+			"AND lease_deadline > now()",
+			3, p, &r, &err);
+		if (st == GP_OK && atoi(PQcmdTuples(r)) == 1) {
+			struct gp_err e2 = { 0 };
+			if (gp_bus_in_progress(job->nm, &e2))
+				gp_warn("attempt %s: in-progress ack failed: %s", id, e2.msg);
+		} else if (st == GP_OK) {
+			job->lease_lost = 1;
+			gp_metric_inc(w->m_hb_fail, 1);
+			gp_warn("attempt %s: lease lost (expired or taken over); stopping", id);
+		} else {
+			gp_metric_inc(w->m_hb_fail, 1);
+			gp_warn("attempt %s: heartbeat failed: %s", id, err.msg);
+			gp_db_ok(w->hb_db);
+		}
+		PQclear(r);
+		pthread_mutex_lock(&job->mu);
+	}
+	pthread_mutex_unlock(&job->mu);
+	return NULL;
+}
+
+gp_status gp_dead_letter(struct gp_db *db, const char *stream, const char *consumer,
+			 const char *subject, unsigned long long stream_seq, const void *payload,
+			 size_t len, const char *reason, struct gp_err *err)
+{
+	static const char hx[] = "0123456789abcdef";
+	char *hex = malloc(2 * len + 3);
+	if (!hex)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	hex[0] = '\\';
+	hex[1] = 'x';
+	for (size_t i = 0; i < len; i++) {
+		hex[2 + 2 * i] = hx[((const unsigned char *)payload)[i] >> 4];
+		hex[3 + 2 * i] = hx[((const unsigned char *)payload)[i] & 15];
+	}
+	hex[2 + 2 * len] = '\0';
+	char seq[24];
+	snprintf(seq, sizeof seq, "%llu", stream_seq);
+	const char *p[] = { stream, consumer, subject, seq, hex, reason };
+	gp_status st = gp_db_exec(db, "record dead letter",
+				  "INSERT INTO dead_letters (stream, consumer, subject, stream_seq, "
+				  "payload, reason) VALUES ($1, $2, $3, $4::bigint, $5::bytea, $6) "
+				  "ON CONFLICT (stream, stream_seq) DO NOTHING",
+				  6, p, NULL, err);
+	free(hex);
+	return st;
+}
+
+static gp_status result_message(struct gp_db *db, long long attempt_id, long long run_id,
+				const char *stage, int attempt, Genpipe__V1__ResultStatus status,
+				const char *outputs, const char *metrics, const char *error,
+				const char *worker, long long duration_ms, struct gp_err *err)
+{
+	gp_stage_result res = GENPIPE__V1__STAGE_RESULT__INIT;
+	res.attempt_id = attempt_id;
+	res.run_id = run_id;
+	res.stage = (char *)stage;
+	res.attempt = (uint32_t)attempt;
+	res.status = status;
+	res.outputs_json = (char *)(outputs ? outputs : "");
+	res.metrics_json = (char *)(metrics ? metrics : "");
+	res.error = (char *)(error ? error : "");
+	res.worker = (char *)(worker ? worker : "");
+	res.duration_ms = duration_ms;
+	uint8_t *buf = NULL;
+	size_t len = 0;
+	gp_status st = gp_wire_encode(&res.base, &buf, &len, err);
+	if (st)
+		return st;
+	char subj[64];
+	snprintf(subj, sizeof subj, GP_SUBJ_RESULTS "%lld", run_id);
+	st = gp_outbox_put(db, subj, buf, len, NULL, err);
+	free(buf);
+	return st;
+}
+
+gp_status gp_attempt_enqueue(struct gp_db *db, const struct gp_attempt_spec *s,
+			     long long *attempt_id, struct gp_err *err)
+{
+	if (!gp_bus_token_ok(s->kind) || !gp_bus_token_ok(s->stage))
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "enqueue: stage \"%s\" and kind \"%s\" must be DNS labels",
+				  s->stage ? s->stage : "", s->kind ? s->kind : "");
+	char run[24], att[16], lease[24], maxa[16];
+	snprintf(run, sizeof run, "%lld", s->run_id);
+	snprintf(att, sizeof att, "%d", s->attempt);
+	snprintf(lease, sizeof lease, "%lld", s->lease_ms > 0 ? s->lease_ms : 30000);
+	snprintf(maxa, sizeof maxa, "%d", s->max_attempts > 0 ? s->max_attempts : 3);
+	const char *params = s->params_json && *s->params_json ? s->params_json : "{}";
+	const char *p[] = { run, s->stage, s->kind, att, params, lease, maxa };
+	PGresult *r = NULL;
+	gp_status st = gp_db_exec(db, "insert stage attempt",
+				  "INSERT INTO stage_attempts (run_id, stage, kind, attempt, params, "
+				  "lease_ms, max_attempts) VALUES ($1::bigint, $2, $3, $4::integer, "
+				  "$5::jsonb, $6::integer, $7::integer) RETURNING id, params::text",
+				  7, p, &r, err);
+	if (st)
+		return st;
+	long long id = atoll(PQgetvalue(r, 0, 0));
+	gp_stage_job job = GENPIPE__V1__STAGE_JOB__INIT;
+	job.attempt_id = id;
+	job.run_id = s->run_id;
+	job.stage = (char *)s->stage;
+	job.kind = (char *)s->kind;
+	job.attempt = (uint32_t)s->attempt;
+	job.params_json = PQgetvalue(r, 0, 1);
+	uint8_t *buf = NULL;
+	size_t len = 0;
+	st = gp_wire_encode(&job.base, &buf, &len, err);
+	if (!st) {
+		char subj[96];
+		snprintf(subj, sizeof subj, GP_SUBJ_JOBS "%s", s->kind);
+		st = gp_outbox_put(db, subj, buf, len, NULL, err);
+	}
+	free(buf);
+	PQclear(r);
+	if (!st && attempt_id)
+		*attempt_id = id;
+	return st;
+}
+
+/*
+ * Finish a locked attempt row's successor: queue attempt+1 or, when the
+ * attempts are used up, publish the stage's failure. Runs in the caller's
+ * transaction.
+ */
+static gp_status requeue(struct gp_db *db, PGresult *row, int i, int count_attempt,
+			 const char *why, struct gp_err *err)
+{
+	long long id = atoll(PQgetvalue(row, i, 0));
+	long long run_id = atoll(PQgetvalue(row, i, 1));
+	const char *stage = PQgetvalue(row, i, 2);
+	const char *kind = PQgetvalue(row, i, 3);
+	int attempt = atoi(PQgetvalue(row, i, 4));
+	const char *params = PQgetvalue(row, i, 5);
+	long long lease_ms = atoll(PQgetvalue(row, i, 6));
+	int max_attempts = atoi(PQgetvalue(row, i, 7));
+	if (!count_attempt)
+		max_attempts++;
+	if (attempt >= max_attempts) {
+		char msg[300];
+		snprintf(msg, sizeof msg, "%s; %d of %d attempts used", why, attempt, max_attempts);
+		return result_message(db, id, run_id, stage, attempt,
+				      GENPIPE__V1__RESULT_STATUS__RESULT_FAILED, NULL, NULL, msg,
+				      NULL, 0, err);
+	}
+	struct gp_attempt_spec s = {
+		.run_id = run_id,
+		.stage = stage,
+		.kind = kind,
+		.attempt = attempt + 1,
+		.params_json = params,
+		.lease_ms = lease_ms,
+		.max_attempts = max_attempts,
+	};
+	return gp_attempt_enqueue(db, &s, NULL, err);
+}
+
+gp_status gp_lease_reap(struct gp_db *db, int max, int *reaped, struct gp_err *err)
+{
+	char maxs[16];
+	snprintf(maxs, sizeof maxs, "%d", max > 0 ? max : 100);
+	const char *p[] = { maxs };
+	PGresult *r = NULL;
+	int n = 0;
+	gp_status st = gp_db_begin(db, err);
+	if (st)
+		return st;
+	st = gp_db_exec(db, "find expired leases",
+			"UPDATE stage_attempts SET state = 'expired', finished_at = now(), "
+			"error = 'lease expired: worker ' || coalesce(worker, '?') || "
+			"' stopped heartbeating' "
+			"WHERE id IN (SELECT id FROM stage_attempts WHERE state = 'running' "
+			"AND lease_deadline < now() ORDER BY lease_deadline LIMIT $1::integer "
+			"FOR UPDATE SKIP LOCKED) "
+			"RETURNING id, run_id, stage, kind, attempt, params::text, lease_ms, "
+			"max_attempts, worker",
+			1, p, &r, err);
+	if (st)
+		goto out;
+	n = PQntuples(r);
+	for (int i = 0; i < n && !st; i++) {
+		gp_info("attempt %s of %s/%s: lease of worker %s expired; requeueing",
+			PQgetvalue(r, i, 4), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
+			PQgetvalue(r, i, 8));
+		st = requeue(db, r, i, 1, "lease expired", err);
+	}
+	if (!st)
+		st = gp_db_commit(db, err);
+out:
+	if (st)
+		gp_db_rollback(db);
+	PQclear(r);
+	if (!st && reaped)
+		*reaped = n;
+	return st;
+}
+
+/* Write the handler's outcome, fenced by the lease. *accepted = 0 when refused. */
+static gp_status commit_result(struct gp_worker *w, struct gp_job *job, int *accepted,
+			       struct gp_err *err)
+{
+	static const char *const states[] = {
+		[GP_JOB_SUCCEEDED] = "succeeded",
+		[GP_JOB_FAILED] = "failed",
+		[GP_JOB_FAILED_PERMANENT] = "failed",
+		[GP_JOB_RELEASED] = "released",
+	};
+	char id[24];
+	snprintf(id, sizeof id, "%lld", (long long)job->msg->attempt_id);
+	const char *outputs = job->outputs && *job->outputs ? job->outputs : NULL;
+	const char *metrics = job->metrics && *job->metrics ? job->metrics : NULL;
+	const char *p[] = { id, job->token, states[job->outcome], outputs, metrics, job->error };
+	PGresult *r = NULL;
+	*accepted = 0;
+	gp_status st = gp_db_begin(w->db, err);
+	if (st)
+		return st;
+	st = gp_db_exec(w->db, "record attempt result",
+			"UPDATE stage_attempts SET state = $3, finished_at = now(), "
+			"outputs = $4::jsonb, metrics = $5::jsonb, error = $6, lease_deadline = NULL "
+			"WHERE id = $1::bigint AND lease_token = $2 AND state = 'running' "
+			"AND lease_deadline > now() "
+			"RETURNING id, run_id, stage, kind, attempt, params::text, lease_ms, "
+			"max_attempts, (extract(epoch FROM now() - claimed_at) * 1000)::bigint",
+			6, p, &r, err);
+	if (st)
+		goto out;
+	if (PQntuples(r) == 0)
+		goto out; /* refused: not ours any more */
+	Genpipe__V1__ResultStatus rs;
+	switch (job->outcome) {
+	case GP_JOB_SUCCEEDED:
+		rs = GENPIPE__V1__RESULT_STATUS__RESULT_SUCCEEDED;
+		break;
+	case GP_JOB_FAILED_PERMANENT:
+		rs = GENPIPE__V1__RESULT_STATUS__RESULT_FAILED_PERMANENT;
+		break;
+	case GP_JOB_RELEASED:
+		rs = GENPIPE__V1__RESULT_STATUS__RESULT_RELEASED;
+		break;
+	default:
+		rs = GENPIPE__V1__RESULT_STATUS__RESULT_FAILED;
+	}
+	st = result_message(w->db, job->msg->attempt_id, job->msg->run_id, job->msg->stage,
+			    (int)job->msg->attempt, rs, outputs, metrics, job->error, w->worker_id,
+			    atoll(PQgetvalue(r, 0, 8)), err);
+	if (!st && job->outcome == GP_JOB_RELEASED)
+		st = requeue(w->db, r, 0, 0, "released", err);
+	if (st)
+		goto out;
+	*accepted = 1;
+out:
+	if (!st && *accepted)
+		st = gp_db_commit(w->db, err);
+	if (st || !*accepted)
+		gp_db_rollback(w->db);
+	PQclear(r);
+	return st;
+}
+
+static gp_status dead_letter_msg(struct gp_worker *w, natsMsg *m, const char *reason,
+				 struct gp_err *err)
+{
+	struct gp_msg_meta meta = { 0 };
+	gp_status st = gp_bus_meta(m, &meta, err);
+	if (st)
+		return st;
+	gp_warn("dead letter %s seq %llu: %s", meta.stream, (unsigned long long)meta.stream_seq,
+		reason);
+	st = gp_dead_letter(w->db, meta.stream, meta.consumer, natsMsg_GetSubject(m),
+			    meta.stream_seq, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m),
+			    reason, err);
+	if (st)
+		return st;
+	gp_metric_inc(w->m_dead, 1);
+	/* Recorded first, then terminated: a crash in between redelivers and
+	 * the insert is a no-op the second time. */
+	return gp_bus_term(m, err);
+}
+
+/* Claim the attempt. *claimed = 1 when we own it; otherwise the message was
+ * acked (lost claim) or dead-lettered. */
+static gp_status claim(struct gp_worker *w, struct gp_job *job, int *claimed, struct gp_err *err)
+{
+	char id[24], run[24], att[16], lease[24];
+	snprintf(id, sizeof id, "%lld", (long long)job->msg->attempt_id);
+	snprintf(run, sizeof run, "%lld", (long long)job->msg->run_id);
+	snprintf(att, sizeof att, "%u", job->msg->attempt);
+	snprintf(lease, sizeof lease, "%lld", w->lease_ms);
+	random_hex(job->token, 16);
+	const char *p[] = { id, job->token, lease, w->worker_id, run, att, w->kind };
+	PGresult *r = NULL;
+	*claimed = 0;
+	gp_status st = gp_db_exec(
+		w->db, "claim attempt",
+		"UPDATE stage_attempts SET state = 'running', lease_token = $2, "
+		"lease_deadline = now() + $3::integer * interval '1 millisecond', worker = $4, "
+		"claimed_at = now(), heartbeat_at = now() "
+		"WHERE id = $1::bigint AND state = 'queued' AND run_id = $5::bigint "
+		"AND attempt = $6::integer AND kind = $7 RETURNING id",
+		7, p, &r, err);
+	if (st)
+		return st;
+	if (PQntuples(r) == 1) {
+		PQclear(r);
+		*claimed = 1;
+		return GP_OK;
+	}
+	PQclear(r);
+	const char *p1[] = { id };
+	if ((st = gp_db_exec(w->db, "look up attempt",
+			     "SELECT state, run_id, attempt, kind FROM stage_attempts "
+			     "WHERE id = $1::bigint",
+			     1, p1, &r, err)))
+		return st;
+	if (PQntuples(r) == 0 || atoll(PQgetvalue(r, 0, 1)) != job->msg->run_id ||
+	    (unsigned)atoi(PQgetvalue(r, 0, 2)) != job->msg->attempt ||
+	    strcmp(PQgetvalue(r, 0, 3), w->kind) != 0) {
+		char reason[200];
+		snprintf(reason, sizeof reason,
+			 PQntuples(r) ? "job does not match attempt %s (run, attempt or kind differ)"
+				      : "unknown attempt %s",
+			 id);
+		PQclear(r);
+		return dead_letter_msg(w, job->nm, reason, err);
+	}
+	gp_info("attempt %s is %s, not queued: dropping its message", id, PQgetvalue(r, 0, 0));
+	PQclear(r);
+	gp_metric_inc(w->m_lost_claim, 1);
+	return gp_bus_ack(job->nm, err);
+}
+
+gp_status gp_worker_poll(struct gp_worker *w, long long timeout_ms, int *handled,
+			 struct gp_err *err)
+{
+	*handled = 0;
+	natsMsgList list = { 0 };
+	gp_status st = gp_bus_fetch(w->sub, 1, timeout_ms, &list, err);
+	if (st == GP_ERR_TIMEOUT)
+		return GP_OK;
+	if (st)
+		return st;
+	*handled = 1;
+	natsMsg *m = list.Msgs[0];
+	struct gp_job job = { .w = w, .nm = m };
+	pthread_mutex_init(&job.mu, NULL);
+	pthread_cond_init(&job.cv, NULL);
+	struct gp_err derr = { 0 };
+	const uint8_t *data = (const uint8_t *)natsMsg_GetData(m);
+	if (gp_wire_decode_stage_job(&job.msg, data, (size_t)natsMsg_GetDataLength(m), &derr)) {
+		st = dead_letter_msg(w, m, derr.msg, err);
+		goto out;
+	}
+	if (strcmp(job.msg->kind, w->kind) != 0) {
+		char reason[160];
+		snprintf(reason, sizeof reason, "job of kind \"%s\" on the \"%s\" consumer",
+			 job.msg->kind, w->kind);
+		st = dead_letter_msg(w, m, reason, err);
+		goto out;
+	}
+	int claimed = 0;
+	if ((st = claim(w, &job, &claimed, err)) || !claimed)
+		goto out;
+	gp_info("attempt %lld (%s/%s #%u) claimed by %s", (long long)job.msg->attempt_id,
+		job.msg->stage, job.msg->kind, job.msg->attempt, w->worker_id);
+	job.started_ms = gp_now_ms();
+	if (pthread_create(&job.hb, NULL, heartbeat_main, &job) != 0) {
+		st = gp_err_set(err, GP_ERR_INTERNAL, "could not start heartbeat thread");
+		goto out;
+	}
+	w->handler(&job, w->closure);
+	pthread_mutex_lock(&job.mu);
+	job.hb_done = 1;
+	pthread_cond_signal(&job.cv);
+	pthread_mutex_unlock(&job.mu);
+	pthread_join(job.hb, NULL);
+	gp_metric_observe(w->m_seconds, (double)(gp_now_ms() - job.started_ms) / 1000.0);
+	if (job.outcome == GP_JOB_NONE)
+		gp_job_fail(&job, 0, "handler returned without a result");
+	int accepted = 0;
+	if ((st = commit_result(w, &job, &accepted, err)))
+		goto out;
+	if (!accepted) {
+		gp_metric_inc(w->m_refused, 1);
+		gp_warn("attempt %lld: result refused, the lease is no longer ours",
+			(long long)job.msg->attempt_id);
+	} else {
+		gp_metric_inc(job.outcome == GP_JOB_SUCCEEDED	 ? w->m_ok
+			      : job.outcome == GP_JOB_RELEASED ? w->m_released
+							       : w->m_failed,
+			      1);
+	}
+	/* Either way the message has served its purpose: the database holds the
+	 * outcome (or the reaper's new attempt has its own message). */
+	st = gp_bus_ack(m, err);
+out:
+	gp_wire_free_stage_job(job.msg);
+	free(job.outputs);
+	free(job.metrics);
+	free(job.error);
+	pthread_mutex_destroy(&job.mu);
+	pthread_cond_destroy(&job.cv);
+	natsMsgList_Destroy(&list);
+	return st;
+}
+
+gp_status gp_worker_run(struct gp_worker *w, volatile int *stop, struct gp_err *err)
+{
+	while (!*stop && !w->stop) {
+		int handled = 0;
+		gp_status st = gp_worker_poll(w, 1000, &handled, err);
+		if (*stop)
+			w->stop = 1;
+		if (st == GP_ERR_UNAVAILABLE || st == GP_ERR_DB || st == GP_ERR_BUS) {
+			gp_warn("worker %s: %s; retrying", w->worker_id, err ? err->msg : "");
+			gp_db_ok(w->db);
+			gp_sleep_ms(500);
+			continue;
+		}
+		if (st)
+			return st;
+	}
+	return GP_OK;
+}

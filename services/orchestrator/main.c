@@ -1,0 +1,62 @@
+/*
+ * genpipe-orchestrator: flags, connect, run, drain. Logic in orchestrator.c.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "log.h"
+#include "orchestrator.h"
+#include "service.h"
+
+int main(int argc, char **argv)
+{
+	struct gp_service svc = { .name = "orchestrator" };
+	struct gp_orchestrator_config cfg = { 0 };
+	long long reap_ms = 0, relay_wait = 0, batch = 0;
+	struct gp_opt opts[GP_SERVICE_NOPTS + 3];
+	gp_service_options(&svc, opts);
+	opts[GP_SERVICE_NOPTS + 0] = (struct gp_opt){ "reap-interval-ms", "GENPIPE_REAP_INTERVAL_MS",
+						      GP_OPT_INT, "1000",
+						      "how often expired leases are reaped",
+						      &reap_ms };
+	opts[GP_SERVICE_NOPTS + 1] = (struct gp_opt){ "relay-wait-ms", "GENPIPE_RELAY_WAIT_MS",
+						      GP_OPT_INT, "500",
+						      "longest wait between outbox passes",
+						      &relay_wait };
+	opts[GP_SERVICE_NOPTS + 2] = (struct gp_opt){ "relay-batch", "GENPIPE_RELAY_BATCH",
+						      GP_OPT_INT, "100",
+						      "outbox rows published per transaction", &batch };
+	int first = 0, help = 0;
+	struct gp_err err = { 0 };
+	gp_log_init("orchestrator");
+	if (gp_config_parse(opts, GP_SERVICE_NOPTS + 3, argc, argv, "genpipe-orchestrator [options]",
+			    stdout, &first, &help, &err)) {
+		fprintf(stderr, "genpipe-orchestrator: %s\n", err.msg);
+		return 2;
+	}
+	if (help)
+		return 0;
+	if (first < argc) {
+		fprintf(stderr, "genpipe-orchestrator: unexpected argument \"%s\"\n", argv[first]);
+		return 2;
+	}
+	cfg.reap_interval_ms = reap_ms;
+	cfg.relay_wait_ms = relay_wait;
+	cfg.relay_batch = (int)batch;
+	gp_service_signals();
+	if (gp_service_start(&svc, 0, 30000, &err)) {
+		gp_error("could not start: %s", err.msg);
+		return 1;
+	}
+	struct gp_orchestrator *o = NULL;
+	if (gp_orchestrator_create(&o, &cfg, svc.db, svc.bus, svc.metrics, &err)) {
+		gp_error("could not start: %s", err.msg);
+		gp_service_stop(&svc);
+		return 1;
+	}
+	gp_orchestrator_run(o, gp_service_stop_flag());
+	gp_info("stopping");
+	gp_orchestrator_destroy(o);
+	gp_service_stop(&svc);
+	return 0;
+}
