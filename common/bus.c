@@ -59,8 +59,10 @@ gp_status gp_bus_status(natsStatus s, jsErrCode jerr, const char *what, struct g
 
 static void on_disconnect(natsConnection *nc, void *cls)
 {
-	(void)nc;
 	(void)cls;
+	/* Also called when we close the connection ourselves: not news. */
+	if (natsConnection_IsClosed(nc) || natsConnection_IsDraining(nc))
+		return;
 	gp_warn("nats disconnected; reconnecting");
 }
 

@@ -230,8 +230,13 @@ static void fmt_double(char *out, size_t n, double v)
 		snprintf(out, n, "NaN");
 	else if (isinf(v))
 		snprintf(out, n, v > 0 ? "+Inf" : "-Inf");
-	else
-		snprintf(out, n, "%.17g", v);
+	else {
+		/* Shortest text that reads back as the same double: 0.1, not
+		 * 0.10000000000000001. */
+		snprintf(out, n, "%.15g", v);
+		if (strtod(out, NULL) != v)
+			snprintf(out, n, "%.17g", v);
+	}
 }
 
 static void help_escape(struct buf *b, const char *s)

@@ -420,7 +420,7 @@ static gp_status nats_up(const struct gp_stack_options *o, char *url, size_t ule
 		 "max_payload: 2MB\n"
 		 "jetstream {\n  store_dir: \"%s\"\n  max_memory_store: 256MB\n"
 		 "  max_file_store: %s\n}\n",
-		 port, mport, store, o->fast ? "1GB" : "20GB");
+		 port, mport, store, "16GB");
 	if ((st = write_file(conf, text, 0644, err)))
 		return st;
 	gp_stack_log_path(dir, "nats", logp, sizeof logp);

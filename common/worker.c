@@ -29,6 +29,7 @@ struct gp_worker {
 	natsSubscription *sub;
 	char durable[96], filter[128];
 	volatile int stop;
+	volatile int *ext_stop; /* the service's signal flag, set by gp_worker_run */
 	struct gp_metric *m_ok, *m_failed, *m_released, *m_dead, *m_lost_claim, *m_refused,
 		*m_hb_fail, *m_seconds, *m_events_dropped;
 };
@@ -187,7 +188,7 @@ int gp_job_should_stop(const struct gp_job *job)
 {
 	if (job->lease_lost)
 		return 1;
-	if (job->w->stop)
+	if (job->w->stop || (job->w->ext_stop && *job->w->ext_stop))
 		return 2;
 	return 0;
 }
@@ -453,8 +454,8 @@ gp_status gp_lease_reap(struct gp_db *db, int max, int *reaped, struct gp_err *e
 		goto out;
 	n = PQntuples(r);
 	for (int i = 0; i < n && !st; i++) {
-		gp_info("attempt %s of %s/%s: lease of worker %s expired; requeueing",
-			PQgetvalue(r, i, 4), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
+		gp_info("run %s stage %s attempt %s: lease of worker \"%s\" expired",
+			PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 4),
 			PQgetvalue(r, i, 8));
 		st = requeue(db, r, i, 1, "lease expired", err);
 	}
@@ -680,6 +681,7 @@ out:
 
 gp_status gp_worker_run(struct gp_worker *w, volatile int *stop, struct gp_err *err)
 {
+	w->ext_stop = stop;
 	while (!*stop && !w->stop) {
 		int handled = 0;
 		gp_status st = gp_worker_poll(w, 1000, &handled, err);

@@ -1,0 +1,213 @@
+/*
+ * harness.c: see harness.h.
+ */
+#define _XOPEN_SOURCE 700
+#include "harness.h"
+
+#include <ftw.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "outbox.h"
+#include "stack.h"
+
+static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+	(void)sb;
+	(void)flag;
+	(void)ftw;
+	return remove(p);
+}
+
+int gp_test_run(int (*body)(struct gp_test_env *env))
+{
+	struct gp_test_env env;
+	memset(&env, 0, sizeof env);
+	const char *tmp = getenv("TMPDIR");
+	snprintf(env.dir, sizeof env.dir, "%s/genpipe-test-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+	if (!mkdtemp(env.dir)) {
+		perror("mkdtemp");
+		return 1;
+	}
+	/* As root, PostgreSQL runs as an unprivileged user who must be able to
+	 * traverse this directory (contents stay private to their owners). */
+	chmod(env.dir, 0711);
+	snprintf(env.migrations_dir, sizeof env.migrations_dir, "%s", GENPIPE_SOURCE_MIGRATIONS);
+	snprintf(env.bin_dir, sizeof env.bin_dir, "%s", GENPIPE_TEST_BIN_DIR);
+	struct gp_stack_options o = {
+		.data_dir = env.dir,
+		.migrations_dir = env.migrations_dir,
+		.bin_dir = NULL,
+		.fast = 1,
+		.progress = stderr,
+	};
+	struct gp_err err = { 0 };
+	int rc = 1;
+	/* Start the servers from a child so that this process never loads
+	 * nats.c's threads and can fork the test body cleanly. */
+	fflush(NULL);
+	pid_t up = fork();
+	if (up == 0) {
+		if (gp_stack_up(&o, &err)) {
+			fprintf(stderr, "harness: could not start servers: %s\n", err.msg);
+			_exit(1);
+		}
+		_exit(0);
+	}
+	int uws = 0;
+	while (waitpid(up, &uws, 0) < 0)
+		;
+	if (!WIFEXITED(uws) || WEXITSTATUS(uws) != 0)
+		goto out;
+	if (gp_stack_env(env.dir, "GENPIPE_NATS_URL", env.nats_url, sizeof env.nats_url, &err) ||
+	    gp_stack_env(env.dir, "GENPIPE_DATABASE_URL", env.db_url, sizeof env.db_url, &err)) {
+		fprintf(stderr, "harness: %s\n", err.msg);
+		goto out;
+	}
+	fflush(NULL);
+	pid_t c = fork();
+	if (c == 0)
+		_exit(body(&env));
+	int ws = 0;
+	while (waitpid(c, &ws, 0) < 0)
+		;
+	if (WIFEXITED(ws)) {
+		rc = WEXITSTATUS(ws);
+	} else {
+		fprintf(stderr, "harness: test body killed by signal %d\n", WTERMSIG(ws));
+		rc = 1;
+	}
+out:
+	gp_stack_down(env.dir, stderr, &err);
+	if (rc != 0 || getenv("GENPIPE_TEST_KEEP")) {
+		/* Keep the server logs of a failed run visible in the test output. */
+		char cmd[600];
+		snprintf(cmd, sizeof cmd, "tail -n 30 %s/logs/*.log 1>&2", env.dir);
+		if (system(cmd) != 0)
+			fprintf(stderr, "harness: no logs\n");
+	}
+	if (!getenv("GENPIPE_TEST_KEEP"))
+		nftw(env.dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+	return rc;
+}
+
+struct gp_test_child gp_test_fork_held(int (*fn)(const struct gp_test_env *env, void *arg),
+				       const struct gp_test_env *env, void *arg)
+{
+	int p[2];
+	struct gp_test_child c = { -1, -1 };
+	if (pipe(p) != 0) {
+		perror("pipe");
+		exit(1);
+	}
+	fflush(NULL);
+	pid_t pid = fork();
+	if (pid == 0) {
+		close(p[1]);
+		char b;
+		if (read(p[0], &b, 1) != 1)
+			_exit(4); /* parent gave up */
+		close(p[0]);
+		_exit(fn(env, arg));
+	}
+	close(p[0]);
+	c.pid = pid;
+	c.go_fd = p[1];
+	return c;
+}
+
+void gp_test_release(struct gp_test_child *c)
+{
+	if (c->go_fd >= 0) {
+		ssize_t w = write(c->go_fd, "g", 1);
+		(void)w;
+		close(c->go_fd);
+		c->go_fd = -1;
+	}
+}
+
+int gp_test_wait(struct gp_test_child *c)
+{
+	if (c->go_fd >= 0) {
+		close(c->go_fd);
+		c->go_fd = -1;
+	}
+	int ws = 0;
+	while (waitpid(c->pid, &ws, 0) < 0)
+		;
+	return WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
+}
+
+struct gp_db *gp_test_db(const struct gp_test_env *env)
+{
+	struct gp_db *db = NULL;
+	struct gp_err err = { 0 };
+	if (gp_db_connect(&db, env->db_url, 10000, &err)) {
+		fprintf(stderr, "test: %s\n", err.msg);
+		exit(1);
+	}
+	return db;
+}
+
+struct gp_bus *gp_test_bus(const struct gp_test_env *env, const char *name)
+{
+	struct gp_bus *bus = NULL;
+	struct gp_err err = { 0 };
+	if (gp_bus_connect(&bus, env->nats_url, name, 0, 10000, &err)) {
+		fprintf(stderr, "test: %s\n", err.msg);
+		exit(1);
+	}
+	return bus;
+}
+
+long long gp_test_scalar(struct gp_db *db, const char *sql)
+{
+	PGresult *r = NULL;
+	struct gp_err err = { 0 };
+	if (gp_db_exec(db, "test query", sql, 0, NULL, &r, &err) || PQntuples(r) != 1) {
+		fprintf(stderr, "test: %s: %s\n", sql, err.msg);
+		exit(1);
+	}
+	long long v = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return v;
+}
+
+long long gp_test_make_run(struct gp_db *db, const char *pipeline)
+{
+	const char *p[] = { pipeline };
+	PGresult *r = NULL;
+	struct gp_err err = { 0 };
+	if (gp_db_exec(db, "make test run",
+		       "WITH p AS (INSERT INTO pipelines (name) VALUES ($1) RETURNING id), "
+		       "v AS (INSERT INTO pipeline_versions (pipeline_id, version, spec_text, "
+		       "spec_json, content_hash) SELECT id, 1, 'test', '{}', 'h' FROM p "
+		       "RETURNING id) "
+		       "INSERT INTO runs (pipeline_version_id) SELECT id FROM v RETURNING id",
+		       1, p, &r, &err)) {
+		fprintf(stderr, "test: %s\n", err.msg);
+		exit(1);
+	}
+	long long id = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return id;
+}
+
+int gp_test_relay_all(struct gp_db *db, struct gp_bus *bus)
+{
+	int total = 0, n = 0;
+	struct gp_err err = { 0 };
+	do {
+		if (gp_outbox_relay_once(db, bus, 100, NULL, &n, NULL, &err)) {
+			fprintf(stderr, "test: relay: %s\n", err.msg);
+			exit(1);
+		}
+		total += n;
+	} while (n > 0);
+	return total;
+}

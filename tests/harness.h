@@ -1,0 +1,55 @@
+/*
+ * harness.h: integration tests against real servers.
+ *
+ * gp_test_run() makes a temporary directory, starts nats-server (JetStream)
+ * and PostgreSQL in it on free loopback ports with the same code as
+ * `genpipe dev up` (common/stack.c), applies the migrations, and runs the
+ * test body in a forked child. Whatever the child does (passes, fails,
+ * crashes), the parent stops both servers by pid and removes the directory.
+ */
+#ifndef GP_TEST_HARNESS_H
+#define GP_TEST_HARNESS_H
+
+#include "bus.h"
+#include "db.h"
+
+struct gp_test_env {
+	char dir[256];
+	char nats_url[128];
+	char db_url[512];
+	char migrations_dir[512];
+	char bin_dir[512];
+};
+
+int gp_test_run(int (*body)(struct gp_test_env *env));
+
+/*
+ * nats.c keeps global threads, so a process that has used it must not fork
+ * children that use it again. A test that needs a second NATS process forks
+ * it with gp_test_fork_held() before its first connection: the child blocks
+ * until gp_test_release() and then runs fn and exits with its result.
+ */
+struct gp_test_child {
+	int pid;
+	int go_fd;
+};
+struct gp_test_child gp_test_fork_held(int (*fn)(const struct gp_test_env *env, void *arg),
+				       const struct gp_test_env *env, void *arg);
+void gp_test_release(struct gp_test_child *c);
+/* Wait for the child; returns its exit status, or 128 + signal. */
+int gp_test_wait(struct gp_test_child *c);
+
+/* Connect helpers that exit(1) with the reason on failure. */
+struct gp_db *gp_test_db(const struct gp_test_env *env);
+struct gp_bus *gp_test_bus(const struct gp_test_env *env, const char *name);
+
+/* Create a pipeline, version and run row; returns the run id. */
+long long gp_test_make_run(struct gp_db *db, const char *pipeline);
+
+/* Publish everything in the outbox (in-process relay). Returns the count. */
+int gp_test_relay_all(struct gp_db *db, struct gp_bus *bus);
+
+/* One integer from a query with no parameters (exit(1) on error). */
+long long gp_test_scalar(struct gp_db *db, const char *sql);
+
+#endif

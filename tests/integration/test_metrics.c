@@ -1,0 +1,176 @@
+/*
+ * The orchestrator service as a process: it relays the outbox to JetStream,
+ * serves /healthz, /readyz and /metrics (checked by promtool, Debian's
+ * prometheus package), and exits 0 on SIGTERM. A registry holding every
+ * metric type with labels passes promtool too.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../check.h"
+#include "../harness.h"
+#include "http.h"
+#include "stack.h"
+#include "subjects.h"
+#include "worker.h"
+
+static int promtool_ok(const char *text, const char *where)
+{
+	char path[] = "/tmp/gp-metrics-XXXXXX";
+	int fd = mkstemp(path);
+	REQUIRE(fd >= 0);
+	size_t n = strlen(text);
+	REQUIRE(write(fd, text, n) == (ssize_t)n);
+	close(fd);
+	char cmd[256];
+	snprintf(cmd, sizeof cmd, "promtool check metrics < %s", path);
+	int rc = system(cmd);
+	unlink(path);
+	if (rc != 0)
+		fprintf(stderr, "promtool rejected %s:\n%s\n", where, text);
+	return rc == 0;
+}
+
+static int body(struct gp_test_env *env)
+{
+	struct gp_err e = { 0 };
+	int port = gp_stack_free_port();
+	char bin[700], portarg[32];
+	snprintf(bin, sizeof bin, "%s/genpipe-orchestrator", env->bin_dir);
+	snprintf(portarg, sizeof portarg, "%d", port);
+	fflush(NULL);
+	pid_t orch = fork();
+	if (orch == 0) {
+		setenv("GENPIPE_NATS_URL", env->nats_url, 1);
+		setenv("GENPIPE_DATABASE_URL", env->db_url, 1);
+		execl(bin, bin, "--http-port", portarg, "--reap-interval-ms", "200", (char *)NULL);
+		_exit(127);
+	}
+	char url[128];
+	long code = 0;
+	char *text = NULL;
+	long long deadline = gp_now_ms() + 15000;
+	snprintf(url, sizeof url, "http://127.0.0.1:%d/readyz", port);
+	while (gp_now_ms() < deadline) {
+		if (gp_http_get(url, 1000, &code, &text, &e) == GP_OK && code == 200)
+			break;
+		free(text);
+		text = NULL;
+		gp_sleep_ms(100);
+	}
+	CHECK(code == 200);
+	free(text);
+	text = NULL;
+
+	/* It relays: a job enqueued in PostgreSQL reaches the stream. */
+	struct gp_db *db = gp_test_db(env);
+	struct gp_bus *bus = gp_test_bus(env, "test");
+	long long run = gp_test_make_run(db, "metrics-test");
+	char durable[64], filter[64];
+	struct gp_consumer_def cd = gp_bus_job_consumer("probe", durable, sizeof durable, filter,
+							 sizeof filter, 5000);
+	int ns = 0;
+	const struct gp_stream_def *sd = gp_bus_default_streams(&ns);
+	REQUIRE_OK(gp_bus_declare(bus, sd, ns, &cd, 1, &e), e);
+	REQUIRE_OK(gp_db_begin(db, &e), e);
+	struct gp_attempt_spec s = { .run_id = run, .stage = "p", .kind = "probe", .attempt = 1 };
+	REQUIRE_OK(gp_attempt_enqueue(db, &s, NULL, &e), e);
+	REQUIRE_OK(gp_db_commit(db, &e), e);
+	natsSubscription *sub = NULL;
+	REQUIRE_OK(gp_bus_pull_subscribe(bus, &cd, &sub, &e), e);
+	natsMsgList list = { 0 };
+	REQUIRE_OK(gp_bus_fetch(sub, 1, 5000, &list, &e), e);
+	CHECK(list.Count == 1);
+	CHECK_STR(natsMsg_GetSubject(list.Msgs[0]), GP_SUBJ_JOBS "probe");
+	natsMsgList_Destroy(&list);
+	natsSubscription_Destroy(sub);
+	deadline = gp_now_ms() + 5000;
+	while (gp_test_scalar(db, "SELECT count(*) FROM outbox WHERE sent_at IS NULL") != 0 &&
+	       gp_now_ms() < deadline)
+		gp_sleep_ms(50);
+	CHECK(gp_test_scalar(db, "SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0);
+
+	/* It reaps: an expired lease gets a new attempt. */
+	REQUIRE_OK(gp_db_run(db, "expire",
+			     "UPDATE stage_attempts SET state = 'running', lease_token = 'x', "
+			     "lease_deadline = now() - interval '1 second' WHERE kind = 'probe'",
+			     &e), e);
+	deadline = gp_now_ms() + 5000;
+	while (gp_test_scalar(db, "SELECT count(*) FROM stage_attempts WHERE kind = 'probe' "
+				  "AND attempt = 2") == 0 && gp_now_ms() < deadline)
+		gp_sleep_ms(50);
+	CHECK(gp_test_scalar(db, "SELECT count(*) FROM stage_attempts WHERE kind = 'probe' "
+				 "AND attempt = 2 AND state = 'queued'") == 1);
+
+	snprintf(url, sizeof url, "http://127.0.0.1:%d/metrics", port);
+	deadline = gp_now_ms() + 5000;
+	do {
+		free(text);
+		text = NULL;
+		REQUIRE_OK(gp_http_get(url, 2000, &code, &text, &e), e);
+	} while (!strstr(text, "genpipe_leases_reaped_total 1\n") && gp_now_ms() < deadline &&
+		 (gp_sleep_ms(100), 1));
+	CHECK(code == 200);
+	CHECK_CONTAINS(text, "# TYPE genpipe_outbox_relayed_total counter");
+	CHECK_CONTAINS(text, "genpipe_leases_reaped_total 1\n");
+	CHECK_CONTAINS(text, "genpipe_up 1\n");
+	CHECK(promtool_ok(text, "the orchestrator's /metrics"));
+	free(text);
+	text = NULL;
+
+	snprintf(url, sizeof url, "http://127.0.0.1:%d/healthz", port);
+	REQUIRE_OK(gp_http_get(url, 2000, &code, &text, &e), e);
+	CHECK(code == 200);
+	CHECK_STR(text, "ok\n");
+	free(text);
+	text = NULL;
+	snprintf(url, sizeof url, "http://127.0.0.1:%d/nope", port);
+	REQUIRE_OK(gp_http_get(url, 2000, &code, &text, &e), e);
+	CHECK(code == 404);
+	free(text);
+
+	/* SIGTERM: drains and exits 0. */
+	kill(orch, SIGTERM);
+	int ws = 0;
+	deadline = gp_now_ms() + 10000;
+	int done = 0;
+	while (gp_now_ms() < deadline && !(done = waitpid(orch, &ws, WNOHANG) == orch))
+		gp_sleep_ms(50);
+	CHECK(done && WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
+	if (!done) {
+		kill(orch, SIGKILL);
+		waitpid(orch, NULL, 0);
+	}
+
+	/* Every metric type, with labels, as a worker registers them. */
+	struct gp_metrics *reg = gp_metrics_create();
+	struct gp_worker_config wc = { .kind = "probe", .lease_ms = 3000, .heartbeat_ms = 500,
+				       .ack_wait_ms = 3000, .handler = NULL, .metrics = reg };
+	struct gp_worker *w = NULL;
+	REQUIRE_OK(gp_worker_create(&w, &wc, db, bus, env->db_url, &e), e);
+	static const double b[] = { 0.005, 0.05, 0.5 };
+	struct gp_metric *h = gp_metrics_get(reg, GP_HISTOGRAM, "genpipe_test_latency_seconds",
+					     "Latency", "model=\"a\"", b, 3);
+	gp_metric_observe(h, 0.01);
+	gp_metric_observe(h, 7);
+	char *rendered = NULL;
+	size_t len = 0;
+	REQUIRE_OK(gp_metrics_render(reg, &rendered, &len, &e), e);
+	CHECK_CONTAINS(rendered, "genpipe_job_duration_seconds_bucket{kind=\"probe\",le=\"0.1\"} 0");
+	CHECK(promtool_ok(rendered, "a worker registry"));
+	free(rendered);
+	gp_worker_destroy(w);
+	gp_metrics_destroy(reg);
+	gp_bus_destroy(bus);
+	gp_db_destroy(db);
+	return CHECK_RESULT();
+}
+
+int main(void)
+{
+	return gp_test_run(body);
+}
