@@ -20,6 +20,7 @@
 
 #include "config.h"
 #include "db.h"
+#include "gpu.h"
 #include "log.h"
 #include "stack.h"
 
@@ -192,6 +193,21 @@ int main(int argc, char **argv)
 	const char *dir = abs_dir(data_dir, dirbuf, sizeof dirbuf);
 	if (!strcmp(args[0], "version")) {
 		printf("genpipe %s\n", GENPIPE_VERSION);
+		const char *why = NULL;
+		int n = gp_gpu_available(&why);
+		if (!gp_gpu_built()) {
+			printf("cuda: %s\n", why);
+		} else if (n == 0) {
+			printf("cuda: built in; no device usable (%s): the CPU path is used\n", why);
+		} else {
+			for (int i = 0; i < n; i++) {
+				char name[256];
+				size_t mem = 0;
+				if (gp_gpu_describe(i, name, sizeof name, &mem) == 0)
+					printf("cuda: device %d: %s, %.1f GiB\n", i, name,
+					       (double)mem / (1 << 30));
+			}
+		}
 		return 0;
 	}
 	if (!strcmp(args[0], "migrate") && nargs == 1)

@@ -10,6 +10,7 @@
 #include "bus.h"
 #include "config.h"
 #include "db.h"
+#include "gpu.h"
 #include "http.h"
 #include "log.h"
 #include "status.h"
@@ -208,8 +209,23 @@ static void test_metrics(void)
 	gp_metrics_destroy(r);
 }
 
+static void test_gpu(void)
+{
+	const char *why = NULL;
+	int n = gp_gpu_available(&why);
+	CHECK(n >= 0);
+	if (n == 0)
+		CHECK(why != NULL && *why);
+	if (!gp_gpu_built())
+		CHECK(n == 0);
+	char name[64];
+	CHECK(gp_gpu_describe(n, name, sizeof name, NULL) != 0); /* past the last device */
+	fprintf(stderr, "gpu: built=%d devices=%d (%s)\n", gp_gpu_built(), n, why ? why : "");
+}
+
 int main(void)
 {
+	test_gpu();
 	test_err();
 	test_config();
 	test_json_escape();

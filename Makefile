@@ -1,0 +1,45 @@
+# Thin wrapper over CMake. The two commands the README promises:
+#   make demo   install what is missing, build, run the main job
+#   make test   install what is missing, build with warnings as errors, run
+#               the whole suite, then again under ASan+UBSan with the fuzzers
+BUILD      ?= build
+SAN_BUILD  ?= build-asan
+FUZZ_SECONDS ?= 10
+JOBS       ?= $(shell nproc)
+CTEST_JOBS ?= 2
+
+.PHONY: all deps build demo test test-main test-sanitize down clean
+
+all: build
+
+deps:
+	scripts/install-deps
+
+build: deps
+	cmake -S . -B $(BUILD) -DGENPIPE_WERROR=ON
+	cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	scripts/demo $(BUILD)
+
+test: deps
+	$(MAKE) test-main
+	$(MAKE) test-sanitize
+
+test-main:
+	cmake -S . -B $(BUILD) -DGENPIPE_WERROR=ON
+	cmake --build $(BUILD) -j $(JOBS)
+	ctest --test-dir $(BUILD) --output-on-failure -j $(CTEST_JOBS)
+
+# clang for libFuzzer; CUDA off so that every object is instrumented.
+test-sanitize:
+	CC=clang cmake -S . -B $(SAN_BUILD) -DGENPIPE_WERROR=ON -DGENPIPE_SANITIZE=ON \
+		-DGENPIPE_FUZZ=ON -DGENPIPE_CUDA=OFF -DGENPIPE_FUZZ_SECONDS=$(FUZZ_SECONDS)
+	cmake --build $(SAN_BUILD) -j $(JOBS)
+	ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(CTEST_JOBS)
+
+down:
+	$(BUILD)/bin/genpipe dev down
+
+clean:
+	rm -rf $(BUILD) $(SAN_BUILD)
