@@ -29,6 +29,7 @@ static const char *migrations_dir = GENPIPE_SOURCE_MIGRATIONS;
 static const char *database_url;
 static int json_out;
 static long long log_lines = 100;
+static long long connect_ms = 30000;
 
 static const struct gp_opt common_opts[] = {
 	{ "data-dir", "GENPIPE_DATA_DIR", GP_OPT_STR, ".genpipe",
@@ -39,6 +40,8 @@ static const struct gp_opt common_opts[] = {
 	  "PostgreSQL URL (migrate)", &database_url },
 	{ "json", NULL, GP_OPT_BOOL, "false", "machine-readable output", &json_out },
 	{ "lines", NULL, GP_OPT_INT, "100", "lines of log to show (dev logs)", &log_lines },
+	{ "connect-timeout-ms", "GENPIPE_CONNECT_TIMEOUT_MS", GP_OPT_INT, "30000",
+	  "how long to retry the first database connection (migrate)", &connect_ms },
 };
 #define NOPTS ((int)(sizeof common_opts / sizeof common_opts[0]))
 
@@ -160,7 +163,7 @@ static int cmd_migrate(void)
 	struct gp_err err = { 0 };
 	struct gp_db *db = NULL;
 	int applied = 0, total = 0;
-	if (gp_db_connect(&db, database_url, 30000, &err) ||
+	if (gp_db_connect(&db, database_url, connect_ms, &err) ||
 	    gp_db_migrate(db, migrations_dir, &applied, &total, &err)) {
 		fprintf(stderr, "genpipe: %s\n", err.msg);
 		gp_db_destroy(db);

@@ -36,6 +36,10 @@ scenario() {
 	dburl=$(sed -n 's/^GENPIPE_DATABASE_URL=//p' "$envfile")
 	run_as "$user" psql -q "$dburl" -c "INSERT INTO audit_log (actor, action, object) VALUES ('devstack', 'test', 'kept')" || fail "psql insert"
 
+	run_as "$user" "$GENPIPE" migrate --database-url "$dburl" | grep -q "0 applied now" || fail "migrate on an up-to-date database"
+	if run_as "$user" "$GENPIPE" migrate --connect-timeout-ms 500 --database-url "postgresql://x@127.0.0.1:1/none?connect_timeout=1" >/dev/null 2>&1; then fail "migrate against nothing succeeded"; fi
+	if run_as "$user" "$GENPIPE" dev bogus --data-dir "$data" 2>/dev/null; then fail "unknown command accepted"; fi
+
 	# up on a running stack: nothing restarted
 	pids1=$(cat "$data"/run/*.pid | sort | tr '\n' ' ')
 	run_as "$user" "$GENPIPE" dev up --data-dir "$data" > "$dir/up2.txt" 2>&1 || fail "second up"
