@@ -83,9 +83,7 @@ gp_status gp_bus_connect(struct gp_bus **out, const char *url, const char *name,
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	natsStatus s = natsOptions_Create(&b->opts);
 	if (s == NATS_OK)
-		s = natsOptions_SetServers(b->opts, (const char *[]){ url }, 1);
-	if (s == NATS_OK && strchr(url, ','))
-		s = natsOptions_SetURL(b->opts, url);
+		s = natsOptions_SetURL(b->opts, url); /* accepts a comma-separated list */
 	if (s == NATS_OK && name)
 		s = natsOptions_SetName(b->opts, name);
 	if (s == NATS_OK)

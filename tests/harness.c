@@ -6,6 +6,7 @@
 
 #include <ftw.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,14 @@ static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ft
 	(void)flag;
 	(void)ftw;
 	return remove(p);
+}
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_stop_signal(int sig)
+{
+	(void)sig;
+	stop_requested = 1;
 }
 
 int gp_test_run(int (*body)(struct gp_test_env *env))
@@ -71,11 +80,30 @@ int gp_test_run(int (*body)(struct gp_test_env *env))
 	}
 	fflush(NULL);
 	pid_t c = fork();
-	if (c == 0)
+	if (c == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		exit(body(&env)); /* exit, not _exit: LeakSanitizer checks the body */
+	}
+	/* Our own deadline, under ctest's, so that a hung body still ends with
+	 * the servers stopped; SIGTERM/SIGINT to us end the body the same way. */
+	signal(SIGTERM, on_stop_signal);
+	signal(SIGINT, on_stop_signal);
+	const char *lim = getenv("GENPIPE_TEST_TIMEOUT_S");
+	long long deadline = gp_now_ms() + 1000LL * (lim && *lim ? atoll(lim) : 240);
 	int ws = 0;
-	while (waitpid(c, &ws, 0) < 0)
-		;
+	for (;;) {
+		pid_t w = waitpid(c, &ws, WNOHANG);
+		if (w == c)
+			break;
+		if (stop_requested || gp_now_ms() > deadline) {
+			fprintf(stderr, "harness: %s: killing the test body\n",
+				stop_requested ? "interrupted" : "test body ran past its deadline");
+			kill(c, SIGKILL);
+			waitpid(c, &ws, 0);
+			break;
+		}
+		gp_sleep_ms(20);
+	}
 	if (WIFEXITED(ws)) {
 		rc = WEXITSTATUS(ws);
 	} else {
@@ -108,6 +136,7 @@ struct gp_test_child gp_test_fork_held(int (*fn)(const struct gp_test_env *env, 
 	fflush(NULL);
 	pid_t pid = fork();
 	if (pid == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		close(p[1]);
 		char b;
 		if (read(p[0], &b, 1) != 1)

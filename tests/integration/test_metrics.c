@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -45,6 +46,7 @@ static int body(struct gp_test_env *env)
 	fflush(NULL);
 	pid_t orch = fork();
 	if (orch == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a crashed test */
 		setenv("GENPIPE_NATS_URL", env->nats_url, 1);
 		setenv("GENPIPE_DATABASE_URL", env->db_url, 1);
 		execl(bin, bin, "--http-port", portarg, "--reap-interval-ms", "200", (char *)NULL);
