@@ -164,6 +164,23 @@ void gp_db_rollback(struct gp_db *db)
 	PQclear(PQexec(db->conn, "ROLLBACK"));
 }
 
+char *gp_db_bytea_param(const void *data, size_t len)
+{
+	static const char hx[] = "0123456789abcdef";
+	char *s = malloc(2 * len + 3);
+	if (!s)
+		return NULL;
+	s[0] = '\\';
+	s[1] = 'x';
+	const unsigned char *b = data;
+	for (size_t i = 0; i < len; i++) {
+		s[2 + 2 * i] = hx[b[i] >> 4];
+		s[3 + 2 * i] = hx[b[i] & 15];
+	}
+	s[2 + 2 * len] = '\0';
+	return s;
+}
+
 void gp_sha256_hex(const void *data, size_t len, char out[65])
 {
 	unsigned char md[32];

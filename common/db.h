@@ -70,6 +70,13 @@ gp_status gp_db_migrate(struct gp_db *db, const char *dir, int *applied, int *to
 gp_status gp_db_migration_status(struct gp_db *db, const char *dir, int *applied, int *pending,
 				 struct gp_err *err);
 
+/*
+ * A bytea parameter in PostgreSQL's hex text form ("\\x0a1b..."), so that
+ * binary values pass through gp_db_exec's text parameters. Caller frees
+ * (free()); NULL when out of memory.
+ */
+char *gp_db_bytea_param(const void *data, size_t len);
+
 /* SHA-256 of a buffer as 64 lower-case hex digits plus NUL. */
 void gp_sha256_hex(const void *data, size_t len, char out[65]);
 

@@ -44,6 +44,18 @@ struct gp_metrics *gp_metrics_create(void)
 	return r;
 }
 
+static void metric_free(struct gp_metric *m)
+{
+	if (!m)
+		return;
+	free(m->name);
+	free(m->help);
+	free(m->labels);
+	free(m->bounds);
+	free(m->buckets);
+	free(m);
+}
+
 void gp_metrics_destroy(struct gp_metrics *reg)
 {
 	if (!reg)
@@ -51,12 +63,7 @@ void gp_metrics_destroy(struct gp_metrics *reg)
 	struct gp_metric *m = reg->head;
 	while (m) {
 		struct gp_metric *n = m->next;
-		free(m->name);
-		free(m->help);
-		free(m->labels);
-		free(m->bounds);
-		free(m->buckets);
-		free(m);
+		metric_free(m);
 		m = n;
 	}
 	pthread_mutex_destroy(&reg->lock);
@@ -128,14 +135,7 @@ struct gp_metric *gp_metrics_get(struct gp_metrics *reg, enum gp_metric_type typ
 	pthread_mutex_unlock(&reg->lock);
 	return m;
 fail:
-	if (m) {
-		free(m->name);
-		free(m->help);
-		free(m->labels);
-		free(m->bounds);
-		free(m->buckets);
-		free(m);
-	}
+	metric_free(m);
 	pthread_mutex_unlock(&reg->lock);
 	return NULL;
 }

@@ -15,28 +15,10 @@ void gp_outbox_msg_id(long long id, char *buf, size_t len)
 	snprintf(buf, len, "outbox-%lld", id);
 }
 
-/* bytea parameters travel in hex text form; this keeps gp_db_exec text-only. */
-static char *to_hex_bytea(const void *p, size_t n)
-{
-	static const char hx[] = "0123456789abcdef";
-	char *s = malloc(2 * n + 3);
-	if (!s)
-		return NULL;
-	s[0] = '\\';
-	s[1] = 'x';
-	const unsigned char *b = p;
-	for (size_t i = 0; i < n; i++) {
-		s[2 + 2 * i] = hx[b[i] >> 4];
-		s[3 + 2 * i] = hx[b[i] & 15];
-	}
-	s[2 + 2 * n] = '\0';
-	return s;
-}
-
 gp_status gp_outbox_put(struct gp_db *db, const char *subject, const void *payload, size_t len,
 			long long *id, struct gp_err *err)
 {
-	char *hex = to_hex_bytea(payload, len);
+	char *hex = gp_db_bytea_param(payload, len);
 	if (!hex)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	const char *params[] = { subject, hex };

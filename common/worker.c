@@ -297,17 +297,9 @@ gp_status gp_dead_letter(struct gp_db *db, const char *stream, const char *consu
 			 const char *subject, unsigned long long stream_seq, const void *payload,
 			 size_t len, const char *reason, struct gp_err *err)
 {
-	static const char hx[] = "0123456789abcdef";
-	char *hex = malloc(2 * len + 3);
+	char *hex = gp_db_bytea_param(payload, len);
 	if (!hex)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
-	hex[0] = '\\';
-	hex[1] = 'x';
-	for (size_t i = 0; i < len; i++) {
-		hex[2 + 2 * i] = hx[((const unsigned char *)payload)[i] >> 4];
-		hex[3 + 2 * i] = hx[((const unsigned char *)payload)[i] & 15];
-	}
-	hex[2 + 2 * len] = '\0';
 	char seq[24];
 	snprintf(seq, sizeof seq, "%llu", stream_seq);
 	const char *p[] = { stream, consumer, subject, seq, hex, reason };
