@@ -249,6 +249,40 @@ static int v_alert(const gp_alert *m, struct gp_err *e)
 	       check_text(n, "message", m->message, 4096, e);
 }
 
+/*
+ * protobuf-c 1.4 accepts a field number 0 written as a non-minimal varint
+ * and keeps it as an unknown field, but refuses the same field once it is
+ * re-encoded minimally. Field number 0 is invalid protobuf: refuse it here,
+ * in nested messages too, so that what we accept also round-trips.
+ */
+static int unknown_fields_ok(const ProtobufCMessage *m, int depth)
+{
+	if (!m || depth > 8)
+		return m == NULL;
+	for (unsigned i = 0; i < m->n_unknown_fields; i++)
+		if (m->unknown_fields[i].tag == 0)
+			return 0;
+	const ProtobufCMessageDescriptor *d = m->descriptor;
+	for (unsigned i = 0; i < d->n_fields; i++) {
+		const ProtobufCFieldDescriptor *f = &d->fields[i];
+		if (f->type != PROTOBUF_C_TYPE_MESSAGE)
+			continue;
+		const char *base = (const char *)m + f->offset;
+		if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+			size_t n = *(const size_t *)((const char *)m + f->quantifier_offset);
+			ProtobufCMessage *const *v = *(ProtobufCMessage *const *const *)base;
+			for (size_t k = 0; k < n; k++)
+				if (!unknown_fields_ok(v[k], depth + 1))
+					return 0;
+		} else {
+			const ProtobufCMessage *sub = *(const ProtobufCMessage *const *)base;
+			if (sub && !unknown_fields_ok(sub, depth + 1))
+				return 0;
+		}
+	}
+	return 1;
+}
+
 #define GP_WIRE_DEFINE(name, pbname, label)                                                  \
 	gp_status gp_wire_decode_##name(gp_##name **out, const uint8_t *buf, size_t len,      \
 					struct gp_err *err)                                   \
@@ -260,6 +294,11 @@ static int v_alert(const gp_alert *m, struct gp_err *e)
 		if (!m)                                                                       \
 			return gp_err_set(err, GP_ERR_INVALID, "%s: not a valid protobuf message", \
 					  label);                                             \
+		if (!unknown_fields_ok(&m->base, 0)) {                                        \
+			genpipe__v1__##pbname##__free_unpacked(m, NULL);                      \
+			return gp_err_set(err, GP_ERR_INVALID, "%s: field number 0 is not "   \
+					  "allowed", label);                                  \
+		}                                                                             \
 		if (m->schema_version != GP_WIRE_SCHEMA_VERSION) {                            \
 			gp_err_set(err, GP_ERR_INVALID, "%s: unsupported schema_version %u "  \
 				   "(expected %d)", label, m->schema_version,                 \

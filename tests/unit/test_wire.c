@@ -67,6 +67,10 @@ static void test_stage_job(void)
 	gp_stage_job *dd = NULL;
 	CHECK(gp_wire_decode_stage_job(&dd, junk, sizeof junk, &e) == GP_ERR_INVALID);
 	CHECK_CONTAINS(e.msg, "stage job: not a valid protobuf message");
+	/* field number 0 in a non-minimal varint: protobuf-c would keep it, we refuse */
+	const uint8_t tag0[] = { 0x08, 0x01, 0x80, 0x00, 0x00 };
+	CHECK(gp_wire_decode_stage_job(&dd, tag0, sizeof tag0, &e) == GP_ERR_INVALID);
+	CHECK_CONTAINS(e.msg, "field number 0 is not allowed");
 	/* empty message: schema_version missing */
 	CHECK(gp_wire_decode_stage_job(&dd, junk, 0, &e) == GP_ERR_INVALID);
 	CHECK_CONTAINS(e.msg, "unsupported schema_version 0");
