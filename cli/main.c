@@ -22,6 +22,7 @@
 #include "db.h"
 #include "gpu.h"
 #include "log.h"
+#include "spec.h"
 #include "stack.h"
 
 static const char *data_dir = ".genpipe";
@@ -52,6 +53,7 @@ static const char usage_text[] =
 	"  dev status        show each process: pid, port, healthy or not\n"
 	"  dev logs NAME     print the last --lines of NAME's log (nats, postgres, orchestrator, ...)\n"
 	"  dev down          stop every process by its pid; data is kept\n"
+	"  validate FILE...  check pipeline specs offline (exit 0 valid, 2 invalid, 1 unreadable)\n"
 	"  migrate           apply migrations to --database-url\n"
 	"  version           print the version";
 
@@ -158,6 +160,120 @@ static int cmd_logs(const char *dir, const char *name)
 	return 0;
 }
 
+/*
+ * Read a spec file, at most GP_SPEC_MAX_BYTES + 1 bytes (enough to know it is
+ * too big without reading a huge file). Caller frees *text.
+ */
+static int read_spec(const char *path, char **text, size_t *len)
+{
+	FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+	if (!f) {
+		fprintf(stderr, "%s: could not open: %s\n", path, strerror(errno));
+		return -1;
+	}
+	size_t cap = GP_SPEC_MAX_BYTES + 2;
+	char *buf = malloc(cap);
+	if (!buf) {
+		if (f != stdin)
+			fclose(f);
+		fprintf(stderr, "%s: out of memory\n", path);
+		return -1;
+	}
+	size_t n = fread(buf, 1, cap - 1, f);
+	int bad = ferror(f);
+	if (f != stdin)
+		fclose(f);
+	if (bad) {
+		free(buf);
+		fprintf(stderr, "%s: could not read\n", path);
+		return -1;
+	}
+	buf[n] = '\0';
+	*text = buf;
+	*len = n;
+	return 0;
+}
+
+static void print_spec_errors(FILE *out, const char *path, const struct gp_spec_errors *errs)
+{
+	for (int i = 0; i < errs->n; i++) {
+		if (errs->v[i].line > 0)
+			fprintf(out, "%s:%d:%d: %s\n", path, errs->v[i].line, errs->v[i].col,
+				errs->v[i].msg);
+		else
+			fprintf(out, "%s: %s\n", path, errs->v[i].msg);
+	}
+	if (errs->truncated)
+		fprintf(out, "%s: more than %d errors; fix these first\n", path, GP_SPEC_MAX_ERRORS);
+}
+
+static int cmd_validate(int n, char **files)
+{
+	if (n == 0) {
+		fprintf(stderr, "genpipe validate: no files given\n");
+		return 2;
+	}
+	int worst = 0;
+	cJSON *all = json_out ? cJSON_CreateArray() : NULL;
+	for (int i = 0; i < n; i++) {
+		char *text = NULL;
+		size_t len = 0;
+		if (read_spec(files[i], &text, &len) != 0) {
+			worst = worst ? worst : 1;
+			continue;
+		}
+		struct gp_spec_errors *errs = calloc(1, sizeof *errs);
+		cJSON *doc = NULL;
+		gp_status st = errs ? gp_spec_parse(text, len, &doc, errs) : GP_ERR_NOMEM;
+		free(text);
+		if (st == GP_ERR_NOMEM) {
+			fprintf(stderr, "%s: out of memory\n", files[i]);
+			free(errs);
+			return 1;
+		}
+		if (st) {
+			worst = 2;
+			if (!json_out)
+				print_spec_errors(stdout, files[i], errs);
+		}
+		if (json_out) {
+			cJSON *o = cJSON_CreateObject();
+			cJSON_AddStringToObject(o, "file", files[i]);
+			cJSON_AddBoolToObject(o, "valid", st == GP_OK);
+			cJSON *ea = cJSON_AddArrayToObject(o, "errors");
+			for (int k = 0; st && k < errs->n; k++) {
+				cJSON *e = cJSON_CreateObject();
+				cJSON_AddNumberToObject(e, "line", errs->v[k].line);
+				cJSON_AddNumberToObject(e, "column", errs->v[k].col);
+				cJSON_AddStringToObject(e, "message", errs->v[k].msg);
+				cJSON_AddItemToArray(ea, e);
+			}
+			if (doc) {
+				char *canon = NULL;
+				char hash[65];
+				if (gp_spec_canonical(doc, &canon, hash, NULL) == GP_OK) {
+					cJSON_AddStringToObject(o, "content_hash", hash);
+					free(canon);
+				}
+				cJSON_AddItemToObject(o, "normalized", doc);
+				doc = NULL;
+			}
+			cJSON_AddItemToArray(all, o);
+		} else if (st == GP_OK) {
+			printf("%s: valid\n", files[i]);
+		}
+		cJSON_Delete(doc);
+		free(errs);
+	}
+	if (all) {
+		char *s = cJSON_Print(all);
+		puts(s ? s : "[]");
+		free(s);
+		cJSON_Delete(all);
+	}
+	return worst;
+}
+
 static int cmd_migrate(void)
 {
 	struct gp_err err = { 0 };
@@ -215,6 +331,8 @@ int main(int argc, char **argv)
 	}
 	if (!strcmp(args[0], "migrate") && nargs == 1)
 		return cmd_migrate();
+	if (!strcmp(args[0], "validate"))
+		return cmd_validate(nargs - 1, args + 1);
 	if (!strcmp(args[0], "dev") && nargs >= 2) {
 		if (!strcmp(args[1], "up") && nargs == 2) {
 			char bindir[PATH_MAX];
