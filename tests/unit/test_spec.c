@@ -219,7 +219,14 @@ static void test_hostile(void)
 	memset(b, '[', n);
 	expect_rejected("200 KB of [", b, n, "nesting deeper than 32 levels");
 	memset(b, '{', n);
-	expect_rejected("200 KB of {", b, n, "nesting deeper than 32 levels");
+	expect_rejected("200 KB of {", b, n, "mapping keys must be scalars");
+	size_t len = 0;
+	for (int d = 0; d < 40; d++) {
+		for (int k = 0; k < d; k++)
+			b[len++] = ' ';
+		len += (size_t)sprintf(b + len, "k%d:\n", d);
+	}
+	expect_rejected("40 nested mappings", b, len, "nesting deeper than 32 levels");
 	/* alias bomb */
 	const char bomb[] = "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n"
 			    "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
@@ -241,7 +248,7 @@ static void test_hostile(void)
 		b[i] = (char)(rand() & 0xff);
 	expect_rejected("binary garbage", b, 65536, "");
 	/* too many nodes */
-	size_t len = 0;
+	len = 0;
 	b[len++] = '[';
 	while (len < (1u << 20) - 4) {
 		b[len++] = '1';
