@@ -18,6 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cli.h"
 #include "config.h"
 #include "db.h"
 #include "gpu.h"
@@ -27,10 +28,20 @@
 
 static const char *data_dir = ".genpipe";
 static const char *migrations_dir = GENPIPE_SOURCE_MIGRATIONS;
-static const char *database_url;
-static int json_out;
 static long long log_lines = 100;
 static long long connect_ms = 30000;
+
+const char *cli_data_dir;
+const char *cli_database_url;
+const char *cli_nats_url;
+int cli_json;
+int cli_no_run;
+long long cli_limit = 20;
+const char *cli_pipeline;
+struct gp_opt_list cli_params;
+long long cli_timeout_ms;
+#define database_url cli_database_url
+#define json_out cli_json
 
 static const struct gp_opt common_opts[] = {
 	{ "data-dir", "GENPIPE_DATA_DIR", GP_OPT_STR, ".genpipe",
@@ -38,7 +49,18 @@ static const struct gp_opt common_opts[] = {
 	{ "migrations-dir", "GENPIPE_MIGRATIONS_DIR", GP_OPT_STR, GENPIPE_SOURCE_MIGRATIONS,
 	  "directory of NNNN_name.sql migrations", &migrations_dir },
 	{ "database-url", "GENPIPE_DATABASE_URL", GP_OPT_STR, NULL,
-	  "PostgreSQL URL (migrate)", &database_url },
+	  "PostgreSQL URL (default: the local stack's)", &cli_database_url },
+	{ "nats-url", "GENPIPE_NATS_URL", GP_OPT_STR, NULL,
+	  "NATS URL (default: the local stack's)", &cli_nats_url },
+	{ "param", NULL, GP_OPT_LIST, NULL, "NAME=VALUE for the run (submit; repeatable)",
+	  &cli_params },
+	{ "no-run", NULL, GP_OPT_BOOL, "false", "store the version without starting a run (submit)",
+	  &cli_no_run },
+	{ "pipeline", NULL, GP_OPT_STR, NULL, "only runs of this pipeline (runs list)",
+	  &cli_pipeline },
+	{ "limit", NULL, GP_OPT_INT, "20", "how many runs to list (runs list)", &cli_limit },
+	{ "timeout-ms", NULL, GP_OPT_INT, "0", "give up watching after this long (runs watch)",
+	  &cli_timeout_ms },
 	{ "json", NULL, GP_OPT_BOOL, "false", "machine-readable output", &json_out },
 	{ "lines", NULL, GP_OPT_INT, "100", "lines of log to show (dev logs)", &log_lines },
 	{ "connect-timeout-ms", "GENPIPE_CONNECT_TIMEOUT_MS", GP_OPT_INT, "30000",
@@ -54,6 +76,9 @@ static const char usage_text[] =
 	"  dev logs NAME     print the last --lines of NAME's log (nats, postgres, orchestrator, ...)\n"
 	"  dev down          stop every process by its pid; data is kept\n"
 	"  validate FILE...  check pipeline specs offline (exit 0 valid, 2 invalid, 1 unreadable)\n"
+	"  submit FILE       store the spec as a version (same content: same version) and run it\n"
+	"  pipelines list | show NAME[@V] | diff NAME@A NAME@B\n"
+	"  runs list | show RUN | watch RUN | cancel RUN | retry RUN\n"
 	"  migrate           apply migrations to --database-url\n"
 	"  version           print the version";
 
@@ -85,6 +110,54 @@ static void self_dir(char *out, size_t len)
 	char *slash = strrchr(out, '/');
 	if (slash)
 		*slash = '\0';
+}
+
+struct gp_db *cli_db(void)
+{
+	char url[1024];
+	struct gp_err err = { 0 };
+	const char *u = cli_database_url;
+	if (!u || !*u) {
+		if (gp_stack_env(cli_data_dir, "GENPIPE_DATABASE_URL", url, sizeof url, &err)) {
+			fprintf(stderr, "genpipe: no database: pass --database-url or set "
+					"GENPIPE_DATABASE_URL (%s)\n",
+				err.msg);
+			return NULL;
+		}
+		u = url;
+	}
+	struct gp_db *db = NULL;
+	if (gp_db_connect(&db, u, connect_ms, &err)) {
+		fprintf(stderr, "genpipe: %s\n", err.msg);
+		return NULL;
+	}
+	return db;
+}
+
+struct gp_bus *cli_bus(void)
+{
+	char url[512];
+	struct gp_err err = { 0 };
+	const char *u = cli_nats_url;
+	if (!u || !*u) {
+		if (gp_stack_env(cli_data_dir, "GENPIPE_NATS_URL", url, sizeof url, &err))
+			return NULL;
+		u = url;
+	}
+	struct gp_bus *bus = NULL;
+	if (gp_bus_connect(&bus, u, "genpipe-cli", 0, 2000, &err)) {
+		fprintf(stderr, "genpipe: progress unavailable: %s\n", err.msg);
+		return NULL;
+	}
+	return bus;
+}
+
+void cli_print_json(cJSON *j)
+{
+	char *s = cJSON_Print(j);
+	puts(s ? s : "null");
+	free(s);
+	cJSON_Delete(j);
 }
 
 static int cmd_status(const char *dir)
@@ -207,6 +280,28 @@ static void print_spec_errors(FILE *out, const char *path, const struct gp_spec_
 		fprintf(out, "%s: more than %d errors; fix these first\n", path, GP_SPEC_MAX_ERRORS);
 }
 
+int cli_load_spec(const char *path, char **text, cJSON **doc)
+{
+	size_t len = 0;
+	if (read_spec(path, text, &len) != 0)
+		return 1;
+	struct gp_spec_errors *errs = calloc(1, sizeof *errs);
+	if (!errs) {
+		free(*text);
+		return 1;
+	}
+	gp_status st = gp_spec_parse(*text, len, doc, errs);
+	if (st) {
+		print_spec_errors(stderr, path, errs);
+		free(errs);
+		free(*text);
+		*text = NULL;
+		return st == GP_ERR_INVALID ? 2 : 1;
+	}
+	free(errs);
+	return 0;
+}
+
 static int cmd_validate(int n, char **files)
 {
 	if (n == 0) {
@@ -310,6 +405,7 @@ int main(int argc, char **argv)
 	}
 	char dirbuf[PATH_MAX + 2];
 	const char *dir = abs_dir(data_dir, dirbuf, sizeof dirbuf);
+	cli_data_dir = dir;
 	if (!strcmp(args[0], "version")) {
 		printf("genpipe %s\n", GENPIPE_VERSION);
 		const char *why = NULL;
@@ -333,6 +429,12 @@ int main(int argc, char **argv)
 		return cmd_migrate();
 	if (!strcmp(args[0], "validate"))
 		return cmd_validate(nargs - 1, args + 1);
+	if (!strcmp(args[0], "submit"))
+		return cmd_submit(nargs - 1, args + 1);
+	if (!strcmp(args[0], "pipelines"))
+		return cmd_pipelines(nargs - 1, args + 1);
+	if (!strcmp(args[0], "runs"))
+		return cmd_runs(nargs - 1, args + 1);
 	if (!strcmp(args[0], "dev") && nargs >= 2) {
 		if (!strcmp(args[1], "up") && nargs == 2) {
 			char bindir[PATH_MAX];

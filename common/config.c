@@ -26,6 +26,15 @@ static gp_status set_value(const struct gp_opt *o, const char *v, const char *sr
 		*(long long *)o->dst = x;
 		return GP_OK;
 	}
+	case GP_OPT_LIST: {
+		struct gp_opt_list *l = o->dst;
+		const char **nv = realloc(l->v, sizeof *nv * (size_t)(l->n + 1));
+		if (!nv)
+			return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		nv[l->n++] = v;
+		l->v = nv;
+		return GP_OK;
+	}
 	case GP_OPT_BOOL:
 		if (!strcasecmp(v, "1") || !strcasecmp(v, "true") || !strcasecmp(v, "yes") ||
 		    !strcasecmp(v, "on"))
@@ -48,7 +57,10 @@ void gp_config_usage(const struct gp_opt *opts, int nopts, const char *usage, FI
 		const struct gp_opt *o = &opts[i];
 		char flag[96];
 		snprintf(flag, sizeof flag, "--%s%s", o->name,
-			 o->type == GP_OPT_BOOL ? "" : (o->type == GP_OPT_INT ? " N" : " VALUE"));
+			 o->type == GP_OPT_BOOL	  ? ""
+			 : o->type == GP_OPT_INT  ? " N"
+			 : o->type == GP_OPT_LIST ? " VALUE..."
+						  : " VALUE");
 		fprintf(out, "  %-28s %s", flag, o->help);
 		if (o->def)
 			fprintf(out, " (default: %s)", o->def);

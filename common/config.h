@@ -14,7 +14,14 @@
 
 #include "status.h"
 
-enum gp_opt_type { GP_OPT_STR, GP_OPT_INT, GP_OPT_BOOL };
+enum gp_opt_type { GP_OPT_STR, GP_OPT_INT, GP_OPT_BOOL, GP_OPT_LIST };
+
+/* Destination of a GP_OPT_LIST option: every occurrence of the flag, in
+ * order (borrowed from argv; the array is the caller's to free()). */
+struct gp_opt_list {
+	const char **v;
+	int n;
+};
 
 struct gp_opt {
 	const char *name;      /* flag without "--" */
@@ -22,7 +29,7 @@ struct gp_opt {
 	enum gp_opt_type type;
 	const char *def;       /* default as text, or NULL */
 	const char *help;
-	void *dst;             /* const char **, long long *, or int * */
+	void *dst;             /* const char **, long long *, int *, struct gp_opt_list * */
 };
 
 /*

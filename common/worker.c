@@ -110,6 +110,17 @@ gp_status gp_worker_create(struct gp_worker **out, const struct gp_worker_config
 		goto fail;
 	if ((st = gp_db_connect(&w->hb_db, database_url, 10000, err)))
 		goto fail;
+	/* Register the kind's code version: a new version invalidates cached
+	 * results of this kind. */
+	{
+		const char *p[] = { w->kind, cfg->version ? cfg->version : GENPIPE_VERSION };
+		if ((st = gp_db_exec(db, "register stage kind",
+				     "INSERT INTO stage_kinds (kind, version) VALUES ($1, $2) "
+				     "ON CONFLICT (kind) DO UPDATE SET version = EXCLUDED.version, "
+				     "updated_at = now()",
+				     2, p, NULL, err)))
+			goto fail;
+	}
 	struct gp_metrics *m = cfg->metrics;
 	if (m) {
 		char lab[160];
@@ -347,19 +358,21 @@ gp_status gp_attempt_enqueue(struct gp_db *db, const struct gp_attempt_spec *s,
 		return gp_err_set(err, GP_ERR_INVALID,
 				  "enqueue: stage \"%s\" and kind \"%s\" must be DNS labels",
 				  s->stage ? s->stage : "", s->kind ? s->kind : "");
-	char run[24], att[16], lease[24], maxa[16];
+	char run[24], att[16], lease[24], maxa[16], tmo[24];
+	snprintf(tmo, sizeof tmo, "%lld", s->timeout_ms > 0 ? s->timeout_ms : 86400000LL);
 	snprintf(run, sizeof run, "%lld", s->run_id);
 	snprintf(att, sizeof att, "%d", s->attempt);
 	snprintf(lease, sizeof lease, "%lld", s->lease_ms > 0 ? s->lease_ms : 30000);
 	snprintf(maxa, sizeof maxa, "%d", s->max_attempts > 0 ? s->max_attempts : 3);
 	const char *params = s->params_json && *s->params_json ? s->params_json : "{}";
-	const char *p[] = { run, s->stage, s->kind, att, params, lease, maxa };
+	const char *p[] = { run, s->stage, s->kind, att, params, lease, maxa, tmo };
 	PGresult *r = NULL;
 	gp_status st = gp_db_exec(db, "insert stage attempt",
 				  "INSERT INTO stage_attempts (run_id, stage, kind, attempt, params, "
-				  "lease_ms, max_attempts) VALUES ($1::bigint, $2, $3, $4::integer, "
-				  "$5::jsonb, $6::integer, $7::integer) RETURNING id, params::text",
-				  7, p, &r, err);
+				  "lease_ms, max_attempts, timeout_ms) VALUES ($1::bigint, $2, $3, "
+				  "$4::integer, $5::jsonb, $6::integer, $7::integer, $8::bigint) "
+				  "RETURNING id, params::text",
+				  8, p, &r, err);
 	if (st)
 		return st;
 	long long id = atoll(PQgetvalue(r, 0, 0));
@@ -370,6 +383,7 @@ gp_status gp_attempt_enqueue(struct gp_db *db, const struct gp_attempt_spec *s,
 	job.kind = (char *)s->kind;
 	job.attempt = (uint32_t)s->attempt;
 	job.params_json = PQgetvalue(r, 0, 1);
+	job.timeout_ms = s->timeout_ms > 0 ? s->timeout_ms : 86400000LL;
 	uint8_t *buf = NULL;
 	size_t len = 0;
 	st = gp_wire_encode(&job.base, &buf, &len, err);
@@ -401,6 +415,7 @@ static gp_status requeue(struct gp_db *db, PGresult *row, int i, int count_attem
 	const char *params = PQgetvalue(row, i, 5);
 	long long lease_ms = atoll(PQgetvalue(row, i, 6));
 	int max_attempts = atoi(PQgetvalue(row, i, 7));
+	long long timeout_ms = atoll(PQgetvalue(row, i, 9));
 	if (!count_attempt)
 		max_attempts++;
 	if (attempt >= max_attempts) {
@@ -418,6 +433,7 @@ static gp_status requeue(struct gp_db *db, PGresult *row, int i, int count_attem
 		.params_json = params,
 		.lease_ms = lease_ms,
 		.max_attempts = max_attempts,
+		.timeout_ms = timeout_ms,
 	};
 	return gp_attempt_enqueue(db, &s, NULL, err);
 }
@@ -440,7 +456,7 @@ gp_status gp_lease_reap(struct gp_db *db, int max, int *reaped, struct gp_err *e
 			"AND lease_deadline < now() ORDER BY lease_deadline LIMIT $1::integer "
 			"FOR UPDATE SKIP LOCKED) "
 			"RETURNING id, run_id, stage, kind, attempt, params::text, lease_ms, "
-			"max_attempts, worker",
+			"max_attempts, worker, timeout_ms",
 			1, p, &r, err);
 	if (st)
 		goto out;
@@ -476,7 +492,9 @@ static gp_status commit_result(struct gp_worker *w, struct gp_job *job, int *acc
 	snprintf(id, sizeof id, "%lld", (long long)job->msg->attempt_id);
 	const char *outputs = job->outputs && *job->outputs ? job->outputs : NULL;
 	const char *metrics = job->metrics && *job->metrics ? job->metrics : NULL;
-	const char *p[] = { id, job->token, states[job->outcome], outputs, metrics, job->error };
+	const char *retryable = job->outcome == GP_JOB_FAILED_PERMANENT ? "false" : "true";
+	const char *p[] = { id,	     job->token, states[job->outcome], outputs, metrics, job->error,
+			    retryable };
 	PGresult *r = NULL;
 	*accepted = 0;
 	gp_status st = gp_db_begin(w->db, err);
@@ -484,12 +502,14 @@ static gp_status commit_result(struct gp_worker *w, struct gp_job *job, int *acc
 		return st;
 	st = gp_db_exec(w->db, "record attempt result",
 			"UPDATE stage_attempts SET state = $3, finished_at = now(), "
-			"outputs = $4::jsonb, metrics = $5::jsonb, error = $6, lease_deadline = NULL "
+			"outputs = $4::jsonb, metrics = $5::jsonb, error = $6, lease_deadline = NULL, "
+			"retryable = $7::boolean "
 			"WHERE id = $1::bigint AND lease_token = $2 AND state = 'running' "
 			"AND lease_deadline > now() "
 			"RETURNING id, run_id, stage, kind, attempt, params::text, lease_ms, "
-			"max_attempts, (extract(epoch FROM now() - claimed_at) * 1000)::bigint",
-			6, p, &r, err);
+			"max_attempts, (extract(epoch FROM now() - claimed_at) * 1000)::bigint, "
+			"timeout_ms",
+			7, p, &r, err);
 	if (st)
 		goto out;
 	if (PQntuples(r) == 0)
@@ -562,7 +582,7 @@ static gp_status claim(struct gp_worker *w, struct gp_job *job, int *claimed, st
 		w->db, "claim attempt",
 		"UPDATE stage_attempts SET state = 'running', lease_token = $2, "
 		"lease_deadline = now() + $3::integer * interval '1 millisecond', worker = $4, "
-		"claimed_at = now(), heartbeat_at = now() "
+		"claimed_at = clock_timestamp(), heartbeat_at = now() "
 		"WHERE id = $1::bigint AND state = 'queued' AND run_id = $5::bigint "
 		"AND attempt = $6::integer AND kind = $7 RETURNING id",
 		7, p, &r, err);

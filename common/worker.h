@@ -52,6 +52,7 @@ struct gp_worker_config {
 	gp_job_fn handler;
 	void *closure;
 	struct gp_metrics *metrics; /* may be NULL */
+	const char *version;     /* code version, part of the cache key; NULL: genpipe's */
 };
 
 /*
@@ -105,6 +106,7 @@ struct gp_attempt_spec {
 	const char *params_json; /* NULL: {} */
 	long long lease_ms;
 	int max_attempts;
+	long long timeout_ms;    /* 0: 24 h */
 };
 
 /*

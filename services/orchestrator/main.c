@@ -12,8 +12,8 @@ int main(int argc, char **argv)
 {
 	struct gp_service svc = { .name = "orchestrator" };
 	struct gp_orchestrator_config cfg = { 0 };
-	long long reap_ms = 0, relay_wait = 0, batch = 0;
-	struct gp_opt opts[GP_SERVICE_NOPTS + 3];
+	long long reap_ms = 0, relay_wait = 0, batch = 0, sweep_ms = 0;
+	struct gp_opt opts[GP_SERVICE_NOPTS + 4];
 	gp_service_options(&svc, opts);
 	opts[GP_SERVICE_NOPTS + 0] = (struct gp_opt){ "reap-interval-ms", "GENPIPE_REAP_INTERVAL_MS",
 						      GP_OPT_INT, "1000",
@@ -26,10 +26,14 @@ int main(int argc, char **argv)
 	opts[GP_SERVICE_NOPTS + 2] = (struct gp_opt){ "relay-batch", "GENPIPE_RELAY_BATCH",
 						      GP_OPT_INT, "100",
 						      "outbox rows published per transaction", &batch };
+	opts[GP_SERVICE_NOPTS + 3] = (struct gp_opt){ "sweep-ms", "GENPIPE_SWEEP_MS", GP_OPT_INT,
+						      "1000",
+						      "how often unfinished runs are re-examined",
+						      &sweep_ms };
 	int first = 0, help = 0;
 	struct gp_err err = { 0 };
 	gp_log_init("orchestrator");
-	if (gp_config_parse(opts, GP_SERVICE_NOPTS + 3, argc, argv, "genpipe-orchestrator [options]",
+	if (gp_config_parse(opts, GP_SERVICE_NOPTS + 4, argc, argv, "genpipe-orchestrator [options]",
 			    stdout, &first, &help, &err)) {
 		fprintf(stderr, "genpipe-orchestrator: %s\n", err.msg);
 		return 2;
@@ -43,6 +47,7 @@ int main(int argc, char **argv)
 	cfg.reap_interval_ms = reap_ms;
 	cfg.relay_wait_ms = relay_wait;
 	cfg.relay_batch = (int)batch;
+	cfg.sweep_ms = sweep_ms;
 	gp_service_signals();
 	if (gp_service_start(&svc, 0, 30000, &err)) {
 		gp_error("could not start: %s", err.msg);

@@ -1,11 +1,10 @@
 /*
  * orchestrator.h: the control loop of the orchestrator service.
  *
- * Today it owns the two duties of the delivery contract that need a
- * long-running process: relaying the outbox to NATS and reaping expired
- * leases (requeueing the next attempt). Pipeline versions and run planning
- * arrive with the pipelines issue and hook into the same loop.
- * Several replicas may run at once: both duties lock rows with SKIP LOCKED.
+ * Three duties: relaying the outbox to NATS, reaping expired leases
+ * (requeueing the next attempt), and advancing runs through their DAG
+ * (engine.h). Several replicas may run at once: relay and reaper lock rows
+ * with SKIP LOCKED, and a run is advanced under its row lock.
  */
 #ifndef GP_ORCHESTRATOR_H
 #define GP_ORCHESTRATOR_H
@@ -20,6 +19,7 @@ struct gp_orchestrator_config {
 	long long reap_interval_ms; /* how often to look for expired leases */
 	long long relay_wait_ms;    /* longest sleep between relay passes */
 	int relay_batch;
+	long long sweep_ms;         /* how often unfinished runs are re-examined */
 };
 
 /* db and bus are borrowed; metrics may be NULL. Caller owns the result. */

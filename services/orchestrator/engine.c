@@ -1,0 +1,467 @@
+/*
+ * engine.c: the DAG engine (see engine.h).
+ */
+#include "engine.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "spec.h"
+#include "worker.h"
+
+#define LEASE_MS 30000
+
+struct stage {
+	const cJSON *spec;      /* borrowed from the spec document */
+	const char *name, *kind;
+	char state[16];
+	int base;               /* attempt_base */
+	int due;                /* not_before has passed */
+	long long due_in;       /* ms until not_before */
+	cJSON *outputs;         /* owned */
+	/* latest attempt */
+	long long aid;
+	int attempt;
+	char astate[16];
+	int retryable;
+	char *aerror;
+	cJSON *aoutputs;        /* owned */
+	int timed_out;
+	long long timeout_in;
+};
+
+static int final_state(const char *s)
+{
+	return !strcmp(s, "succeeded") || !strcmp(s, "cached") || !strcmp(s, "failed") ||
+	       !strcmp(s, "skipped") || !strcmp(s, "cancelled");
+}
+
+static int ok_state(const char *s)
+{
+	return !strcmp(s, "succeeded") || !strcmp(s, "cached");
+}
+
+static gp_status set_stage(struct gp_db *db, long long run_id, struct stage *s, const char *state,
+			   const char *outputs, const char *error, const char *cache_key,
+			   long long not_before_ms, struct gp_err *err)
+{
+	char rid[24], nb[24];
+	snprintf(rid, sizeof rid, "%lld", run_id);
+	snprintf(nb, sizeof nb, "%lld", not_before_ms);
+	const char *p[] = { rid, s->name, state, outputs, error, cache_key,
+			    not_before_ms >= 0 ? nb : NULL };
+	gp_status st = gp_db_exec(
+		db, "update stage",
+		"UPDATE run_stages SET state = $3, "
+		"outputs = coalesce($4::jsonb, outputs), error = $5, "
+		"cache_key = coalesce($6, cache_key), "
+		"not_before = CASE WHEN $7::bigint IS NULL THEN NULL "
+		"  ELSE clock_timestamp() + $7::bigint * interval '1 millisecond' END, "
+		"queued_at = CASE WHEN $3 = 'queued' THEN coalesce(queued_at, now()) ELSE queued_at END, "
+		"finished_at = CASE WHEN $3 IN ('succeeded','cached','failed','skipped','cancelled') "
+		"  THEN now() ELSE NULL END "
+		"WHERE run_id = $1::bigint AND stage = $2",
+		7, p, NULL, err);
+	if (!st)
+		snprintf(s->state, sizeof s->state, "%s", state);
+	return st;
+}
+
+static long long backoff_ms(const cJSON *retry, int used)
+{
+	double b = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(retry, "backoff_ms"));
+	double mx = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(retry, "max_backoff_ms"));
+	for (int i = 1; i < used && b < mx; i++)
+		b *= 2;
+	return (long long)(b < mx ? b : mx);
+}
+
+static int need_index(struct stage *st, int n, const char *name)
+{
+	for (int i = 0; i < n; i++)
+		if (!strcmp(st[i].name, name))
+			return i;
+	return -1;
+}
+
+/* Dispatch attempt `attempt` of stage i, or serve it from the cache. */
+static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, int n, int i,
+			  int attempt, const cJSON *params, const char *kind_version,
+			  int *dispatched, struct gp_err *err)
+{
+	struct stage *s = &st[i];
+	gp_status rc = GP_OK;
+	cJSON *outs = cJSON_CreateObject(), *needs_out = cJSON_CreateObject();
+	cJSON *with = NULL;
+	char *wtext = NULL, *ntext = NULL, *keytext = NULL;
+	PGresult *r = NULL;
+	for (int k = 0; k < n; k++)
+		if (st[k].outputs)
+			cJSON_AddItemToObject(outs, st[k].name, cJSON_Duplicate(st[k].outputs, 1));
+	const cJSON *nd;
+	cJSON_ArrayForEach(nd, cJSON_GetObjectItemCaseSensitive(s->spec, "needs"))
+	{
+		int j = need_index(st, n, nd->valuestring);
+		if (j >= 0)
+			cJSON_AddItemToObject(needs_out, st[j].name,
+					      st[j].outputs ? cJSON_Duplicate(st[j].outputs, 1)
+							    : cJSON_CreateNull());
+	}
+	struct gp_err rerr = { 0 };
+	with = gp_spec_resolve_with(cJSON_GetObjectItemCaseSensitive(s->spec, "with"), params, outs,
+				    &rerr);
+	if (!with) {
+		char msg[600];
+		snprintf(msg, sizeof msg, "could not resolve parameters: %s", rerr.msg);
+		rc = set_stage(db, run_id, s, "failed", NULL, msg, NULL, -1, err);
+		goto out;
+	}
+	wtext = cJSON_PrintUnformatted(with);
+	ntext = cJSON_PrintUnformatted(needs_out);
+	char key[65] = "";
+	int cache = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(s->spec, "cache"));
+	size_t kl = strlen(s->kind) + strlen(kind_version) + strlen(wtext) + strlen(ntext) + 8;
+	keytext = malloc(kl);
+	if (!wtext || !ntext || !keytext) {
+		rc = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		goto out;
+	}
+	snprintf(keytext, kl, "%s\n%s\n%s\n%s", s->kind, kind_version, wtext, ntext);
+	gp_sha256_hex(keytext, strlen(keytext), key);
+	if (cache) {
+		char rid[24];
+		snprintf(rid, sizeof rid, "%lld", run_id);
+		const char *p[] = { key, rid, s->name };
+		if ((rc = gp_db_exec(db, "look up cache",
+				     "SELECT run_id, outputs::text FROM run_stages WHERE cache_key = $1 "
+				     "AND state = 'succeeded' AND outputs IS NOT NULL "
+				     "AND NOT (run_id = $2::bigint AND stage = $3) "
+				     "ORDER BY finished_at DESC LIMIT 1",
+				     3, p, &r, err)))
+			goto out;
+		if (PQntuples(r) == 1) {
+			const char *p2[] = { rid, s->name, PQgetvalue(r, 0, 0) };
+			if ((rc = gp_db_exec(db, "mark cached",
+					     "UPDATE run_stages SET cached_from = $3::bigint "
+					     "WHERE run_id = $1::bigint AND stage = $2",
+					     3, p2, NULL, err)))
+				goto out;
+			if ((rc = set_stage(db, run_id, s, "cached", PQgetvalue(r, 0, 1), NULL, key, -1,
+					    err)))
+				goto out;
+			cJSON_Delete(s->outputs);
+			s->outputs = cJSON_Parse(PQgetvalue(r, 0, 1));
+			goto out;
+		}
+	}
+	const cJSON *retry = cJSON_GetObjectItemCaseSensitive(s->spec, "retry");
+	int limit = (int)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(retry, "limit"));
+	struct gp_attempt_spec as = {
+		.run_id = run_id,
+		.stage = s->name,
+		.kind = s->kind,
+		.attempt = attempt,
+		.params_json = wtext,
+		.lease_ms = LEASE_MS,
+		.max_attempts = s->base + limit + 1,
+		.timeout_ms = (long long)cJSON_GetNumberValue(
+			cJSON_GetObjectItemCaseSensitive(s->spec, "timeout_ms")),
+	};
+	if ((rc = gp_attempt_enqueue(db, &as, &s->aid, err)))
+		goto out;
+	s->attempt = attempt;
+	snprintf(s->astate, sizeof s->astate, "queued");
+	if (dispatched)
+		(*dispatched)++;
+	rc = set_stage(db, run_id, s, "queued", NULL, NULL, cache ? key : NULL, -1, err);
+out:
+	PQclear(r);
+	cJSON_Delete(outs);
+	cJSON_Delete(needs_out);
+	cJSON_Delete(with);
+	free(wtext);
+	free(ntext);
+	free(keytext);
+	return rc;
+}
+
+static const char *kind_version(PGresult *kinds, const char *kind)
+{
+	for (int i = 0; kinds && i < PQntuples(kinds); i++)
+		if (!strcmp(PQgetvalue(kinds, i, 0), kind))
+			return PQgetvalue(kinds, i, 1);
+	return "unregistered";
+}
+
+gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_ms,
+			    int *dispatched, struct gp_err *err)
+{
+	char rid[24];
+	snprintf(rid, sizeof rid, "%lld", run_id);
+	const char *p[] = { rid };
+	PGresult *r = NULL, *rows = NULL, *kinds = NULL;
+	cJSON *spec = NULL, *params = NULL;
+	struct stage *st = NULL;
+	int n = 0;
+	long long due = -1;
+	if (due_ms)
+		*due_ms = -1;
+	gp_status rc = gp_db_begin(db, err);
+	if (rc)
+		return rc;
+	if ((rc = gp_db_exec(db, "lock run",
+			     "SELECT r.state, r.params::text, v.spec_json::text FROM runs r "
+			     "JOIN pipeline_versions v ON v.id = r.pipeline_version_id "
+			     "WHERE r.id = $1::bigint FOR UPDATE OF r",
+			     1, p, &r, err)))
+		goto rollback;
+	if (PQntuples(r) != 1) {
+		rc = gp_err_set(err, GP_ERR_NOT_FOUND, "run %lld does not exist", run_id);
+		goto rollback;
+	}
+	const char *rstate = PQgetvalue(r, 0, 0);
+	if (final_state(rstate)) {
+		rc = gp_db_commit(db, err);
+		goto out;
+	}
+	params = cJSON_Parse(PQgetvalue(r, 0, 1));
+	spec = cJSON_Parse(PQgetvalue(r, 0, 2));
+	const cJSON *stages = cJSON_GetObjectItemCaseSensitive(
+		cJSON_GetObjectItemCaseSensitive(spec, "spec"), "stages");
+	if (!params || !spec || !cJSON_IsArray(stages)) {
+		rc = gp_err_set(err, GP_ERR_INTERNAL, "run %lld: stored spec or params unreadable",
+				run_id);
+		goto rollback;
+	}
+	if ((rc = gp_db_exec(db, "read stages",
+			     "SELECT rs.stage, rs.state, rs.attempt_base, "
+			     "coalesce(rs.not_before <= clock_timestamp(), true), "
+			     "coalesce((extract(epoch FROM rs.not_before - clock_timestamp()) * 1000)"
+			     "::bigint, 0), rs.outputs::text, "
+			     "a.id, a.attempt, a.state, a.retryable, a.error, a.outputs::text, "
+			     "coalesce(a.state = 'running' AND a.claimed_at + a.timeout_ms * "
+			     "interval '1 millisecond' < clock_timestamp(), false), "
+			     "coalesce((extract(epoch FROM a.claimed_at + a.timeout_ms * interval "
+			     "'1 millisecond' - clock_timestamp()) * 1000)::bigint, -1) "
+			     "FROM run_stages rs LEFT JOIN LATERAL (SELECT * FROM stage_attempts x "
+			     "WHERE x.run_id = rs.run_id AND x.stage = rs.stage "
+			     "ORDER BY x.attempt DESC LIMIT 1) a ON true "
+			     "WHERE rs.run_id = $1::bigint ORDER BY rs.position",
+			     1, p, &rows, err)) ||
+	    (rc = gp_db_exec(db, "read stage kinds", "SELECT kind, version FROM stage_kinds", 0,
+			     NULL, &kinds, err)))
+		goto rollback;
+	n = PQntuples(rows);
+	st = calloc((size_t)n + 1, sizeof *st);
+	if (!st || n != cJSON_GetArraySize(stages)) {
+		rc = gp_err_set(err, st ? GP_ERR_INTERNAL : GP_ERR_NOMEM,
+				"run %lld: %d stage rows for %d stages in the spec", run_id, n,
+				cJSON_GetArraySize(stages));
+		goto rollback;
+	}
+	for (int i = 0; i < n; i++) {
+		struct stage *s = &st[i];
+		s->spec = cJSON_GetArrayItem(stages, i);
+		s->name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(s->spec, "name"));
+		s->kind = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(s->spec, "kind"));
+		if (!s->name || !s->kind || strcmp(s->name, PQgetvalue(rows, i, 0)) != 0) {
+			rc = gp_err_set(err, GP_ERR_INTERNAL, "run %lld: stage rows do not match the "
+					"spec", run_id);
+			goto rollback;
+		}
+		snprintf(s->state, sizeof s->state, "%s", PQgetvalue(rows, i, 1));
+		s->base = atoi(PQgetvalue(rows, i, 2));
+		s->due = PQgetvalue(rows, i, 3)[0] == 't';
+		s->due_in = atoll(PQgetvalue(rows, i, 4));
+		if (!PQgetisnull(rows, i, 5))
+			s->outputs = cJSON_Parse(PQgetvalue(rows, i, 5));
+		if (!PQgetisnull(rows, i, 6)) {
+			s->aid = atoll(PQgetvalue(rows, i, 6));
+			s->attempt = atoi(PQgetvalue(rows, i, 7));
+			snprintf(s->astate, sizeof s->astate, "%s", PQgetvalue(rows, i, 8));
+			s->retryable = PQgetvalue(rows, i, 9)[0] == 't';
+			s->aerror = PQgetisnull(rows, i, 10) ? NULL : strdup(PQgetvalue(rows, i, 10));
+			if (!PQgetisnull(rows, i, 11))
+				s->aoutputs = cJSON_Parse(PQgetvalue(rows, i, 11));
+			s->timed_out = PQgetvalue(rows, i, 12)[0] == 't';
+			s->timeout_in = atoll(PQgetvalue(rows, i, 13));
+		}
+	}
+	int changed = 1, any_started = 0;
+	for (int pass = 0; changed && pass <= n + 1; pass++) {
+		changed = 0;
+		for (int i = 0; i < n; i++) {
+			struct stage *s = &st[i];
+			const cJSON *retry = cJSON_GetObjectItemCaseSensitive(s->spec, "retry");
+			int limit = (int)cJSON_GetNumberValue(
+				cJSON_GetObjectItemCaseSensitive(retry, "limit"));
+			if (!strcmp(s->state, "queued")) {
+				any_started = 1;
+				if (!strcmp(s->astate, "running") && s->timed_out) {
+					char id[24], msg[128];
+					snprintf(id, sizeof id, "%lld", s->aid);
+					snprintf(msg, sizeof msg, "timed out after %.0f ms",
+						 cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(
+							 s->spec, "timeout_ms")));
+					const char *pp[] = { id, msg };
+					PGresult *u = NULL;
+					if ((rc = gp_db_exec(db, "time out attempt",
+							     "UPDATE stage_attempts SET state = 'failed', "
+							     "error = $2, finished_at = now(), "
+							     "lease_deadline = NULL, retryable = true "
+							     "WHERE id = $1::bigint AND state = 'running' "
+							     "RETURNING id",
+							     2, pp, &u, err)))
+						goto rollback;
+					if (PQntuples(u) == 1) {
+						snprintf(s->astate, sizeof s->astate, "failed");
+						free(s->aerror);
+						s->aerror = strdup(msg);
+						s->retryable = 1;
+						gp_info("run %lld stage %s attempt %d: %s", run_id,
+							s->name, s->attempt, msg);
+					}
+					PQclear(u);
+				}
+				if (!strcmp(s->astate, "queued") || !strcmp(s->astate, "running")) {
+					if (!strcmp(s->astate, "running") && s->timeout_in >= 0 &&
+					    (due < 0 || s->timeout_in < due))
+						due = s->timeout_in;
+					continue;
+				}
+				changed = 1;
+				if (!strcmp(s->astate, "succeeded")) {
+					char *o = s->aoutputs ? cJSON_PrintUnformatted(s->aoutputs)
+							      : strdup("{}");
+					rc = set_stage(db, run_id, s, "succeeded", o, NULL, NULL, -1, err);
+					free(o);
+					if (rc)
+						goto rollback;
+					cJSON_Delete(s->outputs);
+					s->outputs = s->aoutputs ? cJSON_Duplicate(s->aoutputs, 1)
+								 : cJSON_CreateObject();
+					continue;
+				}
+				if (!strcmp(s->astate, "cancelled")) {
+					if ((rc = set_stage(db, run_id, s, "cancelled", NULL,
+							    s->aerror, NULL, -1, err)))
+						goto rollback;
+					continue;
+				}
+				/* failed, expired or released without a successor */
+				int used = s->attempt - s->base;
+				char msg[700];
+				snprintf(msg, sizeof msg, "attempt %d: %s", s->attempt,
+					 s->aerror ? s->aerror : s->astate);
+				if ((s->retryable || strcmp(s->astate, "failed") != 0) &&
+				    used < limit + 1) {
+					long long b = backoff_ms(retry, used);
+					if ((rc = set_stage(db, run_id, s, "retrying", NULL, msg, NULL,
+							    b, err)))
+						goto rollback;
+					s->due = b <= 0;
+					s->due_in = b;
+				} else {
+					char fmsg[800];
+					snprintf(fmsg, sizeof fmsg, "%s (%d of %d attempts used%s)", msg,
+						 used, limit + 1,
+						 s->retryable ? "" : "; not retryable");
+					if ((rc = set_stage(db, run_id, s, "failed", NULL, fmsg, NULL,
+							    -1, err)))
+						goto rollback;
+					continue;
+				}
+			}
+			if (!strcmp(s->state, "retrying")) {
+				any_started = 1;
+				if (!s->due) {
+					if (due < 0 || s->due_in < due)
+						due = s->due_in;
+					continue;
+				}
+				changed = 1;
+				if ((rc = dispatch(db, run_id, st, n, i, s->attempt + 1, params,
+						   kind_version(kinds, s->kind), dispatched, err)))
+					goto rollback;
+				continue;
+			}
+			if (!strcmp(s->state, "pending")) {
+				int ready = 1, blocked = 0;
+				const cJSON *nd;
+				cJSON_ArrayForEach(nd, cJSON_GetObjectItemCaseSensitive(s->spec, "needs"))
+				{
+					int j = need_index(st, n, nd->valuestring);
+					if (j < 0)
+						continue;
+					if (!ok_state(st[j].state))
+						ready = 0;
+					if (!strcmp(st[j].state, "failed") ||
+					    !strcmp(st[j].state, "skipped") ||
+					    !strcmp(st[j].state, "cancelled"))
+						blocked = 1;
+				}
+				if (blocked) {
+					changed = 1;
+					if ((rc = set_stage(db, run_id, s, "skipped", NULL,
+							    "an upstream stage did not succeed", NULL,
+							    -1, err)))
+						goto rollback;
+				} else if (ready) {
+					changed = 1;
+					any_started = 1;
+					if ((rc = dispatch(db, run_id, st, n, i, s->attempt + 1, params,
+							   kind_version(kinds, s->kind), dispatched,
+							   err)))
+						goto rollback;
+				}
+			}
+		}
+	}
+	int all_final = 1, all_ok = 1;
+	for (int i = 0; i < n; i++) {
+		all_final &= final_state(st[i].state);
+		all_ok &= ok_state(st[i].state);
+	}
+	if (all_final) {
+		const char *pp[] = { rid, all_ok ? "succeeded" : "failed" };
+		rc = gp_db_exec(db, "finish run",
+				"UPDATE runs SET state = $2, finished_at = now(), updated_at = now(), "
+				"started_at = coalesce(started_at, now()), "
+				"error = CASE WHEN $2 = 'failed' THEN (SELECT string_agg(stage || ': ' "
+				"|| coalesce(error, state), '; ' ORDER BY position) FROM run_stages "
+				"WHERE run_id = $1::bigint AND state = 'failed') END "
+				"WHERE id = $1::bigint",
+				2, pp, NULL, err);
+		if (!rc)
+			gp_info("run %lld %s", run_id, all_ok ? "succeeded" : "failed");
+		due = -1;
+	} else if (any_started && !strcmp(rstate, "queued")) {
+		rc = gp_db_exec(db, "start run",
+				"UPDATE runs SET state = 'running', started_at = now(), "
+				"updated_at = now() WHERE id = $1::bigint",
+				1, p, NULL, err);
+	}
+	if (rc)
+		goto rollback;
+	rc = gp_db_commit(db, err);
+	if (!rc && due_ms)
+		*due_ms = due;
+	goto out;
+rollback:
+	gp_db_rollback(db);
+out:
+	for (int i = 0; st && i < n; i++) {
+		cJSON_Delete(st[i].outputs);
+		cJSON_Delete(st[i].aoutputs);
+		free(st[i].aerror);
+	}
+	free(st);
+	cJSON_Delete(spec);
+	cJSON_Delete(params);
+	PQclear(r);
+	PQclear(rows);
+	PQclear(kinds);
+	return rc;
+}
