@@ -62,6 +62,29 @@ int gp_stack_free_port(void)
 	return port;
 }
 
+/* 1 when nothing listens on 127.0.0.1:port and we may bind it. */
+static int port_free(int port)
+{
+	if (port <= 0)
+		return 0;
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0)
+		return 0;
+	int one = 1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	int ok = bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+	close(fd);
+	return ok;
+}
+
+/* Keep a component's port across restarts (clients' URLs stay valid). */
+static int reuse_or_pick(int recorded)
+{
+	return port_free(recorded) ? recorded : gp_stack_free_port();
+}
+
 static gp_status mkdirs(const char *path, mode_t mode, struct gp_err *err)
 {
 	char tmp[PATHMAX];
@@ -407,8 +430,10 @@ static gp_status nats_up(const struct gp_stack_options *o, char *url, size_t ule
 	snprintf(store, sizeof store, "%s/nats/jetstream", dir);
 	if ((st = mkdirs(store, 0700, err)))
 		return st;
-	port = gp_stack_free_port();
-	int mport = gp_stack_free_port();
+	port = reuse_or_pick(port);
+	char mpath[PATHMAX];
+	snprintf(mpath, sizeof mpath, "%s/run/nats-monitor.port", dir);
+	int mport = reuse_or_pick(read_int(mpath));
 	if (port < 0 || mport < 0)
 		return gp_err_set(err, GP_ERR_IO, "could not find a free port: %s", strerror(errno));
 	snprintf(conf, sizeof conf, "%s/nats/nats.conf", dir);
@@ -528,7 +553,7 @@ static gp_status pg_up(const struct gp_stack_options *o, char *url, size_t ulen,
 		}
 		if (ra.set)
 			chown_tree(pgdir, &ra);
-		port = gp_stack_free_port();
+		port = reuse_or_pick(port);
 		char portopt[32], sockopt[PATHMAX + 32], pgbin[PATHMAX + 16];
 		snprintf(pgbin, sizeof pgbin, "%s/postgres", bindir);
 		snprintf(portopt, sizeof portopt, "port=%d", port);
