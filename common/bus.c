@@ -3,6 +3,7 @@
  */
 #include "bus.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -305,6 +306,89 @@ gp_status gp_bus_publish(struct gp_bus *b, const char *subject, const void *data
 	return GP_OK;
 }
 
+struct batch_acks {
+	pthread_mutex_t mu;
+	int acked, dups, failed;
+	jsErrCode first_err;
+};
+
+static void on_batch_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *cls)
+{
+	(void)js;
+	struct batch_acks *b = cls;
+	pthread_mutex_lock(&b->mu);
+	if (pa) {
+		b->acked++;
+		b->dups += pa->Duplicate;
+	} else {
+		b->failed++;
+		if (pae && !b->first_err)
+			b->first_err = pae->ErrCode;
+	}
+	pthread_mutex_unlock(&b->mu);
+	natsMsg_Destroy(msg);
+}
+
+gp_status gp_bus_publish_batch(struct gp_bus *b, const struct gp_bus_out *msgs, int n,
+			       long long timeout_ms, int *duplicates, struct gp_err *err)
+{
+	if (n <= 0) {
+		if (duplicates)
+			*duplicates = 0;
+		return GP_OK;
+	}
+	struct batch_acks acks = { .acked = 0 };
+	pthread_mutex_init(&acks.mu, NULL);
+	jsOptions jo;
+	jsOptions_Init(&jo);
+	jo.Wait = timeout_ms;
+	jo.PublishAsync.MaxPending = 256;
+	jo.PublishAsync.AckHandler = on_batch_ack;
+	jo.PublishAsync.AckHandlerClosure = &acks;
+	/* A context of its own, so that the ack handler sees only this batch. */
+	jsCtx *js = NULL;
+	natsStatus s = natsConnection_JetStream(&js, b->nc, &jo);
+	int sent = 0;
+	for (int i = 0; s == NATS_OK && i < n; i++) {
+		natsMsg *m = NULL;
+		s = natsMsg_Create(&m, msgs[i].subject, NULL, msgs[i].data, msgs[i].len);
+		if (s == NATS_OK && msgs[i].msg_id)
+			s = natsMsgHeader_Set(m, GP_HDR_MSG_ID, msgs[i].msg_id);
+		if (s == NATS_OK)
+			s = js_PublishMsgAsync(js, &m, NULL); /* takes m on success */
+		natsMsg_Destroy(m);
+		if (s == NATS_OK)
+			sent++;
+	}
+	jsPubOptions po;
+	jsPubOptions_Init(&po);
+	po.MaxWait = timeout_ms;
+	natsStatus cs = js ? js_PublishAsyncComplete(js, &po) : NATS_OK;
+	if (s == NATS_OK)
+		s = cs;
+	jsCtx_Destroy(js);
+	gp_status st = GP_OK;
+	if (s != NATS_OK)
+		st = gp_bus_status(s, 0, "batch publish", err);
+	else if (acks.failed || acks.acked != n)
+		st = gp_err_set(err, GP_ERR_BUS, "batch publish: %d of %d acknowledged, %d failed "
+				"(jetstream error %d)",
+				acks.acked, n, acks.failed, (int)acks.first_err);
+	if (duplicates)
+		*duplicates = acks.dups;
+	pthread_mutex_destroy(&acks.mu);
+	(void)sent;
+	return st;
+}
+
+gp_status gp_bus_publish_core(struct gp_bus *b, const char *subject, const void *data, int len,
+			      struct gp_err *err)
+{
+	char what[300];
+	snprintf(what, sizeof what, "publish to %s", subject);
+	return gp_bus_status(natsConnection_Publish(b->nc, subject, data, len), 0, what, err);
+}
+
 gp_status gp_bus_pull_subscribe(struct gp_bus *b, const struct gp_consumer_def *c,
 				natsSubscription **sub, struct gp_err *err)
 {
@@ -355,8 +439,9 @@ gp_status gp_bus_fetch(natsSubscription *sub, int batch, long long timeout_ms, n
 
 gp_status gp_bus_ack(natsMsg *m, struct gp_err *err)
 {
-	jsErrCode jerr = 0;
-	return gp_bus_status(natsMsg_AckSync(m, NULL, &jerr), jerr, "ack", err);
+	/* Not AckSync: the outcome is already committed in PostgreSQL, and a lost
+	 * ack only means a redelivery that the claim then drops. */
+	return gp_bus_status(natsMsg_Ack(m, NULL), 0, "ack", err);
 }
 
 gp_status gp_bus_nak(natsMsg *m, long long delay_ms, struct gp_err *err)

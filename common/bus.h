@@ -97,6 +97,28 @@ gp_status gp_bus_publish(struct gp_bus *bus, const char *subject, const void *da
 			 const char *msg_id, long long timeout_ms, int *duplicate, uint64_t *seq,
 			 struct gp_err *err);
 
+/* One message of a batch publish. */
+struct gp_bus_out {
+	const char *subject;
+	const void *data;
+	int len;
+	const char *msg_id;
+};
+
+/*
+ * Publish n messages to JetStream pipelined (asynchronous publishes, then
+ * wait for every PubAck within timeout_ms). GP_OK only when every message was
+ * acknowledged; *duplicates (may be NULL) counts those the server already
+ * had. On error some may have been stored: callers re-publish the batch with
+ * the same ids and rely on deduplication.
+ */
+gp_status gp_bus_publish_batch(struct gp_bus *bus, const struct gp_bus_out *msgs, int n,
+			       long long timeout_ms, int *duplicates, struct gp_err *err);
+
+/* Core (not JetStream-acknowledged) publish: best-effort events. */
+gp_status gp_bus_publish_core(struct gp_bus *bus, const char *subject, const void *data, int len,
+			      struct gp_err *err);
+
 /* Bind a pull subscription to an existing durable consumer. Caller owns *sub
  * (natsSubscription_Destroy). */
 gp_status gp_bus_pull_subscribe(struct gp_bus *bus, const struct gp_consumer_def *c,
@@ -111,7 +133,7 @@ gp_status gp_bus_fetch(natsSubscription *sub, int batch, long long timeout_ms, n
 		       struct gp_err *err);
 
 /* Acknowledgements; each converts natsStatus once. */
-gp_status gp_bus_ack(natsMsg *m, struct gp_err *err);        /* waits for the server */
+gp_status gp_bus_ack(natsMsg *m, struct gp_err *err);
 gp_status gp_bus_nak(natsMsg *m, long long delay_ms, struct gp_err *err);
 gp_status gp_bus_in_progress(natsMsg *m, struct gp_err *err);
 gp_status gp_bus_term(natsMsg *m, struct gp_err *err);

@@ -67,9 +67,14 @@ gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
 	snprintf(maxs, sizeof maxs, "%d", max > 0 ? max : 100);
 	PGresult *r = NULL;
 	long long *ids = NULL;
-	int done = 0, dups = 0, marked = 0;
-	gp_status pub_st = GP_OK;
-	struct gp_err pub_err = { 0 };
+	struct gp_bus_out *out = NULL;
+	unsigned char **payloads = NULL;
+	char (*msgids)[32] = NULL;
+	int n = 0, dups = 0, marked = 0;
+	if (published)
+		*published = 0;
+	if (duplicates)
+		*duplicates = 0;
 	gp_status st = gp_db_begin(db, err);
 	if (st)
 		return st;
@@ -80,51 +85,51 @@ gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
 			1, params, &r, err);
 	if (st)
 		goto out;
-	int n = PQntuples(r);
-	ids = calloc((size_t)n + 1, sizeof *ids);
-	if (!ids) {
+	n = PQntuples(r);
+	if (n == 0)
+		goto out;
+	ids = calloc((size_t)n, sizeof *ids);
+	out = calloc((size_t)n, sizeof *out);
+	payloads = calloc((size_t)n, sizeof *payloads);
+	msgids = calloc((size_t)n, sizeof *msgids);
+	if (!ids || !out || !payloads || !msgids) {
 		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 		goto out;
 	}
 	for (int i = 0; i < n; i++) {
-		long long id = atoll(PQgetvalue(r, i, 0));
-		const char *subject = PQgetvalue(r, i, 1);
+		ids[i] = atoll(PQgetvalue(r, i, 0));
 		size_t blen = 0;
-		unsigned char *payload =
-			PQunescapeBytea((const unsigned char *)PQgetvalue(r, i, 2), &blen);
-		if (!payload) {
-			pub_st = gp_err_set(&pub_err, GP_ERR_NOMEM, "out of memory");
-			break;
+		payloads[i] = PQunescapeBytea((const unsigned char *)PQgetvalue(r, i, 2), &blen);
+		if (!payloads[i]) {
+			st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+			goto out;
 		}
-		char msgid[32];
-		gp_outbox_msg_id(id, msgid, sizeof msgid);
-		int dup = 0;
-		pub_st = gp_bus_publish(bus, subject, payload, (int)blen, msgid, 5000, &dup, NULL,
-					&pub_err);
-		PQfreemem(payload);
-		if (pub_st)
-			break;
-		if (hooks && hooks->after_publish)
-			hooks->after_publish(id, hooks->closure);
-		ids[done++] = id;
-		dups += dup;
+		gp_outbox_msg_id(ids[i], msgids[i], sizeof msgids[i]);
+		out[i] = (struct gp_bus_out){ PQgetvalue(r, i, 1), payloads[i], (int)blen, msgids[i] };
 	}
-	if ((st = mark_sent(db, ids, done, err)))
+	if ((st = gp_bus_publish_batch(bus, out, n, 5000, &dups, err)))
+		goto out;
+	if (hooks && hooks->after_publish)
+		hooks->after_publish(n, hooks->closure);
+	if ((st = mark_sent(db, ids, n, err)))
 		goto out;
 	if ((st = gp_db_commit(db, err)))
 		goto out;
-	marked = done;
-	if (pub_st) {
-		/* What went out is marked; report the publish failure. */
-		st = pub_st;
-		if (err)
-			*err = pub_err;
-	}
+	marked = n;
 out:
-	if (st && PQtransactionStatus(gp_db_conn(db)) != PQTRANS_IDLE)
-		gp_db_rollback(db);
-	PQclear(r);
+	if (PQtransactionStatus(gp_db_conn(db)) != PQTRANS_IDLE) {
+		if (st)
+			gp_db_rollback(db);
+		else if ((st = gp_db_commit(db, err)))
+			gp_db_rollback(db);
+	}
+	for (int i = 0; payloads && i < n; i++)
+		PQfreemem(payloads[i]);
+	free(payloads);
+	free(msgids);
+	free(out);
 	free(ids);
+	PQclear(r);
 	if (published)
 		*published = marked;
 	if (duplicates)

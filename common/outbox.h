@@ -23,17 +23,18 @@ gp_status gp_outbox_put(struct gp_db *db, const char *subject, const void *paylo
 			long long *id, struct gp_err *err);
 
 struct gp_relay_hooks {
-	/* Called after each successful publish, before anything is marked sent.
+	/* Called once the batch is acknowledged, before anything is marked sent.
 	 * Tests use it to kill the process at exactly that point. */
-	void (*after_publish)(long long outbox_id, void *closure);
+	void (*after_publish)(int count, void *closure);
 	void *closure;
 };
 
 /*
- * Publish up to max unsent rows and mark them sent. *published gets the
- * count marked (duplicates included); *duplicates (may be NULL) how many the
- * server reported as already stored. A publish failure stops the pass after
- * marking what went out; the rest stays for the next pass.
+ * Publish up to max unsent rows (pipelined, in id order) and mark them sent.
+ * *published gets the count marked (duplicates included); *duplicates (may
+ * be NULL) how many the server reported as already stored. When any publish
+ * of the batch fails, nothing is marked and the whole batch is published
+ * again next pass (deduplication absorbs what did go out).
  */
 gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
 			       const struct gp_relay_hooks *hooks, int *published, int *duplicates,

@@ -247,8 +247,10 @@ void gp_job_progress(struct gp_job *job, double fraction, const char *message,
 	struct gp_err err = { 0 };
 	char subj[64];
 	snprintf(subj, sizeof subj, GP_SUBJ_EVENTS "%lld", (long long)job->msg->run_id);
+	/* Core publish: the events stream still records it, and progress must
+	 * never hold up the work it reports on. */
 	if (gp_wire_encode(&ev.base, &buf, &len, &err) ||
-	    gp_bus_publish(job->w->bus, subj, buf, (int)len, NULL, 2000, NULL, NULL, &err)) {
+	    gp_bus_publish_core(job->w->bus, subj, buf, (int)len, &err)) {
 		gp_metric_inc(job->w->m_events_dropped, 1);
 		gp_warn("progress event for attempt %lld dropped: %s",
 			(long long)job->msg->attempt_id, err.msg);
@@ -497,7 +499,54 @@ static gp_status commit_result(struct gp_worker *w, struct gp_job *job, int *acc
 			    retryable };
 	PGresult *r = NULL;
 	*accepted = 0;
-	gp_status st = gp_db_begin(w->db, err);
+	gp_status st;
+	if (job->outcome != GP_JOB_RELEASED) {
+		/* The common case in one statement (one round trip, one commit): the
+		 * fenced UPDATE and, only when it matched, the outbox row. */
+		Genpipe__V1__ResultStatus rs0 =
+			job->outcome == GP_JOB_SUCCEEDED ? GENPIPE__V1__RESULT_STATUS__RESULT_SUCCEEDED
+			: job->outcome == GP_JOB_FAILED_PERMANENT
+				? GENPIPE__V1__RESULT_STATUS__RESULT_FAILED_PERMANENT
+				: GENPIPE__V1__RESULT_STATUS__RESULT_FAILED;
+		gp_stage_result res = GENPIPE__V1__STAGE_RESULT__INIT;
+		res.attempt_id = job->msg->attempt_id;
+		res.run_id = job->msg->run_id;
+		res.stage = job->msg->stage;
+		res.attempt = job->msg->attempt;
+		res.status = rs0;
+		res.outputs_json = (char *)(outputs ? outputs : "");
+		res.metrics_json = (char *)(metrics ? metrics : "");
+		res.error = job->error ? job->error : "";
+		res.worker = w->worker_id;
+		res.duration_ms = gp_now_ms() - job->started_ms;
+		uint8_t *buf = NULL;
+		size_t len = 0;
+		if ((st = gp_wire_encode(&res.base, &buf, &len, err)))
+			return st;
+		char *hex = gp_db_bytea_param(buf, len);
+		free(buf);
+		if (!hex)
+			return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		char subj[64];
+		snprintf(subj, sizeof subj, GP_SUBJ_RESULTS "%lld", (long long)job->msg->run_id);
+		const char *p9[] = { id,      job->token, states[job->outcome], outputs, metrics,
+				     job->error, retryable, subj, hex };
+		st = gp_db_exec(w->db, "record attempt result",
+				"WITH u AS (UPDATE stage_attempts SET state = $3, finished_at = now(), "
+				"outputs = $4::jsonb, metrics = $5::jsonb, error = $6, "
+				"lease_deadline = NULL, retryable = $7::boolean "
+				"WHERE id = $1::bigint AND lease_token = $2 AND state = 'running' "
+				"AND lease_deadline > now() RETURNING id) "
+				"INSERT INTO outbox (subject, payload) SELECT $8, $9::bytea FROM u "
+				"RETURNING id",
+				9, p9, &r, err);
+		free(hex);
+		if (!st)
+			*accepted = PQntuples(r) == 1;
+		PQclear(r);
+		return st;
+	}
+	st = gp_db_begin(w->db, err);
 	if (st)
 		return st;
 	st = gp_db_exec(w->db, "record attempt result",

@@ -62,7 +62,7 @@ void gp_noop_handle(struct gp_job *job, void *closure)
 			cJSON_Delete(p);
 			return;
 		}
-		if (gp_now_ms() >= next_progress) {
+		if (duration > 0 && gp_now_ms() >= next_progress) {
 			gp_job_progress(job, duration ? (double)el / (double)duration : 1.0,
 					msg ? msg : "working", NULL);
 			next_progress = gp_now_ms() + 250;

@@ -15,6 +15,8 @@
 
 struct stage {
 	const cJSON *spec;      /* borrowed from the spec document */
+	const int *needs;       /* indices of the stages it needs (borrowed) */
+	int nneeds;
 	const char *name, *kind;
 	char state[16];
 	int base;               /* attempt_base */
@@ -78,12 +80,133 @@ static long long backoff_ms(const cJSON *retry, int used)
 	return (long long)(b < mx ? b : mx);
 }
 
-static int need_index(struct stage *st, int n, const char *name)
+/*
+ * Parsed specs by pipeline version (versions are immutable), with each
+ * stage's needs resolved to indices once: a run of N stages is advanced many
+ * times, and a fan-in stage can need thousands of others.
+ */
+struct spec_entry {
+	long long pv_id;
+	cJSON *doc;
+	int n;
+	int **needs;
+	int *nneeds;
+	long long used;
+};
+#define SPEC_CACHE 8
+static struct spec_entry spec_cache[SPEC_CACHE];
+static long long spec_clock;
+
+static void spec_entry_clear(struct spec_entry *e)
 {
-	for (int i = 0; i < n; i++)
-		if (!strcmp(st[i].name, name))
-			return i;
-	return -1;
+	for (int i = 0; e->needs && i < e->n; i++)
+		free(e->needs[i]);
+	free(e->needs);
+	free(e->nneeds);
+	cJSON_Delete(e->doc);
+	memset(e, 0, sizeof *e);
+}
+
+static int name_cmp(const void *a, const void *b)
+{
+	return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Build the entry for doc (takes ownership). NULL on out of memory. */
+static struct spec_entry *spec_entry_fill(struct spec_entry *e, long long pv_id, cJSON *doc)
+{
+	const cJSON *stages = cJSON_GetObjectItemCaseSensitive(
+		cJSON_GetObjectItemCaseSensitive(doc, "spec"), "stages");
+	int n = cJSON_GetArraySize(stages);
+	e->pv_id = pv_id;
+	e->doc = doc;
+	e->n = n;
+	e->needs = calloc((size_t)n + 1, sizeof *e->needs);
+	e->nneeds = calloc((size_t)n + 1, sizeof *e->nneeds);
+	/* sorted (name, index) pairs for lookups: "name\0" strings point into doc */
+	const char **names = calloc((size_t)n + 1, sizeof *names);
+	if (!e->needs || !e->nneeds || !names) {
+		free(names);
+		spec_entry_clear(e);
+		return NULL;
+	}
+	int i = 0;
+	const cJSON *st;
+	cJSON_ArrayForEach(st, stages)
+		names[i++] = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(st, "name"));
+	const char **sorted = malloc(sizeof *sorted * ((size_t)n + 1));
+	if (!sorted) {
+		free(names);
+		spec_entry_clear(e);
+		return NULL;
+	}
+	memcpy(sorted, names, sizeof *sorted * (size_t)n);
+	qsort(sorted, (size_t)n, sizeof *sorted, name_cmp);
+	i = 0;
+	cJSON_ArrayForEach(st, stages)
+	{
+		const cJSON *needs = cJSON_GetObjectItemCaseSensitive(st, "needs");
+		int k = cJSON_GetArraySize(needs), m = 0;
+		e->needs[i] = calloc((size_t)k + 1, sizeof **e->needs);
+		if (!e->needs[i]) {
+			free(sorted);
+			free(names);
+			spec_entry_clear(e);
+			return NULL;
+		}
+		const cJSON *nd;
+		cJSON_ArrayForEach(nd, needs)
+		{
+			const char *key = nd->valuestring;
+			const char **hit = bsearch(&key, sorted, (size_t)n, sizeof *sorted, name_cmp);
+			if (!hit)
+				continue;
+			for (int j = 0; j < n; j++) /* map the name back to its position */
+				if (names[j] == *hit) {
+					e->needs[i][m++] = j;
+					break;
+				}
+		}
+		e->nneeds[i] = m;
+		i++;
+	}
+	free(sorted);
+	free(names);
+	return e;
+}
+
+/* The cached entry for pv_id, fetching and parsing the spec when needed. */
+static struct spec_entry *spec_get(struct gp_db *db, long long pv_id, struct gp_err *err)
+{
+	struct spec_entry *victim = &spec_cache[0];
+	for (int i = 0; i < SPEC_CACHE; i++) {
+		if (spec_cache[i].doc && spec_cache[i].pv_id == pv_id) {
+			spec_cache[i].used = ++spec_clock;
+			return &spec_cache[i];
+		}
+		if (spec_cache[i].used < victim->used)
+			victim = &spec_cache[i];
+	}
+	char id[24];
+	snprintf(id, sizeof id, "%lld", pv_id);
+	const char *p[] = { id };
+	PGresult *r = NULL;
+	if (gp_db_exec(db, "read spec", "SELECT spec_json::text FROM pipeline_versions "
+		       "WHERE id = $1::bigint", 1, p, &r, err))
+		return NULL;
+	cJSON *doc = PQntuples(r) == 1 ? cJSON_Parse(PQgetvalue(r, 0, 0)) : NULL;
+	PQclear(r);
+	if (!doc) {
+		gp_err_set(err, GP_ERR_INTERNAL, "pipeline version %lld: spec unreadable", pv_id);
+		return NULL;
+	}
+	spec_entry_clear(victim);
+	if (!spec_entry_fill(victim, pv_id, doc)) {
+		gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		return NULL;
+	}
+	victim->used = ++spec_clock;
+	return victim;
 }
 
 /* Dispatch attempt `attempt` of stage i, or serve it from the cache. */
@@ -100,14 +223,11 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 	for (int k = 0; k < n; k++)
 		if (st[k].outputs)
 			cJSON_AddItemToObject(outs, st[k].name, cJSON_Duplicate(st[k].outputs, 1));
-	const cJSON *nd;
-	cJSON_ArrayForEach(nd, cJSON_GetObjectItemCaseSensitive(s->spec, "needs"))
-	{
-		int j = need_index(st, n, nd->valuestring);
-		if (j >= 0)
-			cJSON_AddItemToObject(needs_out, st[j].name,
-					      st[j].outputs ? cJSON_Duplicate(st[j].outputs, 1)
-							    : cJSON_CreateNull());
+	for (int k = 0; k < s->nneeds; k++) {
+		int j = s->needs[k];
+		cJSON_AddItemToObject(needs_out, st[j].name,
+				      st[j].outputs ? cJSON_Duplicate(st[j].outputs, 1)
+						    : cJSON_CreateNull());
 	}
 	struct gp_err rerr = { 0 };
 	with = gp_spec_resolve_with(cJSON_GetObjectItemCaseSensitive(s->spec, "with"), params, outs,
@@ -202,7 +322,8 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	snprintf(rid, sizeof rid, "%lld", run_id);
 	const char *p[] = { rid };
 	PGresult *r = NULL, *rows = NULL, *kinds = NULL;
-	cJSON *spec = NULL, *params = NULL;
+	cJSON *params = NULL;
+	struct spec_entry *se = NULL;
 	struct stage *st = NULL;
 	int n = 0;
 	long long due = -1;
@@ -212,9 +333,8 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	if (rc)
 		return rc;
 	if ((rc = gp_db_exec(db, "lock run",
-			     "SELECT r.state, r.params::text, v.spec_json::text FROM runs r "
-			     "JOIN pipeline_versions v ON v.id = r.pipeline_version_id "
-			     "WHERE r.id = $1::bigint FOR UPDATE OF r",
+			     "SELECT state, params::text, pipeline_version_id FROM runs "
+			     "WHERE id = $1::bigint FOR UPDATE",
 			     1, p, &r, err)))
 		goto rollback;
 	if (PQntuples(r) != 1) {
@@ -227,10 +347,13 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 		goto out;
 	}
 	params = cJSON_Parse(PQgetvalue(r, 0, 1));
-	spec = cJSON_Parse(PQgetvalue(r, 0, 2));
+	if (!(se = spec_get(db, atoll(PQgetvalue(r, 0, 2)), err))) {
+		rc = err ? err->status : GP_ERR_INTERNAL;
+		goto rollback;
+	}
 	const cJSON *stages = cJSON_GetObjectItemCaseSensitive(
-		cJSON_GetObjectItemCaseSensitive(spec, "spec"), "stages");
-	if (!params || !spec || !cJSON_IsArray(stages)) {
+		cJSON_GetObjectItemCaseSensitive(se->doc, "spec"), "stages");
+	if (!params || !cJSON_IsArray(stages)) {
 		rc = gp_err_set(err, GP_ERR_INTERNAL, "run %lld: stored spec or params unreadable",
 				run_id);
 		goto rollback;
@@ -245,9 +368,9 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 			     "interval '1 millisecond' < clock_timestamp(), false), "
 			     "coalesce((extract(epoch FROM a.claimed_at + a.timeout_ms * interval "
 			     "'1 millisecond' - clock_timestamp()) * 1000)::bigint, -1) "
-			     "FROM run_stages rs LEFT JOIN LATERAL (SELECT * FROM stage_attempts x "
-			     "WHERE x.run_id = rs.run_id AND x.stage = rs.stage "
-			     "ORDER BY x.attempt DESC LIMIT 1) a ON true "
+			     "FROM run_stages rs LEFT JOIN (SELECT DISTINCT ON (stage) * "
+			     "FROM stage_attempts WHERE run_id = $1::bigint "
+			     "ORDER BY stage, attempt DESC) a ON a.stage = rs.stage "
 			     "WHERE rs.run_id = $1::bigint ORDER BY rs.position",
 			     1, p, &rows, err)) ||
 	    (rc = gp_db_exec(db, "read stage kinds", "SELECT kind, version FROM stage_kinds", 0,
@@ -263,7 +386,9 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	}
 	for (int i = 0; i < n; i++) {
 		struct stage *s = &st[i];
-		s->spec = cJSON_GetArrayItem(stages, i);
+		s->spec = i == 0 ? stages->child : st[i - 1].spec->next;
+		s->needs = se->needs[i];
+		s->nneeds = se->nneeds[i];
 		s->name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(s->spec, "name"));
 		s->kind = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(s->spec, "kind"));
 		if (!s->name || !s->kind || strcmp(s->name, PQgetvalue(rows, i, 0)) != 0) {
@@ -389,12 +514,8 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 			}
 			if (!strcmp(s->state, "pending")) {
 				int ready = 1, blocked = 0;
-				const cJSON *nd;
-				cJSON_ArrayForEach(nd, cJSON_GetObjectItemCaseSensitive(s->spec, "needs"))
-				{
-					int j = need_index(st, n, nd->valuestring);
-					if (j < 0)
-						continue;
+				for (int k = 0; k < s->nneeds; k++) {
+					int j = s->needs[k];
 					if (!ok_state(st[j].state))
 						ready = 0;
 					if (!strcmp(st[j].state, "failed") ||
@@ -458,7 +579,6 @@ out:
 		free(st[i].aerror);
 	}
 	free(st);
-	cJSON_Delete(spec);
 	cJSON_Delete(params);
 	PQclear(r);
 	PQclear(rows);

@@ -35,6 +35,8 @@ struct gp_orchestrator {
 	int npending, cappending;
 	struct due *dues;
 	int ndues, capdues;
+	struct due *costs; /* run -> earliest next advance (its last advance's cost later) */
+	int ncosts, capcosts;
 	struct gp_metric *m_relayed, *m_dups, *m_reaped, *m_errors, *m_advances, *m_dispatched,
 		*m_advance_seconds;
 };
@@ -79,6 +81,49 @@ static void set_due(struct gp_orchestrator *o, long long run_id, long long in_ms
 	o->dues[o->ndues].run_id = run_id;
 	o->dues[o->ndues].at_ms = gp_now_ms() + in_ms;
 	o->ndues++;
+}
+
+/*
+ * Pace a big run: the next advance of a run waits at least as long as its
+ * last one took, so that one run cannot hold the orchestrator in a loop of
+ * back-to-back advances while results trickle in; they coalesce instead.
+ */
+static long long paced_until(struct gp_orchestrator *o, long long run_id)
+{
+	for (int i = 0; i < o->ncosts; i++)
+		if (o->costs[i].run_id == run_id)
+			return o->costs[i].at_ms;
+	return 0;
+}
+
+static void set_pace(struct gp_orchestrator *o, long long run_id, long long until)
+{
+	for (int i = 0; i < o->ncosts; i++) {
+		if (o->costs[i].run_id == run_id) {
+			o->costs[i].at_ms = until;
+			return;
+		}
+	}
+	if (o->ncosts == o->capcosts) {
+		/* forget paces that have passed before growing */
+		long long now = gp_now_ms();
+		for (int i = 0; i < o->ncosts;)
+			if (o->costs[i].at_ms <= now)
+				o->costs[i] = o->costs[--o->ncosts];
+			else
+				i++;
+	}
+	if (o->ncosts == o->capcosts) {
+		int nc = o->capcosts ? o->capcosts * 2 : 64;
+		struct due *nd = realloc(o->costs, sizeof *nd * (size_t)nc);
+		if (!nd)
+			return;
+		o->costs = nd;
+		o->capcosts = nc;
+	}
+	o->costs[o->ncosts].run_id = run_id;
+	o->costs[o->ncosts].at_ms = until;
+	o->ncosts++;
 }
 
 static gp_status listen_all(struct gp_db *db, struct gp_err *err)
@@ -148,6 +193,7 @@ void gp_orchestrator_destroy(struct gp_orchestrator *o)
 		return;
 	free(o->pending);
 	free(o->dues);
+	free(o->costs);
 	free(o);
 }
 
@@ -261,6 +307,11 @@ void gp_orchestrator_step(struct gp_orchestrator *o)
 	o->npending = o->cappending = 0;
 	for (int i = 0; i < nruns && !o->db_broken; i++) {
 		long long due = -1, t0 = gp_now_ms();
+		long long pace = paced_until(o, runs[i]);
+		if (pace > t0) {
+			set_due(o, runs[i], pace - t0);
+			continue;
+		}
 		int dispatched = 0;
 		gp_status st = gp_engine_advance(o->db, runs[i], &due, &dispatched, &err);
 		gp_metric_inc(o->m_advances, 1);
@@ -273,6 +324,9 @@ void gp_orchestrator_step(struct gp_orchestrator *o)
 			set_due(o, runs[i], 1000);
 			continue;
 		}
+		long long t1 = gp_now_ms();
+		if (t1 - t0 >= 2)
+			set_pace(o, runs[i], t1 + (t1 - t0));
 		gp_metric_inc(o->m_dispatched, dispatched);
 		if (dispatched)
 			o->relay_needed = 1;

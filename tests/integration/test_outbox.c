@@ -38,27 +38,23 @@ static void count_effect(struct gp_job *job, void *cls)
 	gp_job_succeed(job, "{\"ok\":true}", NULL);
 }
 
-static int kill_after;
-static int published_in_child;
-
-static void die_after_publish(long long id, void *cls)
+static void die_after_publish(int count, void *cls)
 {
-	(void)id;
+	(void)count;
 	(void)cls;
-	if (++published_in_child == kill_after)
-		raise(SIGKILL);
+	raise(SIGKILL);
 }
 
-/* A relay process that kills itself (kill -9) after n publishes, before marking. */
+/* A relay process that publishes a batch of n and kills itself (kill -9)
+ * before marking it sent. */
 static int relay_and_die(const struct gp_test_env *env, void *arg)
 {
 	struct gp_db *db = gp_test_db(env);
 	struct gp_bus *bus = gp_test_bus(env, "dying-relay");
-	kill_after = *(int *)arg;
 	struct gp_relay_hooks hooks = { .after_publish = die_after_publish };
 	struct gp_err e = { 0 };
 	int pub = 0;
-	gp_outbox_relay_once(db, bus, 100, &hooks, &pub, NULL, &e);
+	gp_outbox_relay_once(db, bus, *(int *)arg, &hooks, &pub, NULL, &e);
 	return 3; /* not reached when the hook fires */
 }
 

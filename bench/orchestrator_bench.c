@@ -1,0 +1,229 @@
+/*
+ * orchestrator_bench: the orchestrator's own overhead on the local stack.
+ *
+ * Starts a private stack (nats-server with JetStream, PostgreSQL with fsync
+ * on, as `genpipe dev up` runs it) in a temporary directory, one
+ * genpipe-orchestrator and W genpipe-noop workers, and runs a fan-out/fan-in
+ * pipeline of N no-op stages (root -> N parallel stages -> sink). Prints:
+ *   dispatch latency p50/p99: attempt queued (row written with its job
+ *     message) to claimed by a worker;
+ *   stages per second: N+2 over the run's wall time, created to finished.
+ * No other scheduler runs on this machine, so the peer figures printed
+ * beside ours are the published ones the goal was set against (Argo about
+ * 10 s of overhead a step, Airflow seconds), not measurements.
+ *
+ * usage: orchestrator_bench [STAGES (1000)] [WORKERS (2)] [RUNS (1)]
+ */
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "db.h"
+#include "http.h"
+#include "run.h"
+#include "spec.h"
+#include "stack.h"
+
+#ifndef BENCH_FAST
+#define BENCH_FAST 0
+#endif
+
+static char dir[] = "/tmp/genpipe-bench-XXXXXX";
+static char nats_url[256], db_url[600];
+
+static pid_t spawn(const char *prog, const char *a1, const char *a2, const char *a3,
+		   const char *a4)
+{
+	char bin[700], logp[700];
+	snprintf(bin, sizeof bin, "%s/%s", GENPIPE_BIN_DIR, prog);
+	snprintf(logp, sizeof logp, "%s/logs/%s.log", dir, prog);
+	fflush(NULL);
+	pid_t pid = fork();
+	if (pid == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		int fd = open(logp, O_WRONLY | O_CREAT | O_APPEND, 0644);
+		if (fd >= 0) {
+			dup2(fd, 1);
+			dup2(fd, 2);
+		}
+		setenv("GENPIPE_NATS_URL", nats_url, 1);
+		setenv("GENPIPE_DATABASE_URL", db_url, 1);
+		setenv("GENPIPE_LOG_LEVEL", "warn", 1);
+		execl(bin, bin, a1, a2, a3, a4, (char *)NULL);
+		_exit(127);
+	}
+	return pid;
+}
+
+static double scalar(struct gp_db *db, const char *sql)
+{
+	PGresult *r = NULL;
+	struct gp_err e = { 0 };
+	if (gp_db_exec(db, "bench query", sql, 0, NULL, &r, &e) || PQntuples(r) != 1) {
+		fprintf(stderr, "bench: %s\n", e.msg);
+		exit(1);
+	}
+	double v = atof(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return v;
+}
+
+/* Value of an unlabelled series in Prometheus text. */
+static double metric(const char *text, const char *name)
+{
+	char key[128];
+	snprintf(key, sizeof key, "\n%s ", name);
+	const char *l = strstr(text, key);
+	return l ? atof(l + strlen(key)) : 0;
+}
+
+int main(int argc, char **argv)
+{
+	int n = argc > 1 ? atoi(argv[1]) : 1000;
+	int workers = argc > 2 ? atoi(argv[2]) : 2;
+	int runs = argc > 3 ? atoi(argv[3]) : 1;
+	if (n < 1 || n > 5000 || workers < 1 || workers > 64 || runs < 1) {
+		fprintf(stderr, "usage: orchestrator_bench [STAGES 1..5000] [WORKERS 1..64] [RUNS]\n");
+		return 2;
+	}
+	if (!mkdtemp(dir)) {
+		perror("mkdtemp");
+		return 1;
+	}
+	chmod(dir, 0711);
+	struct gp_err e = { 0 };
+	struct gp_stack_options o = { .data_dir = dir, .migrations_dir = GENPIPE_SOURCE_MIGRATIONS,
+				      .fast = BENCH_FAST };
+	int rc = 1;
+	pid_t kids[70];
+	int nk = 0;
+	struct gp_db *db = NULL;
+	char *yaml = NULL;
+	cJSON *doc = NULL, *params = NULL;
+	/* Servers from a child: this process forks workers and must not hold
+	 * nats.c's threads. */
+	fflush(NULL);
+	pid_t up = fork();
+	if (up == 0)
+		_exit(gp_stack_up(&o, &e) ? (fprintf(stderr, "bench: %s\n", e.msg), 1) : 0);
+	int ws = 0;
+	waitpid(up, &ws, 0);
+	if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0 ||
+	    gp_stack_env(dir, "GENPIPE_NATS_URL", nats_url, sizeof nats_url, &e) ||
+	    gp_stack_env(dir, "GENPIPE_DATABASE_URL", db_url, sizeof db_url, &e))
+		goto out;
+	int oport = gp_stack_free_port();
+	char oports[16];
+	snprintf(oports, sizeof oports, "%d", oport);
+	kids[nk++] = spawn("genpipe-orchestrator", "--sweep-ms", "1000", "--http-port", oports);
+	for (int i = 0; i < workers; i++)
+		kids[nk++] = spawn("genpipe-noop", "--lease-ms", "30000", NULL, NULL);
+	if (gp_db_connect(&db, db_url, 10000, &e))
+		goto out;
+	while (scalar(db, "SELECT count(*) FROM stage_kinds WHERE kind = 'noop'") < 1)
+		gp_sleep_ms(50);
+	gp_sleep_ms(500);
+	size_t cap = (size_t)n * 80 + 4096, len = 0;
+	yaml = malloc(cap);
+	len += (size_t)snprintf(yaml + len, cap - len,
+				"apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: bench}\n"
+				"spec:\n  stages:\n    - {name: root, kind: noop, cache: false}\n");
+	for (int i = 0; i < n; i++)
+		len += (size_t)snprintf(yaml + len, cap - len,
+					"    - {name: s%d, kind: noop, needs: root, cache: false}\n", i);
+	len += (size_t)snprintf(yaml + len, cap - len,
+				"    - {name: sink, kind: noop, cache: false, needs: [");
+	for (int i = 0; i < n; i++)
+		len += (size_t)snprintf(yaml + len, cap - len, "%ss%d", i ? "," : "", i);
+	len += (size_t)snprintf(yaml + len, cap - len, "]}\n");
+	struct gp_spec_errors *errs = calloc(1, sizeof *errs);
+	if (gp_spec_parse(yaml, len, &doc, errs)) {
+		fprintf(stderr, "bench: spec: %s\n", errs->v[0].msg);
+		goto out;
+	}
+	free(errs);
+	struct gp_version_ref v;
+	params = cJSON_CreateObject();
+	if (gp_pipeline_submit(db, yaml, doc, "bench", &v, &e))
+		goto out;
+	printf("orchestrator_bench: %d-stage fan-out/fan-in of no-op stages, %d noop workers, "
+	       "PostgreSQL fsync on\n",
+	       n, workers);
+	printf("%-6s %10s %12s %12s %14s\n", "run", "stages", "dispatch p50", "dispatch p99",
+	       "stages/s");
+	for (int k = 0; k < runs; k++) {
+		long long run = 0;
+		if (gp_run_create(db, v.id, params, "bench", &run, &e))
+			goto out;
+		char sql[400];
+		long long deadline = gp_now_ms() + 600000;
+		for (;;) {
+			snprintf(sql, sizeof sql,
+				 "SELECT count(*) FROM runs WHERE id = %lld AND state IN "
+				 "('succeeded', 'failed')", run);
+			if (scalar(db, sql) > 0)
+				break;
+			if (gp_now_ms() > deadline) {
+				fprintf(stderr, "bench: run %lld did not finish\n", run);
+				goto out;
+			}
+			gp_sleep_ms(20);
+		}
+		snprintf(sql, sizeof sql, "SELECT count(*) FROM runs WHERE id = %lld AND state = "
+			 "'succeeded'", run);
+		if (scalar(db, sql) != 1) {
+			fprintf(stderr, "bench: run %lld failed\n", run);
+			goto out;
+		}
+		char q50[300], q99[300], qs[300];
+		snprintf(q50, sizeof q50, "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY "
+			 "extract(epoch FROM claimed_at - queued_at) * 1000) FROM stage_attempts "
+			 "WHERE run_id = %lld", run);
+		snprintf(q99, sizeof q99, "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY "
+			 "extract(epoch FROM claimed_at - queued_at) * 1000) FROM stage_attempts "
+			 "WHERE run_id = %lld", run);
+		snprintf(qs, sizeof qs, "SELECT %d / extract(epoch FROM finished_at - created_at) "
+			 "FROM runs WHERE id = %lld", n + 2, run);
+		printf("%-6lld %10d %9.1f ms %9.1f ms %14.0f\n", run, n + 2, scalar(db, q50),
+		       scalar(db, q99), scalar(db, qs));
+	}
+	/* Where the orchestrator's time went, from its own metrics. */
+	char url[64], *text = NULL;
+	long code = 0;
+	snprintf(url, sizeof url, "http://127.0.0.1:%d/metrics", oport);
+	if (gp_http_get(url, 2000, &code, &text, &e) == GP_OK) {
+		double adv = metric(text, "genpipe_run_advances_total");
+		double sum = metric(text, "genpipe_run_advance_seconds_sum");
+		double disp = metric(text, "genpipe_attempts_dispatched_total");
+		printf("orchestrator: %.0f advances, mean %.1f ms, %.0f attempts dispatched\n", adv,
+		       adv > 0 ? sum * 1000 / adv : 0, disp);
+		free(text);
+	}
+	printf("goal on this 2-core machine: dispatch p50 <= 5 ms, >= 500 stages/s\n");
+	printf("published peers (not measured here): Argo Workflows ~10 s overhead per step; "
+	       "Airflow seconds per task\n");
+	rc = 0;
+out:
+	if (rc && e.msg[0])
+		fprintf(stderr, "bench: %s\n", e.msg);
+	free(yaml);
+	cJSON_Delete(doc);
+	cJSON_Delete(params);
+	gp_db_destroy(db);
+	for (int i = 0; i < nk; i++) {
+		kill(kids[i], SIGTERM);
+		waitpid(kids[i], NULL, 0);
+	}
+	gp_stack_down(dir, NULL, &e);
+	char cmd[300];
+	snprintf(cmd, sizeof cmd, getenv("BENCH_KEEP") ? "true %s" : "rm -rf %s", dir);
+	if (system(cmd) != 0)
+		fprintf(stderr, "bench: could not remove %s\n", dir);
+	return rc;
+}
