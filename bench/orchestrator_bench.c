@@ -12,6 +12,10 @@
  * beside ours are the published ones the goal was set against (Argo about
  * 10 s of overhead a step, Airflow seconds), not measurements.
  *
+ * A second pipeline, a chain of 50 stages, shows the per-step overhead on
+ * its own (no queueing behind other stages): from one stage finishing to
+ * the next being claimed.
+ *
  * usage: orchestrator_bench [STAGES (1000)] [WORKERS (2)] [RUNS (1)]
  */
 #include <fcntl.h>
@@ -192,6 +196,51 @@ int main(int argc, char **argv)
 			 "FROM runs WHERE id = %lld", n + 2, run);
 		printf("%-6lld %10d %9.1f ms %9.1f ms %14.0f\n", run, n + 2, scalar(db, q50),
 		       scalar(db, q99), scalar(db, qs));
+	}
+	/* The chain: per-step overhead. */
+	{
+		size_t l2 = 0, c2 = 64 * 80 + 1024;
+		char *y2 = malloc(c2);
+		l2 += (size_t)snprintf(y2 + l2, c2 - l2,
+				       "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: chain}\n"
+				       "spec:\n  stages:\n    - {name: c0, kind: noop, cache: false}\n");
+		for (int i = 1; i < 50; i++)
+			l2 += (size_t)snprintf(y2 + l2, c2 - l2,
+					       "    - {name: c%d, kind: noop, needs: c%d, cache: false}\n",
+					       i, i - 1);
+		struct gp_spec_errors *e2 = calloc(1, sizeof *e2);
+		cJSON *d2 = NULL;
+		struct gp_version_ref v2;
+		long long run = 0;
+		if (gp_spec_parse(y2, l2, &d2, e2) || gp_pipeline_submit(db, y2, d2, "bench", &v2, &e) ||
+		    gp_run_create(db, v2.id, params, "bench", &run, &e)) {
+			free(y2);
+			free(e2);
+			cJSON_Delete(d2);
+			goto out;
+		}
+		free(y2);
+		free(e2);
+		cJSON_Delete(d2);
+		char sql[600];
+		snprintf(sql, sizeof sql, "SELECT count(*) FROM runs WHERE id = %lld AND state IN "
+			 "('succeeded', 'failed')", run);
+		while (scalar(db, sql) < 1)
+			gp_sleep_ms(20);
+		snprintf(sql, sizeof sql,
+			 "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) FROM (SELECT "
+			 "extract(epoch FROM b.claimed_at - a.finished_at) * 1000 AS ms FROM "
+			 "stage_attempts a JOIN stage_attempts b ON b.run_id = a.run_id AND "
+			 "b.stage = 'c' || (substr(a.stage, 2)::int + 1) WHERE a.run_id = %lld) x",
+			 run);
+		double hop50 = scalar(db, sql);
+		snprintf(sql, sizeof sql,
+			 "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM "
+			 "claimed_at - queued_at) * 1000) FROM stage_attempts WHERE run_id = %lld", run);
+		double disp50 = scalar(db, sql);
+		printf("chain of 50: step overhead (finished -> next claimed) p50 %.1f ms, dispatch "
+		       "(queued -> claimed) p50 %.1f ms\n",
+		       hop50, disp50);
 	}
 	/* Where the orchestrator's time went, from its own metrics. */
 	char url[64], *text = NULL;

@@ -28,6 +28,9 @@ struct gp_worker {
 	struct gp_bus *bus;
 	natsSubscription *sub;
 	char durable[96], filter[128];
+	int prefetch;
+	natsMsgList buf; /* fetched, not yet processed */
+	int next;
 	volatile int stop;
 	volatile int *ext_stop; /* the service's signal flag, set by gp_worker_run */
 	struct gp_metric *m_ok, *m_failed, *m_released, *m_dead, *m_lost_claim, *m_refused,
@@ -97,6 +100,9 @@ gp_status gp_worker_create(struct gp_worker **out, const struct gp_worker_config
 	w->heartbeat_ms = cfg->heartbeat_ms;
 	w->ack_wait_ms = cfg->ack_wait_ms > 0 ? cfg->ack_wait_ms : cfg->lease_ms;
 	w->handler = cfg->handler;
+	w->prefetch = cfg->prefetch > 0 ? (cfg->prefetch > GP_BUS_FETCH_MAX ? GP_BUS_FETCH_MAX
+									  : cfg->prefetch)
+					: 1;
 	w->closure = cfg->closure;
 	w->db = db;
 	w->bus = bus;
@@ -166,6 +172,12 @@ void gp_worker_destroy(struct gp_worker *w)
 {
 	if (!w)
 		return;
+	/* Give back what was fetched but not started, so others take it now
+	 * rather than after AckWait. */
+	for (int i = w->next; i < w->buf.Count; i++)
+		if (w->buf.Msgs[i])
+			natsMsg_Nak(w->buf.Msgs[i], NULL);
+	natsMsgList_Destroy(&w->buf);
 	if (w->sub) {
 		natsSubscription_Unsubscribe(w->sub);
 		natsSubscription_Destroy(w->sub);
@@ -670,14 +682,20 @@ gp_status gp_worker_poll(struct gp_worker *w, long long timeout_ms, int *handled
 			 struct gp_err *err)
 {
 	*handled = 0;
-	natsMsgList list = { 0 };
-	gp_status st = gp_bus_fetch(w->sub, 1, timeout_ms, &list, err);
-	if (st == GP_ERR_TIMEOUT)
-		return GP_OK;
-	if (st)
-		return st;
+	gp_status st;
+	if (w->next >= w->buf.Count) {
+		natsMsgList_Destroy(&w->buf);
+		memset(&w->buf, 0, sizeof w->buf);
+		w->next = 0;
+		st = gp_bus_fetch(w->sub, w->prefetch, timeout_ms, &w->buf, err);
+		if (st == GP_ERR_TIMEOUT)
+			return GP_OK;
+		if (st)
+			return st;
+	}
 	*handled = 1;
-	natsMsg *m = list.Msgs[0];
+	natsMsg *m = w->buf.Msgs[w->next];
+	w->buf.Msgs[w->next++] = NULL; /* ours now */
 	struct gp_job job = { .w = w, .nm = m };
 	pthread_mutex_init(&job.mu, NULL);
 	pthread_cond_init(&job.cv, NULL);
@@ -736,7 +754,7 @@ out:
 	free(job.error);
 	pthread_mutex_destroy(&job.mu);
 	pthread_cond_destroy(&job.cv);
-	natsMsgList_Destroy(&list);
+	natsMsg_Destroy(m);
 	return st;
 }
 

@@ -53,6 +53,9 @@ struct gp_worker_config {
 	void *closure;
 	struct gp_metrics *metrics; /* may be NULL */
 	const char *version;     /* code version, part of the cache key; NULL: genpipe's */
+	int prefetch;            /* messages fetched at once (1..16; default 1). More
+				  * saves round trips for short jobs; a prefetched
+				  * message waits its turn while its AckWait runs. */
 };
 
 /*

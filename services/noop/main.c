@@ -11,8 +11,8 @@ int main(int argc, char **argv)
 {
 	struct gp_service svc = { .name = "noop" };
 	struct gp_noop_config ncfg = { 0 };
-	long long lease = 0, hb = 0;
-	struct gp_opt opts[GP_SERVICE_NOPTS + 3];
+	long long lease = 0, hb = 0, prefetch = 0;
+	struct gp_opt opts[GP_SERVICE_NOPTS + 4];
 	gp_service_options(&svc, opts);
 	opts[GP_SERVICE_NOPTS + 0] = (struct gp_opt){ "lease-ms", "GENPIPE_LEASE_MS", GP_OPT_INT,
 						      "10000", "lease granted per claim and heartbeat",
@@ -23,10 +23,13 @@ int main(int argc, char **argv)
 						      GP_OPT_BOOL, "false",
 						      "honour crash_attempts (tests only)",
 						      &ncfg.allow_crash };
+	opts[GP_SERVICE_NOPTS + 3] = (struct gp_opt){ "prefetch", "GENPIPE_PREFETCH", GP_OPT_INT,
+						      "8", "job messages fetched at once (1..16)",
+						      &prefetch };
 	int first = 0, help = 0;
 	struct gp_err err = { 0 };
 	gp_log_init("noop");
-	if (gp_config_parse(opts, GP_SERVICE_NOPTS + 3, argc, argv, "genpipe-noop [options]",
+	if (gp_config_parse(opts, GP_SERVICE_NOPTS + 4, argc, argv, "genpipe-noop [options]",
 			    stdout, &first, &help, &err)) {
 		fprintf(stderr, "genpipe-noop: %s\n", err.msg);
 		return 2;
@@ -50,6 +53,7 @@ int main(int argc, char **argv)
 		.handler = gp_noop_handle,
 		.closure = &ncfg,
 		.metrics = svc.metrics,
+		.prefetch = (int)prefetch,
 	};
 	struct gp_worker *w = NULL;
 	int rc = 0;
