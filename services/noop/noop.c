@@ -13,6 +13,15 @@
 #include "log.h"
 #include "spec.h"
 
+/* An integer parameter; 0 when absent or not a number (never a NaN cast). */
+static int json_int(const cJSON *o, const char *key)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+	if (!cJSON_IsNumber(v) || v->valuedouble < -1e9 || v->valuedouble > 1e9)
+		return 0;
+	return (int)v->valuedouble;
+}
+
 void gp_noop_handle(struct gp_job *job, void *closure)
 {
 	const struct gp_noop_config *cfg = closure;
@@ -34,11 +43,11 @@ void gp_noop_handle(struct gp_job *job, void *closure)
 			cJSON_Delete(p);
 			return;
 		}
-	} else if (cJSON_IsNumber(d)) {
+	} else if (cJSON_IsNumber(d) && d->valuedouble >= 0 && d->valuedouble < 1e12) {
 		duration = (long long)d->valuedouble;
 	}
-	int fail = (int)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(p, "fail_attempts"));
-	int crash = (int)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(p, "crash_attempts"));
+	int fail = json_int(p, "fail_attempts");
+	int crash = json_int(p, "crash_attempts");
 	const char *msg = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(p, "message"));
 	long long start = gp_now_ms();
 	long long next_progress = start;

@@ -34,6 +34,17 @@ struct stage {
 	long long timeout_in;
 };
 
+/* A number from the normalized spec; the spec layer guarantees presence,
+ * this guards the cast anyway (a NaN cast to int is undefined). */
+static long long num(const cJSON *o, const char *key, long long def)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+	if (!cJSON_IsNumber(v) || v->valuedouble != v->valuedouble || v->valuedouble < -1e15 ||
+	    v->valuedouble > 1e15)
+		return def;
+	return (long long)v->valuedouble;
+}
+
 static int final_state(const char *s)
 {
 	return !strcmp(s, "succeeded") || !strcmp(s, "cached") || !strcmp(s, "failed") ||
@@ -71,10 +82,12 @@ static gp_status set_stage(struct gp_db *db, long long run_id, struct stage *s, 
 	return st;
 }
 
+static long long num(const cJSON *o, const char *key, long long def);
+
 static long long backoff_ms(const cJSON *retry, int used)
 {
-	double b = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(retry, "backoff_ms"));
-	double mx = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(retry, "max_backoff_ms"));
+	double b = (double)num(retry, "backoff_ms", 1000);
+	double mx = (double)num(retry, "max_backoff_ms", 60000);
 	for (int i = 1; i < used && b < mx; i++)
 		b *= 2;
 	return (long long)(b < mx ? b : mx);
@@ -277,7 +290,7 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 		}
 	}
 	const cJSON *retry = cJSON_GetObjectItemCaseSensitive(s->spec, "retry");
-	int limit = (int)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(retry, "limit"));
+	int limit = (int)num(retry, "limit", 0);
 	struct gp_attempt_spec as = {
 		.run_id = run_id,
 		.stage = s->name,
@@ -286,8 +299,7 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 		.params_json = wtext,
 		.lease_ms = LEASE_MS,
 		.max_attempts = s->base + limit + 1,
-		.timeout_ms = (long long)cJSON_GetNumberValue(
-			cJSON_GetObjectItemCaseSensitive(s->spec, "timeout_ms")),
+		.timeout_ms = num(s->spec, "timeout_ms", 86400000LL),
 	};
 	if ((rc = gp_attempt_enqueue(db, &as, &s->aid, err)))
 		goto out;
@@ -420,16 +432,14 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 		for (int i = 0; i < n; i++) {
 			struct stage *s = &st[i];
 			const cJSON *retry = cJSON_GetObjectItemCaseSensitive(s->spec, "retry");
-			int limit = (int)cJSON_GetNumberValue(
-				cJSON_GetObjectItemCaseSensitive(retry, "limit"));
+			int limit = (int)num(retry, "limit", 0);
 			if (!strcmp(s->state, "queued")) {
 				any_started = 1;
 				if (!strcmp(s->astate, "running") && s->timed_out) {
 					char id[24], msg[128];
 					snprintf(id, sizeof id, "%lld", s->aid);
-					snprintf(msg, sizeof msg, "timed out after %.0f ms",
-						 cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(
-							 s->spec, "timeout_ms")));
+					snprintf(msg, sizeof msg, "timed out after %lld ms",
+						 num(s->spec, "timeout_ms", 0));
 					const char *pp[] = { id, msg };
 					PGresult *u = NULL;
 					if ((rc = gp_db_exec(db, "time out attempt",

@@ -22,6 +22,10 @@
  *   retrying  -> dispatched again when its backoff has passed.
  * The run becomes running at its first dispatch and succeeded or failed when
  * every stage is final.
+ *
+ * Not thread-safe: parsed specs are cached per pipeline version in static
+ * storage (versions are immutable, so the cache is never stale). The
+ * orchestrator calls it from its one loop thread.
  */
 #ifndef GP_ENGINE_H
 #define GP_ENGINE_H

@@ -279,6 +279,9 @@ void gp_orchestrator_step(struct gp_orchestrator *o)
 	long long now = gp_now_ms();
 	if (now >= o->next_sweep_ms) {
 		sweep(o);
+		/* Rows another relay held when it died were skipped (SKIP LOCKED) and
+		 * will not be notified again: look at the outbox on every sweep. */
+		o->relay_needed = 1;
 		o->next_sweep_ms = now + o->cfg.sweep_ms;
 	}
 	for (int i = 0; i < o->ndues;) {

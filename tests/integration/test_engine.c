@@ -364,10 +364,10 @@ static void test_orchestrators_killed(pid_t *o1)
 					   "    - {name: c, kind: noop, cache: false, needs: b, with: {duration: 300ms}}\n"
 					   "    - {name: d, kind: noop, cache: false, needs: c, with: {duration: 300ms}}\n",
 			       NULL, 0);
-	CHECK(wait_for(10000, "SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'a' "
+	CHECK(wait_for(30000, "SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'a' "
 			      "AND state = 'succeeded'", run));
 	stop(*o1, SIGKILL);
-	CHECK(wait_for(10000, "SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'b' "
+	CHECK(wait_for(30000, "SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'b' "
 			      "AND state = 'succeeded'", run));
 	stop(o2, SIGKILL);
 	gp_sleep_ms(500);
