@@ -15,6 +15,7 @@
 #include "../check.h"
 #include "../harness.h"
 #include "http.h"
+#include "outbox.h"
 #include "stack.h"
 #include "subjects.h"
 #include "worker.h"
@@ -95,6 +96,27 @@ static int body(struct gp_test_env *env)
 	       gp_now_ms() < deadline)
 		gp_sleep_ms(50);
 	CHECK(gp_test_scalar(db, "SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0);
+
+	/* A row another relay held (and then let go of without a notification)
+	 * is still relayed, by the next sweep. */
+	kill(orch, SIGSTOP);
+	long long held_id = 0;
+	REQUIRE_OK(gp_outbox_put(db, GP_SUBJ_EVENTS "999", "held", 4, &held_id, &e), e);
+	struct gp_db *holder = gp_test_db(env);
+	char hq[160];
+	snprintf(hq, sizeof hq, "SELECT id FROM outbox WHERE id = %lld FOR UPDATE", held_id);
+	REQUIRE_OK(gp_db_begin(holder, &e), e);
+	REQUIRE_OK(gp_db_run(holder, "hold", hq, &e), e);
+	kill(orch, SIGCONT);
+	gp_sleep_ms(300); /* it wakes, relays, skips the locked row */
+	gp_db_rollback(holder);
+	gp_db_destroy(holder);
+	snprintf(hq, sizeof hq, "SELECT count(*) FROM outbox WHERE id = %lld AND sent_at IS NULL",
+		 held_id);
+	deadline = gp_now_ms() + 5000;
+	while (gp_test_scalar(db, hq) != 0 && gp_now_ms() < deadline)
+		gp_sleep_ms(50);
+	CHECK(gp_test_scalar(db, hq) == 0);
 
 	/* It reaps: an expired lease gets a new attempt. */
 	REQUIRE_OK(gp_db_run(db, "expire",
