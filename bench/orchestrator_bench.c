@@ -250,8 +250,11 @@ int main(int argc, char **argv)
 		double adv = metric(text, "genpipe_run_advances_total");
 		double sum = metric(text, "genpipe_run_advance_seconds_sum");
 		double disp = metric(text, "genpipe_attempts_dispatched_total");
-		printf("orchestrator: %.0f advances, mean %.1f ms, %.0f attempts dispatched\n", adv,
-		       adv > 0 ? sum * 1000 / adv : 0, disp);
+		printf("orchestrator: %.0f advances, mean %.1f ms, %.0f attempts dispatched, %.0f "
+		       "relay passes for %.0f messages\n",
+		       adv, adv > 0 ? sum * 1000 / adv : 0, disp,
+		       metric(text, "genpipe_outbox_relay_passes_total"),
+		       metric(text, "genpipe_outbox_relayed_total"));
 		free(text);
 	}
 	printf("goal on this 2-core machine: dispatch p50 <= 5 ms, >= 500 stages/s\n");

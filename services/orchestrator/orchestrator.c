@@ -37,7 +37,7 @@ struct gp_orchestrator {
 	int ndues, capdues;
 	struct due *costs; /* run -> earliest next advance (its last advance's cost later) */
 	int ncosts, capcosts;
-	struct gp_metric *m_relayed, *m_dups, *m_reaped, *m_errors, *m_advances, *m_dispatched,
+	struct gp_metric *m_relay_passes, *m_relayed, *m_dups, *m_reaped, *m_errors, *m_advances, *m_dispatched,
 		*m_advance_seconds;
 };
 
@@ -158,6 +158,10 @@ gp_status gp_orchestrator_create(struct gp_orchestrator **out,
 		o->m_relayed = gp_metrics_get(metrics, GP_COUNTER, "genpipe_outbox_relayed_total",
 					      "Outbox messages published and marked sent", NULL,
 					      NULL, 0);
+		o->m_relay_passes = gp_metrics_get(metrics, GP_COUNTER,
+						   "genpipe_outbox_relay_passes_total",
+						   "Relay transactions (each publishes a batch)", NULL,
+						   NULL, 0);
 		o->m_dups = gp_metrics_get(metrics, GP_COUNTER,
 					   "genpipe_outbox_duplicates_total",
 					   "Outbox re-publishes JetStream reported as duplicates",
@@ -233,6 +237,7 @@ static void relay(struct gp_orchestrator *o)
 	do {
 		st = gp_outbox_relay_once(o->db, o->bus, o->cfg.relay_batch, NULL, &published,
 					  &dups, &err);
+		gp_metric_inc(o->m_relay_passes, 1);
 		gp_metric_inc(o->m_relayed, published);
 		gp_metric_inc(o->m_dups, dups);
 	} while (!st && published == o->cfg.relay_batch);

@@ -309,6 +309,35 @@ static void test_worker_killed(pid_t *w1, pid_t *w2)
 	*w2 = worker();
 }
 
+/* The test stage kind exits abruptly mid-attempt when asked (crash_attempts,
+ * honoured only with --allow-crash); the next attempt runs elsewhere. */
+static void test_crash_attempts(pid_t *w1, pid_t *w2)
+{
+	stop(*w1, SIGTERM);
+	stop(*w2, SIGTERM);
+	pid_t crashy = spawn("genpipe-noop", "--lease-ms", "1500", "--heartbeat-ms", "300",
+			     "--allow-crash", "--prefetch", "1", NULL);
+	long long run = submit(HDR("crashy") "  stages:\n"
+					     "    - {name: c, kind: noop, cache: false, "
+					     "with: {duration: 400ms, crash_attempts: 1}}\n",
+			       NULL, 0);
+	int ws = 0;
+	long long deadline = gp_now_ms() + 15000;
+	pid_t got = 0;
+	while (gp_now_ms() < deadline && (got = waitpid(crashy, &ws, WNOHANG)) == 0)
+		gp_sleep_ms(20);
+	CHECK(got == crashy && WIFSIGNALED(ws) && WTERMSIG(ws) == SIGKILL);
+	if (got != crashy)
+		stop(crashy, SIGKILL);
+	*w1 = worker();
+	*w2 = worker();
+	CHECK(wait_run(run, 20000) == 1);
+	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND attempt = 1 AND "
+		"state = 'expired'", run) == 1);
+	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND attempt = 2 AND "
+		"state = 'succeeded'", run) == 1);
+}
+
 static const char *fan(int n)
 {
 	static char y[64 * 1024];
@@ -390,6 +419,7 @@ static int body(struct gp_test_env *env)
 	test_timeout_and_cancel();
 	test_cache();
 	test_worker_killed(&w1, &w2);
+	test_crash_attempts(&w1, &w2);
 	test_orchestrators_killed(&o);
 	test_nats_killed();
 	stop(w1, SIGTERM);
