@@ -21,9 +21,44 @@
 #define GP_MIGRATION_MAX_BYTES (4 << 20)
 #define GP_MIGRATION_MAX_FILES 10000
 
+/*
+ * Prepared statements, per connection: parsing and planning was over half
+ * of PostgreSQL's CPU under load with PQexecParams. A statement's text is
+ * prepared on first use under a generated name and reused; the least
+ * recently used is deallocated when the table is full; everything is
+ * forgotten when the connection is reset (the server forgot it too).
+ */
+#define GP_DB_STMTS 128
+
+struct stmt {
+	char *sql;
+	unsigned long hash;
+	unsigned long long used;
+	int id;
+};
+
 struct gp_db {
 	PGconn *conn;
+	struct stmt stmts[GP_DB_STMTS];
+	int nstmts;
+	int next_id;
+	unsigned long long clock;
 };
+
+static unsigned long sql_hash(const char *s)
+{
+	unsigned long h = 5381;
+	while (*s)
+		h = h * 33 + (unsigned char)*s++;
+	return h;
+}
+
+static void forget_statements(struct gp_db *db)
+{
+	for (int i = 0; i < db->nstmts; i++)
+		free(db->stmts[i].sql);
+	db->nstmts = 0;
+}
 
 static void notice_quiet(void *arg, const char *msg)
 {
@@ -69,6 +104,7 @@ void gp_db_destroy(struct gp_db *db)
 {
 	if (!db)
 		return;
+	forget_statements(db);
 	PQfinish(db->conn);
 	free(db);
 }
@@ -82,6 +118,7 @@ int gp_db_ok(struct gp_db *db)
 {
 	if (PQstatus(db->conn) == CONNECTION_OK)
 		return 1;
+	forget_statements(db);
 	PQreset(db->conn);
 	return PQstatus(db->conn) == CONNECTION_OK;
 }
@@ -127,10 +164,66 @@ static gp_status result_status(struct gp_db *db, PGresult *r, const char *what, 
 			  state ? state : "", state ? ")" : "");
 }
 
+/* The prepared statement for sql, preparing it when new. NULL: use unnamed. */
+static const char *statement(struct gp_db *db, const char *sql, int nparams, char *name,
+			     size_t len)
+{
+	unsigned long h = sql_hash(sql);
+	for (int i = 0; i < db->nstmts; i++) {
+		if (db->stmts[i].hash == h && !strcmp(db->stmts[i].sql, sql)) {
+			db->stmts[i].used = ++db->clock;
+			snprintf(name, len, "gp%d", db->stmts[i].id);
+			return name;
+		}
+	}
+	/* Inside a failed transaction nothing can be prepared: let the plain
+	 * execution report the real error. */
+	if (PQtransactionStatus(db->conn) == PQTRANS_INERROR)
+		return NULL;
+	struct stmt *slot;
+	if (db->nstmts < GP_DB_STMTS) {
+		slot = &db->stmts[db->nstmts++];
+	} else {
+		slot = &db->stmts[0];
+		for (int i = 1; i < GP_DB_STMTS; i++)
+			if (db->stmts[i].used < slot->used)
+				slot = &db->stmts[i];
+		char old[32], dealloc[48];
+		snprintf(old, sizeof old, "gp%d", slot->id);
+		snprintf(dealloc, sizeof dealloc, "DEALLOCATE %s", old);
+		PQclear(PQexec(db->conn, dealloc));
+		free(slot->sql);
+		slot->sql = NULL;
+	}
+	slot->sql = strdup(sql);
+	if (!slot->sql) {
+		*slot = db->stmts[--db->nstmts];
+		return NULL;
+	}
+	slot->hash = h;
+	slot->used = ++db->clock;
+	slot->id = ++db->next_id;
+	snprintf(name, len, "gp%d", slot->id);
+	PGresult *r = PQprepare(db->conn, name, sql, nparams, NULL);
+	int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+	PQclear(r);
+	if (!ok) {
+		/* Probably a syntax error: execute unnamed so the error surfaces
+		 * with its position. */
+		free(slot->sql);
+		*slot = db->stmts[--db->nstmts];
+		return NULL;
+	}
+	return name;
+}
+
 gp_status gp_db_exec(struct gp_db *db, const char *what, const char *sql, int nparams,
 		     const char *const *params, PGresult **res, struct gp_err *err)
 {
-	PGresult *r = PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+	char name[32];
+	const char *stmt = statement(db, sql, nparams, name, sizeof name);
+	PGresult *r = stmt ? PQexecPrepared(db->conn, stmt, nparams, params, NULL, NULL, 0)
+			   : PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
 	gp_status st = result_status(db, r, what, err);
 	if (st || !res)
 		PQclear(r);
