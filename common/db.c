@@ -166,8 +166,9 @@ static gp_status result_status(struct gp_db *db, PGresult *r, const char *what, 
 
 /* The prepared statement for sql, preparing it when new. NULL: use unnamed. */
 static const char *statement(struct gp_db *db, const char *sql, int nparams, char *name,
-			     size_t len)
+			     size_t len, PGresult **failed)
 {
+	*failed = NULL;
 	unsigned long h = sql_hash(sql);
 	for (int i = 0; i < db->nstmts; i++) {
 		if (db->stmts[i].hash == h && !strcmp(db->stmts[i].sql, sql)) {
@@ -205,15 +206,15 @@ static const char *statement(struct gp_db *db, const char *sql, int nparams, cha
 	slot->id = ++db->next_id;
 	snprintf(name, len, "gp%d", slot->id);
 	PGresult *r = PQprepare(db->conn, name, sql, nparams, NULL);
-	int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-	PQclear(r);
-	if (!ok) {
-		/* Probably a syntax error: execute unnamed so the error surfaces
-		 * with its position. */
+	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+		/* The statement is wrong (a missing table, a syntax error): its
+		 * preparation error is the error the caller should see. */
 		free(slot->sql);
 		*slot = db->stmts[--db->nstmts];
+		*failed = r;
 		return NULL;
 	}
+	PQclear(r);
 	return name;
 }
 
@@ -221,9 +222,11 @@ gp_status gp_db_exec(struct gp_db *db, const char *what, const char *sql, int np
 		     const char *const *params, PGresult **res, struct gp_err *err)
 {
 	char name[32];
-	const char *stmt = statement(db, sql, nparams, name, sizeof name);
-	PGresult *r = stmt ? PQexecPrepared(db->conn, stmt, nparams, params, NULL, NULL, 0)
-			   : PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+	PGresult *failed = NULL;
+	const char *stmt = statement(db, sql, nparams, name, sizeof name, &failed);
+	PGresult *r = failed ? failed
+		      : stmt ? PQexecPrepared(db->conn, stmt, nparams, params, NULL, NULL, 0)
+			     : PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
 	gp_status st = result_status(db, r, what, err);
 	if (st || !res)
 		PQclear(r);

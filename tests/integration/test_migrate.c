@@ -124,6 +124,24 @@ static int body(struct gp_test_env *env)
 	CHECK(gp_db_run(db, "audit update", "UPDATE audit_log SET actor = 'u'", &e) != GP_OK);
 	CHECK_CONTAINS(e.msg, "append-only");
 
+	/* Prepared statements: many distinct ones stay bounded on the server and
+	 * keep answering right after eviction; errors keep their reason, also
+	 * inside a transaction. */
+	for (int i = 0; i < 300; i++) {
+		char sql[64];
+		snprintf(sql, sizeof sql, "SELECT %d + 0", i);
+		CHECK(gp_test_scalar(m, sql) == i);
+	}
+	CHECK(gp_test_scalar(m, "SELECT 0 + 0") == 0);
+	CHECK(gp_test_scalar(m, "SELECT count(*) FROM pg_prepared_statements") <= 128);
+	REQUIRE_OK(gp_db_begin(m, &e), e);
+	CHECK(gp_db_exec(m, "probe", "SELECT x FROM no_such_table", 0, NULL, NULL, &e) ==
+	      GP_ERR_NOT_FOUND);
+	CHECK_CONTAINS(e.msg, "probe: relation \"no_such_table\" does not exist (SQLSTATE 42P01)");
+	gp_db_rollback(m);
+	CHECK(gp_db_exec(m, "syntax", "SELEKT 1", 0, NULL, NULL, &e) == GP_ERR_DB);
+	CHECK_CONTAINS(e.msg, "syntax error");
+
 	gp_db_destroy(m);
 	gp_db_destroy(db);
 	return CHECK_RESULT();
