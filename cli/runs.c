@@ -298,9 +298,12 @@ static int watch_run(struct gp_db *db, long long id)
 			char detail[200];
 			snprintf(detail, sizeof detail, "%s", PQgetvalue(s, i, 4));
 			if (tty) {
-				printf("\033[2K  %-20s %-10s %s %3.0f%% try %-2s %6ss %s %s\n", name,
+				char secs[24] = "      -";
+				if (*PQgetvalue(s, i, 5))
+					snprintf(secs, sizeof secs, "%6ss", PQgetvalue(s, i, 5));
+				printf("\033[2K  %-20s %-10s %s %3.0f%% try %-2s %s %s %s\n", name,
 				       state, b, frac < 0 ? 0 : frac * 100, PQgetvalue(s, i, 3),
-				       PQgetvalue(s, i, 5), eta, strcmp(state, "failed") &&
+				       secs, eta, strcmp(state, "failed") &&
 				       strcmp(state, "retrying") ? "" : detail);
 				drawn++;
 			} else if (strcmp(last[i], state) != 0) {
