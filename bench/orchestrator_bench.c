@@ -16,7 +16,12 @@
  * its own (no queueing behind other stages): from one stage finishing to
  * the next being claimed.
  *
- * usage: orchestrator_bench [STAGES (1000)] [WORKERS (2)] [RUNS (1)]
+ * Each run of the fan-out is made twice: with no cap on parallelism (every
+ * stage is queued the moment root finishes, so its dispatch latency is mostly
+ * queueing behind the workers) and with spec.parallelism = PAR (stages are
+ * queued as slots free up, so queued-to-claimed measures dispatch itself).
+ *
+ * usage: orchestrator_bench [STAGES (1000)] [WORKERS (2)] [RUNS (1)] [PAR (32)]
  */
 #include <fcntl.h>
 #include <signal.h>
@@ -92,8 +97,10 @@ int main(int argc, char **argv)
 	int n = argc > 1 ? atoi(argv[1]) : 1000;
 	int workers = argc > 2 ? atoi(argv[2]) : 2;
 	int runs = argc > 3 ? atoi(argv[3]) : 1;
-	if (n < 1 || n > 5000 || workers < 1 || workers > 64 || runs < 1) {
-		fprintf(stderr, "usage: orchestrator_bench [STAGES 1..5000] [WORKERS 1..64] [RUNS]\n");
+	int par = argc > 4 ? atoi(argv[4]) : 32;
+	if (n < 1 || n > 5000 || workers < 1 || workers > 64 || runs < 1 || par < 1) {
+		fprintf(stderr, "usage: orchestrator_bench [STAGES 1..5000] [WORKERS 1..64] [RUNS] "
+				"[PARALLELISM]\n");
 		return 2;
 	}
 	if (!mkdtemp(dir)) {
@@ -137,7 +144,8 @@ int main(int argc, char **argv)
 	yaml = malloc(cap);
 	len += (size_t)snprintf(yaml + len, cap - len,
 				"apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: bench}\n"
-				"spec:\n  stages:\n    - {name: root, kind: noop, cache: false}\n");
+				"spec:\n  parallelism: %d\n  stages:\n"
+				"    - {name: root, kind: noop, cache: false}\n", par);
 	for (int i = 0; i < n; i++)
 		len += (size_t)snprintf(yaml + len, cap - len,
 					"    - {name: s%d, kind: noop, needs: root, cache: false}\n", i);
@@ -152,18 +160,24 @@ int main(int argc, char **argv)
 		goto out;
 	}
 	free(errs);
-	struct gp_version_ref v;
+	struct gp_version_ref vcap, vfree;
 	params = cJSON_CreateObject();
-	if (gp_pipeline_submit(db, yaml, doc, "bench", &v, &e))
+	if (gp_pipeline_submit(db, yaml, doc, "bench", &vcap, &e))
+		goto out;
+	/* the same pipeline without the cap */
+	cJSON_ReplaceItemInObject(cJSON_GetObjectItem(doc, "spec"), "parallelism",
+				  cJSON_CreateNumber(0));
+	if (gp_pipeline_submit(db, yaml, doc, "bench", &vfree, &e))
 		goto out;
 	printf("orchestrator_bench: %d-stage fan-out/fan-in of no-op stages, %d noop workers, "
 	       "PostgreSQL fsync on\n",
 	       n, workers);
-	printf("%-6s %10s %12s %12s %14s\n", "run", "stages", "dispatch p50", "dispatch p99",
-	       "stages/s");
-	for (int k = 0; k < runs; k++) {
+	printf("%-6s %-12s %10s %12s %12s %14s\n", "run", "parallelism", "stages", "dispatch p50",
+	       "dispatch p99", "stages/s");
+	for (int k = 0; k < 2 * runs; k++) {
 		long long run = 0;
-		if (gp_run_create(db, v.id, params, "bench", &run, &e))
+		int capped = k % 2;
+		if (gp_run_create(db, capped ? vcap.id : vfree.id, params, "bench", &run, &e))
 			goto out;
 		char sql[400];
 		long long deadline = gp_now_ms() + 600000;
@@ -194,8 +208,10 @@ int main(int argc, char **argv)
 			 "WHERE run_id = %lld", run);
 		snprintf(qs, sizeof qs, "SELECT %d / extract(epoch FROM finished_at - created_at) "
 			 "FROM runs WHERE id = %lld", n + 2, run);
-		printf("%-6lld %10d %9.1f ms %9.1f ms %14.0f\n", run, n + 2, scalar(db, q50),
-		       scalar(db, q99), scalar(db, qs));
+		char pl[16];
+		snprintf(pl, sizeof pl, "%d", par);
+		printf("%-6lld %-12s %10d %9.1f ms %9.1f ms %14.0f\n", run, capped ? pl : "unbounded",
+		       n + 2, scalar(db, q50), scalar(db, q99), scalar(db, qs));
 	}
 	/* The chain: per-step overhead. */
 	{

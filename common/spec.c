@@ -892,7 +892,8 @@ static int find_cycle(int u, int n, const unsigned char *adj, char *color, int *
 
 static const char *const top_keys[] = { "apiVersion", "kind", "metadata", "spec" };
 static const char *const meta_keys[] = { "name", "description", "labels" };
-static const char *const spec_keys[] = { "params", "stages", "triggers", "budget" };
+static const char *const spec_keys[] = { "params", "stages", "triggers", "budget",
+					 "parallelism" };
 static const char *const param_keys[] = { "type", "default", "description" };
 static const char *const param_types[] = { "string", "int", "float", "bool" };
 static const char *const stage_keys[] = { "name",      "kind",	  "needs", "with",
@@ -1432,6 +1433,12 @@ static cJSON *validate(const struct node *root, struct gp_spec_errors *errs)
 		add_error(errs, s->line, s->col, "spec.stages is required");
 	else
 		check_stages(st, p && p->t == N_MAP ? p : NULL, stages, errs);
+	/* At most this many stages of a run dispatched and not finished (0: no cap). */
+	long long par = 0;
+	const struct node *pn = map_get(s, "parallelism");
+	if (pn)
+		want_int(pn, "spec.parallelism", 1, 100000, &par, errs);
+	cJSON_AddNumberToObject(spec, "parallelism", (double)par);
 	cJSON *trig = cJSON_CreateArray();
 	cJSON_AddItemToObject(spec, "triggers", trig);
 	const struct node *t = map_get(s, "triggers");

@@ -426,6 +426,12 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 			s->timeout_in = atoll(PQgetvalue(rows, i, 13));
 		}
 	}
+	/* spec.parallelism: stages dispatched and not yet final count against it. */
+	long long parallelism = num(cJSON_GetObjectItemCaseSensitive(se->doc, "spec"),
+				    "parallelism", 0);
+	int in_flight = 0;
+	for (int i = 0; i < n; i++)
+		in_flight += !strcmp(st[i].state, "queued");
 	int changed = 1, any_started = 0;
 	for (int pass = 0; changed && pass <= n + 1; pass++) {
 		changed = 0;
@@ -467,6 +473,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 					continue;
 				}
 				changed = 1;
+				in_flight--; /* this stage's attempt is final now */
 				if (!strcmp(s->astate, "succeeded")) {
 					char *o = s->aoutputs ? cJSON_PrintUnformatted(s->aoutputs)
 							      : strdup("{}");
@@ -516,10 +523,13 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 						due = s->due_in;
 					continue;
 				}
+				if (parallelism > 0 && in_flight >= parallelism)
+					continue;
 				changed = 1;
 				if ((rc = dispatch(db, run_id, st, n, i, s->attempt + 1, params,
 						   kind_version(kinds, s->kind), dispatched, err)))
 					goto rollback;
+				in_flight += !strcmp(s->state, "queued");
 				continue;
 			}
 			if (!strcmp(s->state, "pending")) {
@@ -539,13 +549,14 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 							    "an upstream stage did not succeed", NULL,
 							    -1, err)))
 						goto rollback;
-				} else if (ready) {
+				} else if (ready && (parallelism <= 0 || in_flight < parallelism)) {
 					changed = 1;
 					any_started = 1;
 					if ((rc = dispatch(db, run_id, st, n, i, s->attempt + 1, params,
 							   kind_version(kinds, s->kind), dispatched,
 							   err)))
 						goto rollback;
+					in_flight += !strcmp(s->state, "queued");
 				}
 			}
 		}

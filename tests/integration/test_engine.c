@@ -258,6 +258,23 @@ static void test_timeout_and_cancel(void)
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND stage = 'never'", run) == 0);
 }
 
+static void test_parallelism(void)
+{
+	long long run = submit(HDR("capped") "  parallelism: 1\n  stages:\n"
+					     "    - {name: a, kind: noop, cache: false, with: {duration: 200ms}}\n"
+					     "    - {name: b, kind: noop, cache: false, with: {duration: 200ms}}\n"
+					     "    - {name: c, kind: noop, cache: false, with: {duration: 200ms}}\n"
+					     "    - {name: d, kind: noop, cache: false, with: {duration: 200ms}}\n",
+			       NULL, 0);
+	CHECK(wait_run(run, 20000) == 1);
+	/* two workers, four independent stages, and still never two at once */
+	CHECK(q("SELECT count(*) FROM stage_attempts x JOIN stage_attempts y ON x.run_id = y.run_id "
+		"AND x.stage < y.stage WHERE x.run_id = %lld AND x.claimed_at < y.finished_at AND "
+		"y.claimed_at < x.finished_at", run) == 0);
+	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND state = 'succeeded'",
+		run) == 4);
+}
+
 static void test_cache(void)
 {
 	const char *y = HDR("cachey") "  params: {n: {type: int, default: 1}}\n  stages:\n"
@@ -418,6 +435,7 @@ static int body(struct gp_test_env *env)
 	test_retry_backoff_and_exhaustion();
 	test_timeout_and_cancel();
 	test_cache();
+	test_parallelism();
 	test_worker_killed(&w1, &w2);
 	test_crash_attempts(&w1, &w2);
 	test_orchestrators_killed(&o);

@@ -107,6 +107,10 @@ static const struct {
 	{ "bad-param-type",
 	  "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: p}\nspec:\n  params:\n    n: {type: int, default: lots}\n  stages: [{name: a, kind: noop}]\n",
 	  6, 29, "param \"n\": default must be an integer, got \"lots\"" },
+	{ "bad-parallelism",
+	  "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: p}\nspec:\n  parallelism: 0\n"
+	  "  stages: [{name: a, kind: noop}]\n",
+	  5, 16, "spec.parallelism must be between 1 and 100000, got 0" },
 	{ "bad-pool", HDR "    - name: a\n      kind: noop\n      resources: {pool: spotty}\n", 9, 25,
 	  "\"spotty\" is not one of on-demand, spot (did you mean \"spot\"?)" },
 };
