@@ -172,15 +172,6 @@ void gp_metric_observe(struct gp_metric *m, double v)
 	pthread_mutex_unlock(m->lock);
 }
 
-double gp_metric_value(struct gp_metric *m)
-{
-	if (!m)
-		return 0;
-	pthread_mutex_lock(m->lock);
-	double v = m->value;
-	pthread_mutex_unlock(m->lock);
-	return v;
-}
 
 /* Bounded growable text buffer. */
 struct buf {

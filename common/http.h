@@ -43,7 +43,6 @@ struct gp_metric *gp_metrics_get(struct gp_metrics *reg, enum gp_metric_type typ
 void gp_metric_inc(struct gp_metric *m, double v);     /* counter, gauge */
 void gp_metric_set(struct gp_metric *m, double v);     /* gauge */
 void gp_metric_observe(struct gp_metric *m, double v); /* histogram */
-double gp_metric_value(struct gp_metric *m);           /* counter, gauge; sum for histograms */
 
 /* Render the exposition text. Caller owns *out (free()). */
 gp_status gp_metrics_render(struct gp_metrics *reg, char **out, size_t *len, struct gp_err *err);

@@ -3,7 +3,6 @@
  */
 #include "outbox.h"
 
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,26 +146,3 @@ gp_status gp_outbox_listen(struct gp_db *db, struct gp_err *err)
 	return gp_db_run(db, "listen for outbox notifications", "LISTEN genpipe_outbox", err);
 }
 
-void gp_outbox_wait(struct gp_db *db, long long timeout_ms)
-{
-	PGconn *c = gp_db_conn(db);
-	PGnotify *nt;
-	PQconsumeInput(c);
-	int got = 0;
-	while ((nt = PQnotifies(c)) != NULL) {
-		PQfreemem(nt);
-		got = 1;
-	}
-	if (got)
-		return;
-	struct pollfd pfd = { .fd = PQsocket(c), .events = POLLIN };
-	if (pfd.fd < 0) {
-		gp_sleep_ms(timeout_ms);
-		return;
-	}
-	if (poll(&pfd, 1, (int)timeout_ms) > 0) {
-		PQconsumeInput(c);
-		while ((nt = PQnotifies(c)) != NULL)
-			PQfreemem(nt);
-	}
-}

@@ -43,9 +43,6 @@ gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
 /* LISTEN for the outbox trigger's notifications on this connection. */
 gp_status gp_outbox_listen(struct gp_db *db, struct gp_err *err);
 
-/* Wait up to timeout_ms for a notification (or socket activity); consumes them. */
-void gp_outbox_wait(struct gp_db *db, long long timeout_ms);
-
 /* Message id used for an outbox row. buf needs 32 bytes. */
 void gp_outbox_msg_id(long long id, char *buf, size_t len);
 

@@ -192,11 +192,6 @@ const char *gp_worker_id(const struct gp_worker *w)
 	return w->worker_id;
 }
 
-void gp_worker_request_stop(struct gp_worker *w)
-{
-	w->stop = 1;
-}
-
 const gp_stage_job *gp_job_msg(const struct gp_job *job)
 {
 	return job->msg;

@@ -96,9 +96,6 @@ void gp_job_succeed(struct gp_job *job, const char *outputs_json, const char *me
 void gp_job_fail(struct gp_job *job, int permanent, const char *error);
 void gp_job_release(struct gp_job *job, const char *reason);
 
-/* Set by the service's SIGTERM handler; the worker passes it to jobs. */
-void gp_worker_request_stop(struct gp_worker *w);
-
 /* ---- attempts and leases (used by the orchestrator and tests) ---- */
 
 struct gp_attempt_spec {

@@ -109,6 +109,41 @@ static int body(struct gp_test_env *env)
 	CHECK(gp_bus_declare(client, &bad, 1, NULL, 0, &e) != GP_OK);
 	CHECK_CONTAINS(e.msg, "declare stream BAD.NAME");
 
+	/* Nak with a delay: redelivered after the delay, not before; in-progress
+	 * keeps a message past AckWait; term ends it for good. */
+	struct gp_stream_def ts = { .name = "TESTACKS", .subjects = { "test.acks.>", NULL } };
+	struct gp_consumer_def tc = { .stream = "TESTACKS", .durable = "acks",
+				      .filter = "test.acks.>", .ack_wait_ms = 1000,
+				      .max_deliver = -1, .max_ack_pending = 100 };
+	REQUIRE_OK(gp_bus_declare(client, &ts, 1, &tc, 1, &e), e);
+	natsSubscription *ps = NULL;
+	REQUIRE_OK(gp_bus_pull_subscribe(client, &tc, &ps, &e), e);
+	REQUIRE_OK(gp_bus_publish(client, "test.acks.1", "n", 1, NULL, 2000, NULL, NULL, &e), e);
+	natsMsgList l = { 0 };
+	REQUIRE_OK(gp_bus_fetch(ps, 1, 2000, &l, &e), e);
+	struct gp_msg_meta meta;
+	REQUIRE_OK(gp_bus_meta(l.Msgs[0], &meta, &e), e);
+	CHECK(meta.delivered == 1);
+	CHECK_STR(meta.stream, "TESTACKS");
+	REQUIRE_OK(gp_bus_nak(l.Msgs[0], 800, &e), e);
+	natsMsgList_Destroy(&l);
+	CHECK(gp_bus_fetch(ps, 1, 400, &l, &e) == GP_ERR_TIMEOUT);
+	REQUIRE_OK(gp_bus_fetch(ps, 1, 3000, &l, &e), e);
+	REQUIRE_OK(gp_bus_meta(l.Msgs[0], &meta, &e), e);
+	CHECK(meta.delivered == 2);
+	/* in progress past AckWait (1 s) */
+	for (int i = 0; i < 4; i++) {
+		gp_sleep_ms(400);
+		REQUIRE_OK(gp_bus_in_progress(l.Msgs[0], &e), e);
+	}
+	natsMsgList l2 = { 0 };
+	CHECK(gp_bus_fetch(ps, 1, 300, &l2, &e) == GP_ERR_TIMEOUT); /* not redelivered */
+	natsMsgList_Destroy(&l2);
+	REQUIRE_OK(gp_bus_term(l.Msgs[0], &e), e);
+	natsMsgList_Destroy(&l);
+	CHECK(gp_bus_fetch(ps, 1, 1500, &l, &e) == GP_ERR_TIMEOUT);
+	natsSubscription_Destroy(ps);
+
 	/* Drain: in-flight handlers finish before the connection closes. */
 	natsSubscription *slow = NULL;
 	REQUIRE(natsConnection_Subscribe(&slow, gp_bus_conn(r1.bus), "slow.work", on_slow, NULL) ==
