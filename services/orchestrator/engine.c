@@ -22,6 +22,8 @@ struct stage {
 	int base;               /* attempt_base */
 	int due;                /* not_before has passed */
 	long long due_in;       /* ms until not_before */
+	const char *outputs_text; /* borrowed from the stage rows; parsed on demand */
+	int outputs_loaded;
 	cJSON *outputs;         /* owned */
 	/* latest attempt */
 	long long aid;
@@ -223,24 +225,59 @@ static struct spec_entry *spec_get(struct gp_db *db, long long pv_id, struct gp_
 }
 
 /* Dispatch attempt `attempt` of stage i, or serve it from the cache. */
+/* A stage's outputs, parsed from its row the first time they are needed. */
+static const cJSON *stage_outputs(struct stage *s)
+{
+	if (!s->outputs_loaded) {
+		s->outputs_loaded = 1;
+		if (s->outputs_text)
+			s->outputs = cJSON_Parse(s->outputs_text);
+	}
+	return s->outputs;
+}
+
+static void set_outputs(struct stage *s, cJSON *o, cJSON **outs_cache)
+{
+	cJSON_Delete(s->outputs);
+	s->outputs = o;
+	s->outputs_loaded = 1;
+	/* the shared map refers to the old object: rebuild it when next needed */
+	cJSON_Delete(*outs_cache);
+	*outs_cache = NULL;
+}
+
+/*
+ * Dispatch attempt `attempt` of stage i, or serve it from the cache.
+ * *outs_cache is the map stage -> outputs used to resolve templates; built
+ * once per advance from references (no copies), since a wide fan-out
+ * dispatches many stages against the same outputs.
+ */
 static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, int n, int i,
 			  int attempt, const cJSON *params, const char *kind_version,
-			  int *dispatched, struct gp_err *err)
+			  int *dispatched, cJSON **outs_cache, struct gp_err *err)
 {
 	struct stage *s = &st[i];
 	gp_status rc = GP_OK;
-	cJSON *outs = cJSON_CreateObject(), *needs_out = cJSON_CreateObject();
+	cJSON *needs_out = cJSON_CreateObject();
 	cJSON *with = NULL;
 	char *wtext = NULL, *ntext = NULL, *keytext = NULL;
 	PGresult *r = NULL;
-	for (int k = 0; k < n; k++)
-		if (st[k].outputs)
-			cJSON_AddItemToObject(outs, st[k].name, cJSON_Duplicate(st[k].outputs, 1));
+	if (!*outs_cache) {
+		*outs_cache = cJSON_CreateObject();
+		for (int k = 0; *outs_cache && k < n; k++) {
+			const cJSON *o = stage_outputs(&st[k]);
+			if (o)
+				cJSON_AddItemReferenceToObject(*outs_cache, st[k].name, (cJSON *)o);
+		}
+	}
+	cJSON *outs = *outs_cache;
 	for (int k = 0; k < s->nneeds; k++) {
 		int j = s->needs[k];
-		cJSON_AddItemToObject(needs_out, st[j].name,
-				      st[j].outputs ? cJSON_Duplicate(st[j].outputs, 1)
-						    : cJSON_CreateNull());
+		const cJSON *o = stage_outputs(&st[j]);
+		if (o)
+			cJSON_AddItemReferenceToObject(needs_out, st[j].name, (cJSON *)o);
+		else
+			cJSON_AddItemToObject(needs_out, st[j].name, cJSON_CreateNull());
 	}
 	struct gp_err rerr = { 0 };
 	with = gp_spec_resolve_with(cJSON_GetObjectItemCaseSensitive(s->spec, "with"), params, outs,
@@ -284,8 +321,7 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 			if ((rc = set_stage(db, run_id, s, "cached", PQgetvalue(r, 0, 1), NULL, key, -1,
 					    err)))
 				goto out;
-			cJSON_Delete(s->outputs);
-			s->outputs = cJSON_Parse(PQgetvalue(r, 0, 1));
+			set_outputs(s, cJSON_Parse(PQgetvalue(r, 0, 1)), outs_cache);
 			goto out;
 		}
 	}
@@ -310,7 +346,6 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 	rc = set_stage(db, run_id, s, "queued", NULL, NULL, cache ? key : NULL, -1, err);
 out:
 	PQclear(r);
-	cJSON_Delete(outs);
 	cJSON_Delete(needs_out);
 	cJSON_Delete(with);
 	free(wtext);
@@ -334,7 +369,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	snprintf(rid, sizeof rid, "%lld", run_id);
 	const char *p[] = { rid };
 	PGresult *r = NULL, *rows = NULL, *kinds = NULL;
-	cJSON *params = NULL;
+	cJSON *params = NULL, *outs_cache = NULL;
 	struct spec_entry *se = NULL;
 	struct stage *st = NULL;
 	int n = 0;
@@ -380,9 +415,11 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 			     "interval '1 millisecond' < clock_timestamp(), false), "
 			     "coalesce((extract(epoch FROM a.claimed_at + a.timeout_ms * interval "
 			     "'1 millisecond' - clock_timestamp()) * 1000)::bigint, -1) "
-			     "FROM run_stages rs LEFT JOIN (SELECT DISTINCT ON (stage) * "
-			     "FROM stage_attempts WHERE run_id = $1::bigint "
-			     "ORDER BY stage, attempt DESC) a ON a.stage = rs.stage "
+			     "FROM run_stages rs LEFT JOIN (SELECT DISTINCT ON (x.stage) x.* "
+			     "FROM stage_attempts x JOIN run_stages q ON q.run_id = x.run_id "
+			     "AND q.stage = x.stage AND q.state IN ('queued', 'retrying') "
+			     "WHERE x.run_id = $1::bigint "
+			     "ORDER BY x.stage, x.attempt DESC) a ON a.stage = rs.stage "
 			     "WHERE rs.run_id = $1::bigint ORDER BY rs.position",
 			     1, p, &rows, err)) ||
 	    (rc = gp_db_exec(db, "read stage kinds", "SELECT kind, version FROM stage_kinds", 0,
@@ -413,7 +450,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 		s->due = PQgetvalue(rows, i, 3)[0] == 't';
 		s->due_in = atoll(PQgetvalue(rows, i, 4));
 		if (!PQgetisnull(rows, i, 5))
-			s->outputs = cJSON_Parse(PQgetvalue(rows, i, 5));
+			s->outputs_text = PQgetvalue(rows, i, 5);
 		if (!PQgetisnull(rows, i, 6)) {
 			s->aid = atoll(PQgetvalue(rows, i, 6));
 			s->attempt = atoi(PQgetvalue(rows, i, 7));
@@ -481,9 +518,9 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 					free(o);
 					if (rc)
 						goto rollback;
-					cJSON_Delete(s->outputs);
-					s->outputs = s->aoutputs ? cJSON_Duplicate(s->aoutputs, 1)
-								 : cJSON_CreateObject();
+					set_outputs(s, s->aoutputs ? cJSON_Duplicate(s->aoutputs, 1)
+								   : cJSON_CreateObject(),
+						    &outs_cache);
 					continue;
 				}
 				if (!strcmp(s->astate, "cancelled")) {
@@ -527,7 +564,8 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 					continue;
 				changed = 1;
 				if ((rc = dispatch(db, run_id, st, n, i, s->attempt + 1, params,
-						   kind_version(kinds, s->kind), dispatched, err)))
+						   kind_version(kinds, s->kind), dispatched,
+						   &outs_cache, err)))
 					goto rollback;
 				in_flight += !strcmp(s->state, "queued");
 				continue;
@@ -552,9 +590,10 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 				} else if (ready && (parallelism <= 0 || in_flight < parallelism)) {
 					changed = 1;
 					any_started = 1;
-					if ((rc = dispatch(db, run_id, st, n, i, s->attempt + 1, params,
-							   kind_version(kinds, s->kind), dispatched,
-							   err)))
+					if ((rc = dispatch(db, run_id, st, n, i,
+							   (s->attempt > s->base ? s->attempt : s->base) + 1,
+							   params, kind_version(kinds, s->kind),
+							   dispatched, &outs_cache, err)))
 						goto rollback;
 					in_flight += !strcmp(s->state, "queued");
 				}
@@ -594,6 +633,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 rollback:
 	gp_db_rollback(db);
 out:
+	cJSON_Delete(outs_cache); /* references only: frees no outputs */
 	for (int i = 0; st && i < n; i++) {
 		cJSON_Delete(st[i].outputs);
 		cJSON_Delete(st[i].aoutputs);
