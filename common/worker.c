@@ -631,17 +631,19 @@ static gp_status claim(struct gp_worker *w, struct gp_job *job, int *claimed, st
 	snprintf(att, sizeof att, "%u", job->msg->attempt);
 	snprintf(lease, sizeof lease, "%lld", w->lease_ms);
 	random_hex(job->token, 16);
-	const char *p[] = { id, job->token, lease, w->worker_id, run, att, w->kind };
+	const char *p[] = { id, job->token, lease, w->worker_id, run, att, w->kind, job->msg->stage };
 	PGresult *r = NULL;
 	*claimed = 0;
+	/* Every identifying field must match the row, not just the id: a message
+	 * is only ever a pointer to the row it was written with. */
 	gp_status st = gp_db_exec(
 		w->db, "claim attempt",
 		"UPDATE stage_attempts SET state = 'running', lease_token = $2, "
 		"lease_deadline = now() + $3::integer * interval '1 millisecond', worker = $4, "
 		"claimed_at = clock_timestamp(), heartbeat_at = now() "
 		"WHERE id = $1::bigint AND state = 'queued' AND run_id = $5::bigint "
-		"AND attempt = $6::integer AND kind = $7 RETURNING id",
-		7, p, &r, err);
+		"AND attempt = $6::integer AND kind = $7 AND stage = $8 RETURNING id",
+		8, p, &r, err);
 	if (st)
 		return st;
 	if (PQntuples(r) == 1) {
@@ -652,16 +654,18 @@ static gp_status claim(struct gp_worker *w, struct gp_job *job, int *claimed, st
 	PQclear(r);
 	const char *p1[] = { id };
 	if ((st = gp_db_exec(w->db, "look up attempt",
-			     "SELECT state, run_id, attempt, kind FROM stage_attempts "
+			     "SELECT state, run_id, attempt, kind, stage FROM stage_attempts "
 			     "WHERE id = $1::bigint",
 			     1, p1, &r, err)))
 		return st;
 	if (PQntuples(r) == 0 || atoll(PQgetvalue(r, 0, 1)) != job->msg->run_id ||
 	    (unsigned)atoi(PQgetvalue(r, 0, 2)) != job->msg->attempt ||
-	    strcmp(PQgetvalue(r, 0, 3), w->kind) != 0) {
+	    strcmp(PQgetvalue(r, 0, 3), w->kind) != 0 ||
+	    strcmp(PQgetvalue(r, 0, 4), job->msg->stage) != 0) {
 		char reason[200];
 		snprintf(reason, sizeof reason,
-			 PQntuples(r) ? "job does not match attempt %s (run, attempt or kind differ)"
+			 PQntuples(r) ? "job does not match attempt %s (run, stage, attempt or kind "
+					"differ)"
 				      : "unknown attempt %s",
 			 id);
 		PQclear(r);

@@ -244,13 +244,35 @@ static void test_poison(const struct gp_test_env *env, struct gp_db *db, struct 
 	REQUIRE_OK(gp_wire_encode(&j.base, &buf, &len, &e), e);
 	REQUIRE_OK(gp_bus_publish(bus, subj, buf, (int)len, NULL, 2000, NULL, NULL, &e), e);
 	free(buf);
-	for (int i = 0; i < 4; i++) {
+	/* a real queued attempt, but the message names another stage */
+	long long run = gp_test_make_run(db, "poison-run");
+	REQUIRE_OK(gp_db_begin(db, &e), e);
+	long long real_id = 0;
+	struct gp_attempt_spec as = { .run_id = run, .stage = "real", .kind = "poison", .attempt = 1 };
+	REQUIRE_OK(gp_attempt_enqueue(db, &as, &real_id, &e), e);
+	REQUIRE_OK(gp_db_commit(db, &e), e);
+	REQUIRE_OK(gp_db_run(db, "drop its message", "DELETE FROM outbox", &e), e);
+	j.attempt_id = real_id;
+	j.run_id = run;
+	j.kind = "poison";
+	j.stage = "other-stage";
+	j.schema_version = 0;
+	REQUIRE_OK(gp_wire_encode(&j.base, &buf, &len, &e), e);
+	REQUIRE_OK(gp_bus_publish(bus, subj, buf, (int)len, NULL, 2000, NULL, NULL, &e), e);
+	free(buf);
+	for (int i = 0; i < 5; i++) {
 		int handled = 0;
 		REQUIRE_OK(gp_worker_poll(w, 3000, &handled, &e), e);
 		CHECK(handled == 1);
 	}
 	CHECK(gp_test_scalar(db, "SELECT count(*) FROM dead_letters WHERE subject = "
-				 "'genpipe.jobs.poison'") == 4);
+				 "'genpipe.jobs.poison'") == 5);
+	char qq[200];
+	snprintf(qq, sizeof qq, "SELECT count(*) FROM stage_attempts WHERE id = %lld AND "
+		 "state = 'queued'", real_id);
+	CHECK(gp_test_scalar(db, qq) == 1); /* untouched */
+	CHECK(gp_test_scalar(db, "SELECT count(*) FROM dead_letters WHERE reason LIKE "
+				 "'job does not match attempt %(run, stage, attempt or kind differ)'") == 1);
 	CHECK(gp_test_scalar(db, "SELECT count(*) FROM dead_letters WHERE reason = "
 				 "'stage job: not a valid protobuf message' AND payload = "
 				 "'\\xffffffff0f'::bytea") == 1);
