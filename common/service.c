@@ -3,7 +3,9 @@
  */
 #include "service.h"
 
+#include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -63,7 +65,23 @@ static int ready(void *cls, char *why, size_t len)
 		snprintf(why, len, "nats: not connected");
 		return 0;
 	}
-	return 1;
+	int ok = 1;
+	if (s->probe_db && s->probe_lock) {
+		pthread_mutex_lock(s->probe_lock);
+		struct gp_err e = { 0 };
+		/* A server restart leaves a dead connection that looks fine until
+		 * used: on failure, reconnect once and ask again. */
+		int good = gp_db_ok(s->probe_db) &&
+			   gp_db_run(s->probe_db, "readiness probe", "SELECT 1", &e) == GP_OK;
+		if (!good && gp_db_ok(s->probe_db))
+			good = gp_db_run(s->probe_db, "readiness probe", "SELECT 1", &e) == GP_OK;
+		if (!good) {
+			snprintf(why, len, "database: %s", e.msg[0] ? e.msg : "connection lost");
+			ok = 0;
+		}
+		pthread_mutex_unlock(s->probe_lock);
+	}
+	return ok;
 }
 
 gp_status gp_service_start(struct gp_service *svc, int bus_flags, long long wait_ms,
@@ -81,10 +99,20 @@ gp_status gp_service_start(struct gp_service *svc, int bus_flags, long long wait
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	svc->up = gp_metrics_get(svc->metrics, GP_GAUGE, "genpipe_up",
 				 "1 while the service runs and is connected", NULL, NULL, 0);
+	if ((st = gp_db_connect(&svc->db, svc->database_url, wait_ms, err)))
+		goto fail;
+	if ((st = gp_db_connect(&svc->probe_db, svc->database_url, wait_ms, err)))
+		goto fail;
+	/* A failing probe must answer quickly, not hang the HTTP thread. */
+	gp_db_run(svc->probe_db, "probe timeout", "SET statement_timeout = 1000", NULL);
+	svc->probe_lock = malloc(sizeof(pthread_mutex_t));
+	if (!svc->probe_lock) {
+		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		goto fail;
+	}
+	pthread_mutex_init(svc->probe_lock, NULL);
 	if ((st = gp_http_create(&svc->http, svc->http_addr, (int)svc->http_port, svc->metrics,
 				 ready, svc, err)))
-		goto fail;
-	if ((st = gp_db_connect(&svc->db, svc->database_url, wait_ms, err)))
 		goto fail;
 	if ((st = gp_bus_connect(&svc->bus, svc->nats_url, cname, bus_flags, wait_ms, err)))
 		goto fail;
@@ -105,12 +133,20 @@ void gp_service_stop(struct gp_service *svc)
 		if (gp_bus_drain(svc->bus, 5000, &e))
 			gp_warn("drain: %s", e.msg);
 	}
+	/* The HTTP thread reads bus and probe connection: stop it first. */
+	gp_http_destroy(svc->http);
+	svc->http = NULL;
 	gp_bus_destroy(svc->bus);
 	svc->bus = NULL;
 	gp_db_destroy(svc->db);
 	svc->db = NULL;
-	gp_http_destroy(svc->http);
-	svc->http = NULL;
+	gp_db_destroy(svc->probe_db);
+	svc->probe_db = NULL;
+	if (svc->probe_lock) {
+		pthread_mutex_destroy(svc->probe_lock);
+		free(svc->probe_lock);
+		svc->probe_lock = NULL;
+	}
 	gp_metrics_destroy(svc->metrics);
 	svc->metrics = NULL;
 }

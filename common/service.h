@@ -10,6 +10,10 @@
  *   --log-level     GENPIPE_LOG_LEVEL     info
  * A service appends its own options after these.
  *
+ * /readyz answers 503 while NATS is disconnected, while PostgreSQL does not
+ * answer `SELECT 1` within a second (on a connection of its own: a PGconn
+ * is not shared between threads), or while draining.
+ *
  * SIGTERM and SIGINT set the stop flag (gp_service_stopping()); services
  * drain in-flight work and exit 0.
  */
@@ -33,6 +37,8 @@ struct gp_service {
 	struct gp_db *db;
 	struct gp_bus *bus;
 	struct gp_metric *up;
+	struct gp_db *probe_db;   /* readiness checks only (the HTTP thread's own) */
+	void *probe_lock;         /* pthread_mutex_t *, for probe_db */
 };
 
 /* Number of standard options gp_service_options() writes. */

@@ -498,8 +498,15 @@ static gp_status pg_up(const struct gp_stack_options *o, char *url, size_t ulen,
 	snprintf(pwpath, sizeof pwpath, "%s/pg/password", dir);
 	gp_stack_log_path(dir, "postgres", logp, sizeof logp);
 
+	int tries = 0;
+again:;
 	int pid = recorded_pid(dir, "postgres");
 	int port = recorded_port(dir, "postgres");
+	/* A recorded server that is alive but not accepting is starting up or
+	 * shutting down: wait for it to settle either way before deciding. */
+	long long settle = gp_now_ms() + 30000;
+	while (pid_runs(pid, "postgres") && !(port > 0 && tcp_open(port)) && gp_now_ms() < settle)
+		gp_sleep_ms(100);
 	int running = pid_runs(pid, "postgres") && port > 0 && tcp_open(port);
 
 	if ((st = find_pg_bindir(bindir, sizeof bindir, err)))
@@ -580,8 +587,14 @@ static gp_status pg_up(const struct gp_stack_options *o, char *url, size_t ulen,
 	snprintf(adminurl, sizeof adminurl,
 		 "postgresql://genpipe:%s@127.0.0.1:%d/postgres?connect_timeout=5", pw, port);
 	struct gp_db *db = NULL;
-	if ((st = gp_db_connect(&db, adminurl, 30000, err)))
-		return st;
+	long long until = gp_now_ms() + 30000;
+	while ((st = gp_db_connect(&db, adminurl, 1000, err))) {
+		/* It was shutting down when we looked: start it again. */
+		if (!pid_runs(pid, "postgres") && ++tries < 3)
+			goto again;
+		if (gp_now_ms() > until)
+			return st;
+	}
 	PGresult *r = NULL;
 	st = gp_db_exec(db, "look for database genpipe",
 			"SELECT 1 FROM pg_database WHERE datname = 'genpipe'", 0, NULL, &r, err);

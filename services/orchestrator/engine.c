@@ -401,9 +401,17 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	const cJSON *stages = cJSON_GetObjectItemCaseSensitive(
 		cJSON_GetObjectItemCaseSensitive(se->doc, "spec"), "stages");
 	if (!params || !cJSON_IsArray(stages)) {
-		rc = gp_err_set(err, GP_ERR_INTERNAL, "run %lld: stored spec or params unreadable",
-				run_id);
-		goto rollback;
+		/* Not something a retry can fix: fail the run and say why. */
+		const char *pp[] = { rid };
+		gp_warn("run %lld: its stored spec or params are unreadable; failing it", run_id);
+		if ((rc = gp_db_exec(db, "fail unreadable run",
+				     "UPDATE runs SET state = 'failed', finished_at = now(), "
+				     "updated_at = now(), error = 'stored spec or params unreadable' "
+				     "WHERE id = $1::bigint",
+				     1, pp, NULL, err)))
+			goto rollback;
+		rc = gp_db_commit(db, err);
+		goto out;
 	}
 	if ((rc = gp_db_exec(db, "read stages",
 			     "SELECT rs.stage, rs.state, rs.attempt_base, "

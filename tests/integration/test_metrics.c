@@ -157,6 +157,50 @@ static int body(struct gp_test_env *env)
 	CHECK(code == 404);
 	free(text);
 
+	/* Not ready while PostgreSQL is down; ready again when it is back. */
+	text = NULL; /* freed above */
+	{
+		char ppath[600], pbuf[32] = "";
+		snprintf(ppath, sizeof ppath, "%s/run/postgres.pid", env->dir);
+		FILE *pf = fopen(ppath, "r");
+		REQUIRE(pf && fgets(pbuf, sizeof pbuf, pf));
+		fclose(pf);
+		int pgpid = atoi(pbuf);
+		REQUIRE(pgpid > 0);
+		kill(pgpid, SIGINT); /* fast shutdown */
+		snprintf(url, sizeof url, "http://127.0.0.1:%d/readyz", port);
+		deadline = gp_now_ms() + 10000;
+		code = 0;
+		while (gp_now_ms() < deadline) {
+			free(text);
+			text = NULL;
+			if (gp_http_get(url, 3000, &code, &text, &e) == GP_OK && code == 503)
+				break;
+			gp_sleep_ms(100);
+		}
+		CHECK(code == 503);
+		CHECK_CONTAINS(text, "database");
+		free(text);
+		text = NULL;
+		struct gp_stack_options so = { .data_dir = env->dir,
+					       .migrations_dir = env->migrations_dir, .fast = 1 };
+		REQUIRE_OK(gp_stack_up(&so, &e), e);
+		deadline = gp_now_ms() + 10000;
+		while (gp_now_ms() < deadline) {
+			free(text);
+			text = NULL;
+			if (gp_http_get(url, 3000, &code, &text, &e) == GP_OK && code == 200)
+				break;
+			gp_sleep_ms(100);
+		}
+		CHECK(code == 200);
+		free(text);
+		text = NULL;
+		/* our own connection died with the old server */
+		gp_db_destroy(db);
+		db = gp_test_db(env);
+	}
+
 	/* SIGTERM: drains and exits 0. */
 	kill(orch, SIGTERM);
 	int ws = 0;
