@@ -8,7 +8,7 @@ FUZZ_SECONDS ?= 10
 JOBS       ?= $(shell nproc)
 CTEST_JOBS ?= 2
 
-.PHONY: all deps build demo test test-main test-sanitize down clean
+.PHONY: all deps build demo test test-main test-sanitize bench down clean
 
 all: build
 
@@ -37,6 +37,10 @@ test-sanitize:
 		-DGENPIPE_FUZZ=ON -DGENPIPE_CUDA=OFF -DGENPIPE_FUZZ_SECONDS=$(FUZZ_SECONDS)
 	cmake --build $(SAN_BUILD) -j $(JOBS)
 	ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(CTEST_JOBS)
+
+# Orchestrator overhead on a private stack: 1000-stage fan-out, 3 workers, 3 runs.
+bench: build
+	$(BUILD)/bin/orchestrator_bench 1000 3 3
 
 down:
 	$(BUILD)/bin/genpipe dev down
