@@ -177,6 +177,21 @@ static int diff_pipelines(struct gp_db *db, const char *a, const char *b)
 	char *ta = cJSON_Print(sa), *tb = cJSON_Print(sb);
 	char pa[64], pb[64];
 	int rc = 2;
+	if (cli_json) {
+		/* both normal forms and whether they differ; scripts diff them */
+		int same = ta && tb && !strcmp(ta, tb);
+		cJSON *o = cJSON_CreateObject();
+		cJSON_AddStringToObject(o, "a", a);
+		cJSON_AddStringToObject(o, "b", b);
+		cJSON_AddBoolToObject(o, "same", same);
+		cJSON_AddItemToObject(o, "spec_a", sa);
+		cJSON_AddItemToObject(o, "spec_b", sb);
+		sa = sb = NULL;
+		cli_print_json(o);
+		free(ta);
+		free(tb);
+		return same ? 0 : 1;
+	}
 	if (ta && tb && write_temp(ta, pa, sizeof pa) == 0) {
 		if (write_temp(tb, pb, sizeof pb) == 0) {
 			char cmd[512];

@@ -306,6 +306,20 @@ static int watch_run(struct gp_db *db, long long id)
 				       secs, eta, strcmp(state, "failed") &&
 				       strcmp(state, "retrying") ? "" : detail);
 				drawn++;
+			} else if (strcmp(last[i], state) != 0 && cli_json) {
+				/* one JSON object per line and change, for scripts */
+				cJSON *o = cJSON_CreateObject();
+				cJSON_AddNumberToObject(o, "run", (double)id);
+				cJSON_AddStringToObject(o, "stage", name);
+				cJSON_AddStringToObject(o, "state", state);
+				cJSON_AddNumberToObject(o, "attempt", atoi(PQgetvalue(s, i, 3)));
+				if (*detail)
+					cJSON_AddStringToObject(o, "detail", detail);
+				char *t = cJSON_PrintUnformatted(o);
+				puts(t ? t : "{}");
+				free(t);
+				cJSON_Delete(o);
+				snprintf(last[i], sizeof last[i], "%s", state);
 			} else if (strcmp(last[i], state) != 0) {
 				printf("%s %s%s%s\n", name, state, *detail && (!strcmp(state, "failed") ||
 				       !strcmp(state, "retrying")) ? ": " : "",
@@ -316,9 +330,11 @@ static int watch_run(struct gp_db *db, long long id)
 		}
 		fflush(stdout);
 		if (done) {
-			if (!tty)
+			if (cli_json)
+				printf("{\"run\":%lld,\"state\":\"%s\",\"final\":true}\n", id, rstate);
+			else if (!tty)
 				printf("run %lld %s\n", id, rstate);
-			if (*PQgetvalue(r, 0, 7) && strcmp(rstate, "succeeded"))
+			if (*PQgetvalue(r, 0, 7) && strcmp(rstate, "succeeded") && !cli_json)
 				printf("error: %s\n", PQgetvalue(r, 0, 7));
 			rc = !strcmp(rstate, "succeeded") ? 0 : 1;
 			PQclear(r);
@@ -378,14 +394,18 @@ int cmd_runs(int n, char **args)
 			fprintf(stderr, "genpipe: %s\n", err.msg);
 			rc = 1;
 		} else {
-			printf("run %lld cancelled\n", id);
+			printf(cli_json ? "{\"run\":%lld,\"state\":\"cancelled\"}\n"
+					: "run %lld cancelled\n",
+			       id);
 		}
 	} else {
 		if (gp_run_retry(db, id, &err)) {
 			fprintf(stderr, "genpipe: %s\n", err.msg);
 			rc = 1;
 		} else {
-			printf("run %lld resumed: stages that did not succeed will run again\n", id);
+			printf(cli_json ? "{\"run\":%lld,\"state\":\"running\"}\n"
+					: "run %lld resumed: stages that did not succeed will run again\n",
+			       id);
 		}
 	}
 	gp_db_destroy(db);

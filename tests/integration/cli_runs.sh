@@ -82,4 +82,9 @@ grep -q '^-.*"60s"' "$dir/diff.txt" && grep -q '^+.*"1s"' "$dir/diff.txt" || fai
 "$GENPIPE" pipelines diff long@2 long@2 | grep -q "same content" || fail "diff of equal versions"
 if "$GENPIPE" pipelines show long@9 2>/dev/null; then fail "missing version shown"; fi
 "$GENPIPE" runs list --pipeline flaky --json | grep -q '"state":	"succeeded"' || fail "runs list --pipeline"
+"$GENPIPE" pipelines diff long@1 long@2 --json | grep -q '"same":	false' || fail "diff --json"
+run=$("$GENPIPE" submit "$SRC/pipelines/diamond.yaml" --param work=20ms --json | sed -n 's/.*"run":[^0-9]*\([0-9]*\).*/\1/p')
+"$GENPIPE" runs watch "$run" --json --timeout-ms 60000 > "$dir/watch.jsonl" || fail "watch --json"
+tail -1 "$dir/watch.jsonl" | grep -q '"state":"succeeded","final":true' || fail "watch --json end: $(tail -1 "$dir/watch.jsonl")"
+grep -qE '"stage":"join","state":"(succeeded|cached)"' "$dir/watch.jsonl" || fail "watch --json stages"
 echo "cli_runs.sh: passed"
