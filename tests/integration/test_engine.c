@@ -401,6 +401,40 @@ static void test_nats_killed(void)
 		"state = 'succeeded'", run) == 202);
 }
 
+/* PostgreSQL restarted mid-run: services reconnect, the run completes, no
+ * stage runs twice. */
+static void test_pg_restart(void)
+{
+	long long run = submit(HDR("pgrestart") "  stages:\n"
+					       "    - {name: a, kind: noop, cache: false, with: {duration: 200ms}}\n"
+					       "    - {name: b, kind: noop, cache: false, needs: a, with: {duration: 200ms}}\n"
+					       "    - {name: c, kind: noop, cache: false, needs: b, with: {duration: 200ms}}\n"
+					       "    - {name: d, kind: noop, cache: false, needs: c, with: {duration: 200ms}}\n"
+					       "    - {name: e, kind: noop, cache: false, needs: d, with: {duration: 200ms}}\n",
+			       NULL, 0);
+	CHECK(wait_for(30000, "SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'b' "
+			      "AND state = 'succeeded'", run));
+	char path[600], buf[32] = "";
+	snprintf(path, sizeof path, "%s/run/postgres.pid", ENV->dir);
+	FILE *f = fopen(path, "r");
+	REQUIRE(f && fgets(buf, sizeof buf, f));
+	fclose(f);
+	kill(atoi(buf), SIGINT); /* fast shutdown: every session is cut */
+	gp_db_destroy(db);
+	db = NULL;
+	gp_sleep_ms(1000);
+	struct gp_stack_options o = { .data_dir = ENV->dir, .migrations_dir = ENV->migrations_dir,
+				      .fast = 1 };
+	struct gp_err e = { 0 };
+	REQUIRE_OK(gp_stack_up(&o, &e), e);
+	db = gp_test_db(ENV);
+	CHECK(wait_run(run, 60000) == 1);
+	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND state = 'succeeded'",
+		run) == 5);
+	CHECK(q("SELECT count(*) FROM (SELECT stage FROM stage_attempts WHERE run_id = %lld AND "
+		"state = 'succeeded' GROUP BY stage HAVING count(*) > 1) x", run) == 0);
+}
+
 static void test_orchestrators_killed(pid_t *o1)
 {
 	pid_t o2 = orchestrator();
@@ -440,6 +474,7 @@ static int body(struct gp_test_env *env)
 	test_crash_attempts(&w1, &w2);
 	test_orchestrators_killed(&o);
 	test_nats_killed();
+	test_pg_restart();
 	stop(w1, SIGTERM);
 	stop(w2, SIGTERM);
 	stop(o, SIGTERM);
