@@ -110,6 +110,19 @@ int gp_test_run(int (*body)(struct gp_test_env *env))
 		fprintf(stderr, "harness: test body killed by signal %d\n", WTERMSIG(ws));
 		rc = 1;
 	}
+	/* The services the body started ran with the same sanitizers: a report
+	 * in any of their logs fails the test even if the body did not notice. */
+	if (rc == 0) {
+		char cmd[700];
+		snprintf(cmd, sizeof cmd,
+			 "grep -l -E 'ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:' "
+			 "%s/logs/genpipe-*.log 2>/dev/null",
+			 env.dir);
+		if (system(cmd) == 0) {
+			fprintf(stderr, "harness: sanitizer report in the service logs above\n");
+			rc = 1;
+		}
+	}
 out:
 	gp_stack_down(env.dir, stderr, &err);
 	if (rc != 0 || getenv("GENPIPE_TEST_KEEP")) {

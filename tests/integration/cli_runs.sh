@@ -87,4 +87,8 @@ run=$("$GENPIPE" submit "$SRC/pipelines/diamond.yaml" --param work=20ms --json |
 "$GENPIPE" runs watch "$run" --json --timeout-ms 60000 > "$dir/watch.jsonl" || fail "watch --json"
 tail -1 "$dir/watch.jsonl" | grep -q '"state":"succeeded","final":true' || fail "watch --json end: $(tail -1 "$dir/watch.jsonl")"
 grep -qE '"stage":"join","state":"(succeeded|cached)"' "$dir/watch.jsonl" || fail "watch --json stages"
+"$GENPIPE" dev down > /dev/null
+if grep -l -E 'ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:' "$GENPIPE_DATA_DIR"/logs/genpipe-*.log; then
+	fail "sanitizer report in a service log"
+fi
 echo "cli_runs.sh: passed"

@@ -64,6 +64,9 @@ scenario() {
 	n=$(run_as "$user" psql -tA "$dburl" -c "SELECT count(*) FROM audit_log WHERE object = 'kept'")
 	[ "$n" = 1 ] || fail "data not kept across down/up (got $n)"
 	run_as "$user" "$GENPIPE" dev down --data-dir "$data" >/dev/null || fail "final down"
+	if grep -l -E 'ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:' "$data"/logs/genpipe-*.log; then
+		fail "sanitizer report in a service log"
+	fi
 	trap - EXIT
 	rm -rf "$dir"
 	echo "devstack.sh: $user ok"
