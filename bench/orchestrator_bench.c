@@ -22,6 +22,8 @@
  * queued as slots free up, so queued-to-claimed measures dispatch itself).
  *
  * usage: orchestrator_bench [STAGES (1000)] [WORKERS (2)] [RUNS (1)] [PAR (32)]
+ * BENCH_KEEP=1 keeps the stack's directory (logs) afterwards; building with
+ * -DBENCH_FAST=1 runs PostgreSQL with fsync off, to see what fsync costs.
  */
 #include <fcntl.h>
 #include <signal.h>
