@@ -3,12 +3,13 @@
 # current user and, when that is root, also as an ordinary user (nobody).
 # Data survives down/up; `up` on a running stack starts nothing new.
 set -eu
-GENPIPE=${1:?usage: devstack.sh path/to/genpipe}
+BUILT=${1:?usage: devstack.sh path/to/genpipe MIGRATIONS_DIR}
+MIGRATIONS=${2:?usage: devstack.sh path/to/genpipe MIGRATIONS_DIR}
 fail() { echo "devstack.sh: FAIL: $*" >&2; exit 1; }
 
 run_as() { # user, then command
 	u=$1; shift
-	if [ "$u" = "$(id -un)" ]; then "$@"; else setpriv --reuid="$u" --regid="$(id -g "$u")" --clear-groups --reset-env "$@"; fi
+	if [ "$u" = "$(id -un)" ]; then "$@"; else setpriv --reuid="$u" --regid="$(id -g "$u")" --clear-groups --reset-env env GENPIPE_MIGRATIONS_DIR="$GENPIPE_MIGRATIONS_DIR" "$@"; fi
 }
 
 scenario() {
@@ -17,6 +18,14 @@ scenario() {
 	chmod 0711 "$dir"
 	[ "$user" = "$(id -un)" ] || chown "$user" "$dir"
 	data="$dir/data"
+	# Binaries and migrations copied where any user can read them: the
+	# checkout may live under a directory the unprivileged user cannot enter.
+	mkdir -p "$dir/bin"
+	cp "$BUILT" "$(dirname "$BUILT")"/genpipe-* "$dir/bin/"
+	cp -r "$MIGRATIONS" "$dir/migrations"
+	chmod -R a+rX "$dir/bin" "$dir/migrations"
+	GENPIPE="$dir/bin/genpipe"
+	export GENPIPE_MIGRATIONS_DIR="$dir/migrations"
 	trap 'run_as "$user" "$GENPIPE" dev down --data-dir "$data" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
 
 	run_as "$user" "$GENPIPE" dev up --data-dir "$data" > "$dir/up1.txt" 2>&1 || { cat "$dir/up1.txt"; fail "dev up as $user"; }
