@@ -25,12 +25,10 @@
  * BENCH_KEEP=1 keeps the stack's directory (logs) afterwards; building with
  * -DBENCH_FAST=1 runs PostgreSQL with fsync off, to see what fsync costs.
  */
-#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -51,23 +49,19 @@ static char nats_url[256], db_url[600];
 static pid_t spawn(const char *prog, const char *a1, const char *a2, const char *a3,
 		   const char *a4)
 {
-	char bin[700], logp[700];
+	char bin[700], logp[700], e1[300], e2[700];
 	snprintf(bin, sizeof bin, "%s/%s", GENPIPE_BIN_DIR, prog);
 	snprintf(logp, sizeof logp, "%s/logs/%s.log", dir, prog);
+	snprintf(e1, sizeof e1, "GENPIPE_NATS_URL=%s", nats_url);
+	snprintf(e2, sizeof e2, "GENPIPE_DATABASE_URL=%s", db_url);
+	char *envx[] = { e1, e2, "GENPIPE_LOG_LEVEL=warn", NULL };
+	char *argv[] = { bin, (char *)a1, (char *)a2, (char *)a3, (char *)a4, NULL };
+	int pid = 0;
+	struct gp_err e = { 0 };
 	fflush(NULL);
-	pid_t pid = fork();
-	if (pid == 0) {
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		int fd = open(logp, O_WRONLY | O_CREAT | O_APPEND, 0644);
-		if (fd >= 0) {
-			dup2(fd, 1);
-			dup2(fd, 2);
-		}
-		setenv("GENPIPE_NATS_URL", nats_url, 1);
-		setenv("GENPIPE_DATABASE_URL", db_url, 1);
-		setenv("GENPIPE_LOG_LEVEL", "warn", 1);
-		execl(bin, bin, a1, a2, a3, a4, (char *)NULL);
-		_exit(127);
+	if (gp_stack_spawn(argv, envx, logp, 1, &pid, &e)) {
+		fprintf(stderr, "bench: %s\n", e.msg);
+		exit(1);
 	}
 	return pid;
 }

@@ -398,7 +398,7 @@ static gp_status run_migrations(struct gp_db *db, const char *dir, int apply, in
 				int *total, int *pending, struct gp_err *err)
 {
 	struct mfile *files = NULL;
-	int n = 0, done = 0, todo = 0;
+	int n = 0, applied_now = 0, unapplied = 0;
 	char *sql = NULL;
 	gp_status st = list_migrations(dir, &files, &n, err);
 	if (st)
@@ -427,7 +427,7 @@ static gp_status run_migrations(struct gp_db *db, const char *dir, int apply, in
 				p1, &r, err);
 		if (st == GP_ERR_NOT_FOUND && !apply) {
 			/* No table yet: nothing applied. */
-			todo = n;
+			unapplied = n;
 			st = GP_OK;
 			free(sql);
 			sql = NULL;
@@ -452,7 +452,7 @@ static gp_status run_migrations(struct gp_db *db, const char *dir, int apply, in
 			continue;
 		}
 		PQclear(r);
-		todo++;
+		unapplied++;
 		if (!apply) {
 			free(sql);
 			sql = NULL;
@@ -489,7 +489,7 @@ static gp_status run_migrations(struct gp_db *db, const char *dir, int apply, in
 			gp_db_rollback(db);
 			goto unlock;
 		}
-		done++;
+		applied_now++;
 		free(sql);
 		sql = NULL;
 	}
@@ -501,11 +501,11 @@ out:
 	free(files);
 	if (!st) {
 		if (applied)
-			*applied = apply ? done : n - todo;
+			*applied = apply ? applied_now : n - unapplied;
 		if (total)
 			*total = n;
 		if (pending)
-			*pending = apply ? 0 : todo;
+			*pending = apply ? 0 : unapplied;
 	}
 	return st;
 }

@@ -145,96 +145,91 @@ rollback:
 	return st;
 }
 
-/* Lock the run and return its state in buf. */
-static gp_status lock_run(struct gp_db *db, long long run_id, char *state, size_t len,
-			  struct gp_err *err)
+/*
+ * A change of a whole run made under its row lock, allowed only from two
+ * states: the statements (each taking the run id as $1) run in order in one
+ * transaction.
+ */
+struct run_transition {
+	const char *from[2];
+	const char *refusal; /* "only a queued or running run can be cancelled" */
+	const char *what[3];
+	const char *sql[3];
+};
+
+static gp_status run_transition(struct gp_db *db, long long run_id,
+				const struct run_transition *t, struct gp_err *err)
 {
 	char id[24];
 	snprintf(id, sizeof id, "%lld", run_id);
 	const char *p[] = { id };
 	PGresult *r = NULL;
-	gp_status st = gp_db_exec(db, "lock run", "SELECT state FROM runs WHERE id = $1::bigint "
-				  "FOR UPDATE", 1, p, &r, err);
-	if (st)
-		return st;
-	if (PQntuples(r) != 1) {
-		PQclear(r);
-		return gp_err_set(err, GP_ERR_NOT_FOUND, "run %lld does not exist", run_id);
-	}
-	snprintf(state, len, "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
-	return GP_OK;
-}
-
-gp_status gp_run_cancel(struct gp_db *db, long long run_id, struct gp_err *err)
-{
-	char id[24], state[32];
-	snprintf(id, sizeof id, "%lld", run_id);
-	const char *p[] = { id };
 	gp_status st = gp_db_begin(db, err);
 	if (st)
 		return st;
-	if ((st = lock_run(db, run_id, state, sizeof state, err)))
+	if ((st = gp_db_exec(db, "lock run", "SELECT state FROM runs WHERE id = $1::bigint FOR UPDATE",
+			     1, p, &r, err)))
 		goto rollback;
-	if (strcmp(state, "queued") != 0 && strcmp(state, "running") != 0) {
-		st = gp_err_set(err, GP_ERR_CONFLICT, "run %lld is %s; only a queued or running run "
-				"can be cancelled", run_id, state);
+	if (PQntuples(r) != 1) {
+		st = gp_err_set(err, GP_ERR_NOT_FOUND, "run %lld does not exist", run_id);
 		goto rollback;
 	}
-	if ((st = gp_db_exec(db, "cancel attempts",
-			     "UPDATE stage_attempts SET state = 'cancelled', finished_at = now(), "
-			     "error = 'run cancelled', lease_deadline = NULL "
-			     "WHERE run_id = $1::bigint AND state IN ('queued', 'running')",
-			     1, p, NULL, err)) ||
-	    (st = gp_db_exec(db, "cancel stages",
-			     "UPDATE run_stages SET state = 'cancelled', finished_at = now(), "
-			     "error = 'run cancelled' WHERE run_id = $1::bigint "
-			     "AND state IN ('pending', 'queued', 'retrying')",
-			     1, p, NULL, err)) ||
-	    (st = gp_db_exec(db, "cancel run",
-			     "UPDATE runs SET state = 'cancelled', finished_at = now(), "
-			     "updated_at = now(), error = 'cancelled' WHERE id = $1::bigint",
-			     1, p, NULL, err)))
+	const char *state = PQgetvalue(r, 0, 0);
+	if (strcmp(state, t->from[0]) != 0 && strcmp(state, t->from[1]) != 0) {
+		st = gp_err_set(err, GP_ERR_CONFLICT, "run %lld is %s; %s", run_id, state, t->refusal);
 		goto rollback;
+	}
+	for (int i = 0; i < 3 && t->sql[i]; i++)
+		if ((st = gp_db_exec(db, t->what[i], t->sql[i], 1, p, NULL, err)))
+			goto rollback;
+	PQclear(r);
 	return gp_db_commit(db, err);
 rollback:
+	PQclear(r);
 	gp_db_rollback(db);
 	return st;
+}
+
+static const struct run_transition cancel_run = {
+	.from = { "queued", "running" },
+	.refusal = "only a queued or running run can be cancelled",
+	.what = { "cancel attempts", "cancel stages", "cancel run" },
+	.sql = {
+		"UPDATE stage_attempts SET state = 'cancelled', finished_at = now(), "
+		"error = 'run cancelled', lease_deadline = NULL "
+		"WHERE run_id = $1::bigint AND state IN ('queued', 'running')",
+		"UPDATE run_stages SET state = 'cancelled', finished_at = now(), "
+		"error = 'run cancelled' WHERE run_id = $1::bigint "
+		"AND state IN ('pending', 'queued', 'retrying')",
+		"UPDATE runs SET state = 'cancelled', finished_at = now(), "
+		"updated_at = now(), error = 'cancelled' WHERE id = $1::bigint",
+	},
+};
+
+static const struct run_transition retry_run = {
+	.from = { "failed", "cancelled" },
+	.refusal = "only a failed or cancelled run can be retried",
+	.what = { "reset stages", "resume run", "wake orchestrators" },
+	.sql = {
+		"UPDATE run_stages rs SET state = 'pending', error = NULL, "
+		"not_before = NULL, finished_at = NULL, outputs = NULL, "
+		"attempt_base = coalesce((SELECT max(attempt) FROM stage_attempts a "
+		"WHERE a.run_id = rs.run_id AND a.stage = rs.stage), 0) "
+		"WHERE run_id = $1::bigint AND state NOT IN ('succeeded', 'cached')",
+		"UPDATE runs SET state = 'running', finished_at = NULL, error = NULL, "
+		"updated_at = now() WHERE id = $1::bigint",
+		"SELECT pg_notify('genpipe_runs', $1)",
+	},
+};
+
+gp_status gp_run_cancel(struct gp_db *db, long long run_id, struct gp_err *err)
+{
+	return run_transition(db, run_id, &cancel_run, err);
 }
 
 gp_status gp_run_retry(struct gp_db *db, long long run_id, struct gp_err *err)
 {
-	char id[24], state[32];
-	snprintf(id, sizeof id, "%lld", run_id);
-	const char *p[] = { id };
-	gp_status st = gp_db_begin(db, err);
-	if (st)
-		return st;
-	if ((st = lock_run(db, run_id, state, sizeof state, err)))
-		goto rollback;
-	if (strcmp(state, "failed") != 0 && strcmp(state, "cancelled") != 0) {
-		st = gp_err_set(err, GP_ERR_CONFLICT, "run %lld is %s; only a failed or cancelled "
-				"run can be retried", run_id, state);
-		goto rollback;
-	}
-	if ((st = gp_db_exec(db, "reset stages",
-			     "UPDATE run_stages rs SET state = 'pending', error = NULL, "
-			     "not_before = NULL, finished_at = NULL, outputs = NULL, "
-			     "attempt_base = coalesce((SELECT max(attempt) FROM stage_attempts a "
-			     "WHERE a.run_id = rs.run_id AND a.stage = rs.stage), 0) "
-			     "WHERE run_id = $1::bigint AND state NOT IN ('succeeded', 'cached')",
-			     1, p, NULL, err)) ||
-	    (st = gp_db_exec(db, "resume run",
-			     "UPDATE runs SET state = 'running', finished_at = NULL, error = NULL, "
-			     "updated_at = now() WHERE id = $1::bigint",
-			     1, p, NULL, err)) ||
-	    (st = gp_db_exec(db, "wake orchestrators", "SELECT pg_notify('genpipe_runs', $1)", 1,
-			     p, NULL, err)))
-		goto rollback;
-	return gp_db_commit(db, err);
-rollback:
-	gp_db_rollback(db);
-	return st;
+	return run_transition(db, run_id, &retry_run, err);
 }
 
 gp_status gp_pipeline_find(struct gp_db *db, const char *ref, struct gp_version_ref *out,

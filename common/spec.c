@@ -1596,6 +1596,34 @@ static const cJSON *lookup_ref(const char *expr, const cJSON *params, const cJSO
 	return NULL;
 }
 
+/* A growing string for template expansion; failed is set once out of memory. */
+struct sbuf {
+	char *p;
+	size_t len, cap;
+	int failed;
+};
+
+static void sbuf_add(struct sbuf *b, const char *s, size_t n)
+{
+	if (b->failed)
+		return;
+	if (b->len + n + 1 > b->cap) {
+		size_t cap = b->cap ? b->cap : 64;
+		while (b->len + n + 1 > cap)
+			cap *= 2;
+		char *np = realloc(b->p, cap);
+		if (!np) {
+			b->failed = 1;
+			return;
+		}
+		b->p = np;
+		b->cap = cap;
+	}
+	memcpy(b->p + b->len, s, n);
+	b->len += n;
+	b->p[b->len] = '\0';
+}
+
 static cJSON *resolve_value(const cJSON *v, const cJSON *params, const cJSON *outputs,
 			    struct gp_err *err)
 {
@@ -1614,73 +1642,42 @@ static cJSON *resolve_value(const cJSON *v, const cJSON *params, const cJSON *ou
 			}
 			return cJSON_Duplicate(r, 1);
 		}
-		size_t cap = sl + 256, len = 0;
-		char *buf = malloc(cap);
-		if (!buf)
-			return NULL;
-		const char *p = s;
-		while (*p) {
-			const char *st = strstr(p, "${");
-			size_t lit = st ? (size_t)(st - p) : strlen(p);
-			char piece[512];
-			const char *add = p;
-			size_t alen = lit;
-			if (!st) {
-				p += lit;
+		/* references inside text: strings as they are, other values as JSON */
+		struct sbuf b = { 0 };
+		const char *p = s, *ref;
+		while ((ref = strstr(p, "${")) != NULL) {
+			const char *end = strchr(ref, '}');
+			if (!end) {
+				free(b.p);
+				gp_err_set(err, GP_ERR_INVALID, "unterminated ${ in \"%.60s\"", s);
+				return NULL;
+			}
+			char expr[300];
+			snprintf(expr, sizeof expr, "%.*s", (int)(end - ref - 2), ref + 2);
+			const cJSON *r = lookup_ref(expr, params, outputs);
+			if (!r) {
+				free(b.p);
+				gp_err_set(err, GP_ERR_INVALID, "cannot resolve ${%s}", expr);
+				return NULL;
+			}
+			sbuf_add(&b, p, (size_t)(ref - p));
+			if (cJSON_IsString(r)) {
+				sbuf_add(&b, r->valuestring, strlen(r->valuestring));
 			} else {
-				const char *end = strchr(st, '}');
-				if (!end) {
-					free(buf);
-					gp_err_set(err, GP_ERR_INVALID, "unterminated ${ in \"%.60s\"", s);
-					return NULL;
-				}
-				char expr[300];
-				snprintf(expr, sizeof expr, "%.*s", (int)(end - st - 2), st + 2);
-				const cJSON *r = lookup_ref(expr, params, outputs);
-				if (!r) {
-					free(buf);
-					gp_err_set(err, GP_ERR_INVALID, "cannot resolve ${%s}", expr);
-					return NULL;
-				}
-				/* literal first, then the value */
-				while (len + lit + 1 > cap) {
-					cap *= 2;
-					char *nb = realloc(buf, cap);
-					if (!nb) {
-						free(buf);
-						return NULL;
-					}
-					buf = nb;
-				}
-				memcpy(buf + len, p, lit);
-				len += lit;
-				if (cJSON_IsString(r)) {
-					add = r->valuestring;
-					alen = strlen(add);
-				} else {
-					char *t = cJSON_PrintUnformatted(r);
-					snprintf(piece, sizeof piece, "%s", t ? t : "");
-					free(t);
-					add = piece;
-					alen = strlen(piece);
-				}
-				p = end + 1;
+				char *t = cJSON_PrintUnformatted(r);
+				if (t)
+					sbuf_add(&b, t, strlen(t));
+				else
+					b.failed = 1;
+				free(t);
 			}
-			while (len + alen + 1 > cap) {
-				cap *= 2;
-				char *nb = realloc(buf, cap);
-				if (!nb) {
-					free(buf);
-					return NULL;
-				}
-				buf = nb;
-			}
-			memcpy(buf + len, add, alen);
-			len += alen;
+			p = end + 1;
 		}
-		buf[len] = '\0';
-		cJSON *o = cJSON_CreateString(buf);
-		free(buf);
+		sbuf_add(&b, p, strlen(p));
+		cJSON *o = b.failed ? NULL : cJSON_CreateString(b.p);
+		free(b.p);
+		if (!o)
+			gp_err_set(err, GP_ERR_NOMEM, "out of memory expanding \"%.60s\"", s);
 		return o;
 	}
 	if (cJSON_IsObject(v) || cJSON_IsArray(v)) {

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -230,7 +231,7 @@ static int chown_tree(const char *path, const struct runas *ra)
  */
 static gp_status spawn(char *const argv[], char *const envp_extra[], const char *logpath,
 		       const struct runas *ra, int wait_exit, int *pid, int *status,
-		       struct gp_err *err)
+		       int die_with_parent, struct gp_err *err)
 {
 	int logfd = open(logpath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
 	if (logfd < 0)
@@ -252,7 +253,10 @@ static gp_status spawn(char *const argv[], char *const envp_extra[], const char 
 	}
 	if (c == 0) {
 		int e = 0;
-		setsid();
+		if (die_with_parent)
+			prctl(PR_SET_PDEATHSIG, SIGKILL);
+		else
+			setsid();
 		int nullfd = open("/dev/null", O_RDONLY);
 		if (nullfd >= 0)
 			dup2(nullfd, 0);
@@ -297,6 +301,12 @@ static gp_status spawn(char *const argv[], char *const envp_extra[], const char 
 		;
 	*status = WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
 	return GP_OK;
+}
+
+gp_status gp_stack_spawn(char *const argv[], char *const env[], const char *logpath,
+			 int die_with_parent, int *pid, struct gp_err *err)
+{
+	return spawn(argv, env, logpath, NULL, 0, pid, NULL, die_with_parent, err);
 }
 
 static int file_exists(const char *p)
@@ -450,7 +460,7 @@ static gp_status nats_up(const struct gp_stack_options *o, char *url, size_t ule
 		return st;
 	gp_stack_log_path(dir, "nats", logp, sizeof logp);
 	char *argv[] = { bin, "-c", conf, NULL };
-	if ((st = spawn(argv, NULL, logp, NULL, 0, &pid, NULL, err)))
+	if ((st = spawn(argv, NULL, logp, NULL, 0, &pid, NULL, 0, err)))
 		return st;
 	if ((st = write_pid(dir, "nats", pid, port, err)))
 		return st;
@@ -550,7 +560,7 @@ again:;
 					 o->fast ? "--no-sync" : NULL, NULL };
 			say(o->progress, "initdb %s (as %s)\n", data, ra.set ? ra.name : "current user");
 			int rc = 0;
-			st = spawn(argv, NULL, logp, &ra, 1, NULL, &rc, err);
+			st = spawn(argv, NULL, logp, &ra, 1, NULL, &rc, 0, err);
 			unlink(initpw);
 			if (st)
 				return st;
@@ -569,7 +579,7 @@ again:;
 				 "-c", sockopt, "-c", o->fast ? "fsync=off" : "fsync=on",
 				 "-c", o->fast ? "synchronous_commit=off" : "synchronous_commit=on",
 				 "-c", "max_connections=200", "-c", "logging_collector=off", NULL };
-		if ((st = spawn(argv, NULL, logp, &ra, 0, &pid, NULL, err)))
+		if ((st = spawn(argv, NULL, logp, &ra, 0, &pid, NULL, 0, err)))
 			return st;
 		if ((st = write_pid(dir, "postgres", pid, port, err)))
 			return st;
@@ -645,7 +655,7 @@ static gp_status services_up(const struct gp_stack_options *o, const char *nats_
 		char *envx[] = { e1, e2, e3, e4, NULL };
 		char *argv[] = { (char *)bin, NULL };
 		gp_stack_log_path(o->data_dir, name, logp, sizeof logp);
-		if ((st = spawn(argv, envx, logp, NULL, 0, &pid, NULL, err)))
+		if ((st = spawn(argv, envx, logp, NULL, 0, &pid, NULL, 0, err)))
 			break;
 		if ((st = write_pid(o->data_dir, name, pid, port, err)))
 			break;

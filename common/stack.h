@@ -59,6 +59,17 @@ gp_status gp_stack_status(const char *data_dir, const char *migrations_dir,
 gp_status gp_stack_env(const char *data_dir, const char *key, char *out, size_t len,
 		       struct gp_err *err);
 
+/*
+ * Start argv[0] (an absolute path) with the extra environment entries env
+ * ("NAME=VALUE", NULL-terminated; may be NULL), stdin from /dev/null and
+ * stdout/stderr appended to logpath. With die_with_parent the child is
+ * killed when the caller's process dies (tests and benchmarks: nothing they
+ * start outlives them); without, it runs in a session of its own (dev up).
+ * *pid gets the child; reap it with waitpid.
+ */
+gp_status gp_stack_spawn(char *const argv[], char *const env[], const char *logpath,
+			 int die_with_parent, int *pid, struct gp_err *err);
+
 /* A free TCP port on 127.0.0.1 (bind to 0, read, close). */
 int gp_stack_free_port(void);
 

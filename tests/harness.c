@@ -6,6 +6,7 @@
 
 #include <ftw.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -183,6 +184,34 @@ int gp_test_wait(struct gp_test_child *c)
 	while (waitpid(c->pid, &ws, 0) < 0)
 		;
 	return WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
+}
+
+pid_t gp_test_service(const struct gp_test_env *env, const char *prog, ...)
+{
+	char bin[700], logp[700], e1[300], e2[700];
+	char *argv[20];
+	snprintf(bin, sizeof bin, "%s/%s", env->bin_dir, prog);
+	snprintf(logp, sizeof logp, "%s/logs/%s.log", env->dir, prog);
+	snprintf(e1, sizeof e1, "GENPIPE_NATS_URL=%s", env->nats_url);
+	snprintf(e2, sizeof e2, "GENPIPE_DATABASE_URL=%s", env->db_url);
+	char *envx[] = { e1, e2, NULL };
+	int n = 0;
+	argv[n++] = bin;
+	va_list ap;
+	va_start(ap, prog);
+	const char *a;
+	while (n < 19 && (a = va_arg(ap, const char *)) != NULL)
+		argv[n++] = (char *)a;
+	va_end(ap);
+	argv[n] = NULL;
+	int pid = 0;
+	struct gp_err err = { 0 };
+	fflush(NULL);
+	if (gp_stack_spawn(argv, envx, logp, 1, &pid, &err)) {
+		fprintf(stderr, "test: %s\n", err.msg);
+		exit(1);
+	}
+	return pid;
 }
 
 struct gp_db *gp_test_db(const struct gp_test_env *env)

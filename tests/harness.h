@@ -10,6 +10,8 @@
 #ifndef GP_TEST_HARNESS_H
 #define GP_TEST_HARNESS_H
 
+#include <sys/types.h>
+
 #include "bus.h"
 #include "db.h"
 
@@ -38,6 +40,15 @@ struct gp_test_child gp_test_fork_held(int (*fn)(const struct gp_test_env *env, 
 void gp_test_release(struct gp_test_child *c);
 /* Wait for the child; returns its exit status, or 128 + signal. */
 int gp_test_wait(struct gp_test_child *c);
+
+/*
+ * Start the service binary PROG (from the build's bin directory) with the
+ * test's NATS and database URLs, extra arguments (NULL-terminated) and its
+ * output appended to DIR/logs/PROG.log; it dies with the test. exit(1) when
+ * it cannot be started.
+ */
+pid_t gp_test_service(const struct gp_test_env *env, const char *prog, ...)
+	__attribute__((sentinel));
 
 /* Connect helpers that exit(1) with the reason on failure. */
 struct gp_db *gp_test_db(const struct gp_test_env *env);

@@ -6,13 +6,11 @@
  * kill -9 of nats-server during a 200-stage run, and kill -9 of both of two
  * orchestrators.
  */
-#include <fcntl.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -25,48 +23,15 @@
 static const struct gp_test_env *ENV;
 static struct gp_db *db;
 
-static pid_t spawn(const char *prog, ...)
-{
-	char *argv[16];
-	char bin[700];
-	snprintf(bin, sizeof bin, "%s/%s", ENV->bin_dir, prog);
-	argv[0] = bin;
-	int n = 1;
-	va_list ap;
-	va_start(ap, prog);
-	const char *a;
-	while (n < 15 && (a = va_arg(ap, const char *)) != NULL)
-		argv[n++] = (char *)a;
-	va_end(ap);
-	argv[n] = NULL;
-	char logp[600];
-	snprintf(logp, sizeof logp, "%s/logs/%s.log", ENV->dir, prog);
-	fflush(NULL);
-	pid_t pid = fork();
-	if (pid == 0) {
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		int fd = open(logp, O_WRONLY | O_CREAT | O_APPEND, 0644);
-		if (fd >= 0) {
-			dup2(fd, 1);
-			dup2(fd, 2);
-		}
-		setenv("GENPIPE_NATS_URL", ENV->nats_url, 1);
-		setenv("GENPIPE_DATABASE_URL", ENV->db_url, 1);
-		execv(bin, argv);
-		_exit(127);
-	}
-	return pid;
-}
-
 static pid_t orchestrator(void)
 {
-	return spawn("genpipe-orchestrator", "--sweep-ms", "500", "--reap-interval-ms", "200",
+	return gp_test_service(ENV, "genpipe-orchestrator", "--sweep-ms", "500", "--reap-interval-ms", "200",
 		     NULL);
 }
 
 static pid_t worker(void)
 {
-	return spawn("genpipe-noop", "--lease-ms", "1500", "--heartbeat-ms", "300", NULL);
+	return gp_test_service(ENV, "genpipe-noop", "--lease-ms", "1500", "--heartbeat-ms", "300", NULL);
 }
 
 static void stop(pid_t pid, int sig)
@@ -332,7 +297,7 @@ static void test_crash_attempts(pid_t *w1, pid_t *w2)
 {
 	stop(*w1, SIGTERM);
 	stop(*w2, SIGTERM);
-	pid_t crashy = spawn("genpipe-noop", "--lease-ms", "1500", "--heartbeat-ms", "300",
+	pid_t crashy = gp_test_service(ENV, "genpipe-noop", "--lease-ms", "1500", "--heartbeat-ms", "300",
 			     "--allow-crash", "--prefetch", "1", NULL);
 	long long run = submit(HDR("crashy") "  stages:\n"
 					     "    - {name: c, kind: noop, cache: false, "

@@ -8,7 +8,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -41,18 +40,10 @@ static int body(struct gp_test_env *env)
 {
 	struct gp_err e = { 0 };
 	int port = gp_stack_free_port();
-	char bin[700], portarg[32];
-	snprintf(bin, sizeof bin, "%s/genpipe-orchestrator", env->bin_dir);
+	char portarg[32];
 	snprintf(portarg, sizeof portarg, "%d", port);
-	fflush(NULL);
-	pid_t orch = fork();
-	if (orch == 0) {
-		prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a crashed test */
-		setenv("GENPIPE_NATS_URL", env->nats_url, 1);
-		setenv("GENPIPE_DATABASE_URL", env->db_url, 1);
-		execl(bin, bin, "--http-port", portarg, "--reap-interval-ms", "200", (char *)NULL);
-		_exit(127);
-	}
+	pid_t orch = gp_test_service(env, "genpipe-orchestrator", "--http-port", portarg,
+				     "--reap-interval-ms", "200", (char *)NULL);
 	char url[128];
 	long code = 0;
 	char *text = NULL;

@@ -347,6 +347,20 @@ static void test_params_and_templates(void)
 	CHECK(cJSON_GetObjectItem(o, "n")->valuedouble == 42);
 	CHECK_STR(cJSON_GetStringValue(cJSON_GetObjectItem(o, "s")), "run blue after sha256:ab");
 	cJSON_Delete(w);
+	/* a non-string value inside text is written out whole as JSON */
+	cJSON *wide = cJSON_Parse("{\"outputs\":{\"s\":\"v=${stages.a.outputs.k}!\"}}");
+	cJSON *big = cJSON_CreateObject(), *ak = cJSON_AddObjectToObject(big, "a");
+	cJSON *arr = cJSON_AddArrayToObject(cJSON_AddObjectToObject(ak, "k"), "x");
+	for (int i = 0; i < 300; i++)
+		cJSON_AddItemToArray(arr, cJSON_CreateNumber(i));
+	cJSON *wr = gp_spec_resolve_with(wide, params, big, &e);
+	REQUIRE(wr);
+	const char *ws = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(wr, "outputs"), "s"));
+	CHECK(ws && !strncmp(ws, "v={\"x\":[0,1,2,", 14));
+	CHECK(ws && strstr(ws, ",298,299]}!") != NULL);
+	cJSON_Delete(wr);
+	cJSON_Delete(big);
+	cJSON_Delete(wide);
 	cJSON *empty = cJSON_Parse("{}");
 	CHECK(gp_spec_resolve_with(with, params, empty, &e) == NULL);
 	CHECK_CONTAINS(e.msg, "cannot resolve ${stages.a.outputs.k}");
