@@ -348,7 +348,6 @@ gp_status gp_bus_publish_batch(struct gp_bus *b, const struct gp_bus_out *msgs, 
 	/* A context of its own, so that the ack handler sees only this batch. */
 	jsCtx *js = NULL;
 	natsStatus s = natsConnection_JetStream(&js, b->nc, &jo);
-	int sent = 0;
 	for (int i = 0; s == NATS_OK && i < n; i++) {
 		natsMsg *m = NULL;
 		s = natsMsg_Create(&m, msgs[i].subject, NULL, msgs[i].data, msgs[i].len);
@@ -357,8 +356,6 @@ gp_status gp_bus_publish_batch(struct gp_bus *b, const struct gp_bus_out *msgs, 
 		if (s == NATS_OK)
 			s = js_PublishMsgAsync(js, &m, NULL); /* takes m on success */
 		natsMsg_Destroy(m);
-		if (s == NATS_OK)
-			sent++;
 	}
 	jsPubOptions po;
 	jsPubOptions_Init(&po);
@@ -377,7 +374,6 @@ gp_status gp_bus_publish_batch(struct gp_bus *b, const struct gp_bus_out *msgs, 
 	if (duplicates)
 		*duplicates = acks.dups;
 	pthread_mutex_destroy(&acks.mu);
-	(void)sent;
 	return st;
 }
 

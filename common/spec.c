@@ -799,7 +799,7 @@ static void check_templates(const struct vctx *c, int self, const struct node *n
 /* ------------------------------------------------------------------ */
 /* the spec                                                            */
 
-static void check_with(const struct vctx *c, int self, const struct kind *k, const struct node *w,
+static void check_with(const struct vctx *c, const struct kind *k, const struct node *w,
 		       const char *stage_name)
 {
 	char ctx[160];
@@ -866,7 +866,6 @@ static void check_with(const struct vctx *c, int self, const struct kind *k, con
 			break;
 		}
 	}
-	(void)self;
 }
 
 /* Depth-first search for a cycle; reports the first one found. */
@@ -1267,7 +1266,7 @@ static void check_stages(const struct node *st, const struct node *params, cJSON
 		cJSON_AddItemToObject(o, "needs", needs);
 		const struct node *w = map_get(s, "with");
 		if (k)
-			check_with(&c, i, k, w, name);
+			check_with(&c, k, w, name);
 		if (w && w->t == N_MAP) {
 			if (!cyclic)
 				check_templates(&c, i, w);

@@ -84,8 +84,6 @@ static gp_status set_stage(struct gp_db *db, long long run_id, struct stage *s, 
 	return st;
 }
 
-static long long num(const cJSON *o, const char *key, long long def);
-
 static long long backoff_ms(const cJSON *retry, int used)
 {
 	double b = (double)num(retry, "backoff_ms", 1000);
