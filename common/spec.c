@@ -566,19 +566,20 @@ struct kind {
 };
 
 static const struct field f_ingest[] = {
-	{ "sources", F_LIST, 1 },      { "include", F_LIST, 0 },   { "exclude", F_LIST, 0 },
-	{ "max_doc_size", F_SIZE, 0 }, { "allow_hosts", F_LIST, 0 }, { "invalid_utf8", F_STR, 0 },
-	{ "max_total_size", F_SIZE, 0 }, { NULL, F_ANY, 0 },
+	{ "sources", F_LIST, 1 },	    { "include", F_LIST, 0 },	     { "exclude", F_LIST, 0 },
+	{ "max_doc_size", F_SIZE, 0 },	    { "allow_hosts", F_LIST, 0 },    { "invalid_utf8", F_STR, 0 },
+	{ "max_total_size", F_SIZE, 0 },    { "split", F_STR, 0 },	     { "timeout", F_DURATION, 0 },
+	{ "connect_timeout", F_DURATION, 0 }, { "max_redirects", F_INT, 0 }, { NULL, F_ANY, 0 },
 };
-static const char *const o_ingest[] = { "dataset", "manifest", "documents", NULL };
+static const char *const o_ingest[] = { "dataset", "data", "documents", NULL };
 static const struct field f_preprocess[] = {
-	{ "dataset", F_STR, 1 },	{ "vocab_size", F_INT, 0 },    { "min_length", F_INT, 0 },
-	{ "max_length", F_INT, 0 },	{ "dedup_threshold", F_FLOAT, 0 },
+	{ "dataset", F_STR, 0 },	{ "datasets", F_LIST, 0 },     { "vocab_size", F_INT, 0 },
+	{ "min_length", F_INT, 0 },	{ "max_length", F_INT, 0 },    { "dedup_threshold", F_FLOAT, 0 },
 	{ "val_fraction", F_FLOAT, 0 }, { "normalize", F_MAP, 0 },     { "seed", F_INT, 0 },
-	{ NULL, F_ANY, 0 },
+	{ "shingle", F_INT, 0 },	{ NULL, F_ANY, 0 },
 };
 static const char *const o_preprocess[] = { "train_shards", "val_shards", "tokenizer",
-					     "histogram", "stats", NULL };
+					     "histogram", "stats", "vocab_size", NULL };
 static const struct field f_train[] = {
 	{ "model", F_STR, 1 },	       { "train_shards", F_STR, 0 },  { "val_shards", F_STR, 0 },
 	{ "tokenizer", F_STR, 0 },     { "config", F_MAP, 0 },	      { "steps", F_INT, 0 },

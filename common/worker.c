@@ -19,6 +19,7 @@
 
 struct gp_worker {
 	char *kind;
+	char version[64];
 	char worker_id[128];
 	long long lease_ms, heartbeat_ms, ack_wait_ms;
 	gp_job_fn handler;
@@ -45,6 +46,7 @@ struct gp_job {
 	volatile int lease_lost;
 	enum gp_job_outcome outcome;
 	char *outputs, *metrics, *error;
+	long long reused_from; /* attempt whose outputs this one reuses; 0: none */
 	pthread_t hb;
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
@@ -84,6 +86,7 @@ gp_status gp_worker_create(struct gp_worker **out, const struct gp_worker_config
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	gp_status st;
 	w->kind = strdup(cfg->kind);
+	snprintf(w->version, sizeof w->version, "%s", cfg->version ? cfg->version : GENPIPE_VERSION);
 	if (!w->kind) {
 		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 		goto fail;
@@ -197,6 +200,11 @@ const gp_stage_job *gp_job_msg(const struct gp_job *job)
 	return job->msg;
 }
 
+struct gp_db *gp_job_db(const struct gp_job *job)
+{
+	return job->w->db;
+}
+
 const char *gp_job_lease_token(const struct gp_job *job)
 {
 	return job->token;
@@ -222,6 +230,51 @@ void gp_job_succeed(struct gp_job *job, const char *outputs_json, const char *me
 	job->outcome = GP_JOB_SUCCEEDED;
 	set_str(&job->outputs, outputs_json);
 	set_str(&job->metrics, metrics_json);
+}
+
+void gp_job_succeed_reused(struct gp_job *job, const char *outputs_json, long long from_attempt)
+{
+	gp_job_succeed(job, outputs_json, NULL);
+	char m[64];
+	snprintf(m, sizeof m, "{\"reused_attempt\":%lld}", from_attempt);
+	set_str(&job->metrics, m);
+	job->reused_from = from_attempt;
+}
+
+gp_status gp_job_reuse_lookup(struct gp_job *job, const char *fingerprint, char **outputs_json,
+			      long long *from_attempt, struct gp_err *err)
+{
+	struct gp_worker *w = job->w;
+	*outputs_json = NULL;
+	*from_attempt = 0;
+	const char *version = w->version;
+	const char *params = job->msg->params_json ? job->msg->params_json : "";
+	size_t kl = strlen(w->kind) + strlen(version) + strlen(params) + strlen(fingerprint) + 8;
+	char *keytext = malloc(kl), key[65], id[24];
+	if (!keytext)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	snprintf(keytext, kl, "%s\n%s\n%s\n%s", w->kind, version, params, fingerprint);
+	gp_sha256_hex(keytext, strlen(keytext), key);
+	free(keytext);
+	snprintf(id, sizeof id, "%lld", (long long)job->msg->attempt_id);
+	const char *p[] = { id, job->token, key, w->kind };
+	PGresult *r = NULL;
+	gp_status st = gp_db_exec(w->db, "look up reusable attempt",
+				  "WITH k AS (UPDATE stage_attempts SET input_key = $3 "
+				  "WHERE id = $1::bigint AND lease_token = $2) "
+				  "SELECT id, outputs::text FROM stage_attempts "
+				  "WHERE kind = $4 AND input_key = $3 AND state = 'succeeded' "
+				  "AND outputs IS NOT NULL AND id <> $1::bigint "
+				  "ORDER BY id DESC LIMIT 1",
+				  4, p, &r, err);
+	if (!st && PQntuples(r) == 1) {
+		*from_attempt = atoll(PQgetvalue(r, 0, 0));
+		*outputs_json = strdup(PQgetvalue(r, 0, 1));
+		if (!*outputs_json)
+			st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	}
+	PQclear(r);
+	return st;
 }
 
 void gp_job_fail(struct gp_job *job, int permanent, const char *error)
@@ -502,8 +555,10 @@ static gp_status commit_result(struct gp_worker *w, struct gp_job *job, int *acc
 	const char *outputs = job->outputs && *job->outputs ? job->outputs : NULL;
 	const char *metrics = job->metrics && *job->metrics ? job->metrics : NULL;
 	const char *retryable = job->outcome == GP_JOB_FAILED_PERMANENT ? "false" : "true";
+	char reused[24];
+	snprintf(reused, sizeof reused, "%lld", job->reused_from);
 	const char *p[] = { id,	     job->token, states[job->outcome], outputs, metrics, job->error,
-			    retryable };
+			    retryable, job->reused_from > 0 ? reused : NULL };
 	PGresult *r = NULL;
 	*accepted = 0;
 	gp_status st;
@@ -536,17 +591,19 @@ static gp_status commit_result(struct gp_worker *w, struct gp_job *job, int *acc
 			return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 		char subj[64];
 		snprintf(subj, sizeof subj, GP_SUBJ_RESULTS "%lld", (long long)job->msg->run_id);
-		const char *p9[] = { id,      job->token, states[job->outcome], outputs, metrics,
-				     job->error, retryable, subj, hex };
+		const char *p10[] = { id,	 job->token, states[job->outcome], outputs,
+				      metrics, job->error, retryable,	       subj,
+				      hex,	 p[7] };
 		st = gp_db_exec(w->db, "record attempt result",
 				"WITH u AS (UPDATE stage_attempts SET state = $3, finished_at = now(), "
 				"outputs = $4::jsonb, metrics = $5::jsonb, error = $6, "
-				"lease_deadline = NULL, retryable = $7::boolean "
+				"lease_deadline = NULL, retryable = $7::boolean, "
+				"reused_from = $10::bigint "
 				"WHERE id = $1::bigint AND lease_token = $2 AND state = 'running' "
 				"AND lease_deadline > now() RETURNING id) "
 				"INSERT INTO outbox (subject, payload) SELECT $8, $9::bytea FROM u "
 				"RETURNING id",
-				9, p9, &r, err);
+				10, p10, &r, err);
 		free(hex);
 		if (!st)
 			*accepted = PQntuples(r) == 1;
@@ -559,13 +616,13 @@ static gp_status commit_result(struct gp_worker *w, struct gp_job *job, int *acc
 	st = gp_db_exec(w->db, "record attempt result",
 			"UPDATE stage_attempts SET state = $3, finished_at = now(), "
 			"outputs = $4::jsonb, metrics = $5::jsonb, error = $6, lease_deadline = NULL, "
-			"retryable = $7::boolean "
+			"retryable = $7::boolean, reused_from = $8::bigint "
 			"WHERE id = $1::bigint AND lease_token = $2 AND state = 'running' "
 			"AND lease_deadline > now() "
 			"RETURNING id, run_id, stage, kind, attempt, params::text, lease_ms, "
 			"max_attempts, (extract(epoch FROM now() - claimed_at) * 1000)::bigint, "
 			"timeout_ms",
-			7, p, &r, err);
+			8, p, &r, err);
 	if (st)
 		goto out;
 	if (PQntuples(r) == 0)

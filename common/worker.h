@@ -94,6 +94,22 @@ void gp_job_progress(struct gp_job *job, double fraction, const char *message,
 		     const char *metrics_json);
 void gp_job_succeed(struct gp_job *job, const char *outputs_json, const char *metrics_json);
 void gp_job_fail(struct gp_job *job, int permanent, const char *error);
+
+/*
+ * Worker-side reuse, for kinds whose inputs live outside genpipe (files,
+ * URLs) and so are not in the orchestrator's cache key. The handler passes
+ * a fingerprint of those inputs; the attempt records input_key =
+ * sha256(kind, version, params, fingerprint) and gets the outputs of the
+ * latest succeeded attempt with the same key (*outputs_json malloc'd, NULL
+ * when there is none). A handler that can still use them (its artifacts
+ * exist) calls gp_job_succeed_reused; the stage then shows as cached.
+ */
+gp_status gp_job_reuse_lookup(struct gp_job *job, const char *fingerprint, char **outputs_json,
+			      long long *from_attempt, struct gp_err *err);
+void gp_job_succeed_reused(struct gp_job *job, const char *outputs_json, long long from_attempt);
+/* The database connection the worker runs on (for the handler's own
+ * statements between the worker's; no transaction may be left open). */
+struct gp_db *gp_job_db(const struct gp_job *job);
 void gp_job_release(struct gp_job *job, const char *reason);
 
 /* ---- attempts and leases (used by the orchestrator and tests) ---- */

@@ -34,6 +34,7 @@ struct stage {
 	cJSON *aoutputs;        /* owned */
 	int timed_out;
 	long long timeout_in;
+	long long reused_run;   /* the attempt reused outputs of this run's attempt */
 };
 
 /* A number from the normalized spec; the spec layer guarantees presence,
@@ -420,7 +421,8 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 			     "coalesce(a.state = 'running' AND a.claimed_at + a.timeout_ms * "
 			     "interval '1 millisecond' < clock_timestamp(), false), "
 			     "coalesce((extract(epoch FROM a.claimed_at + a.timeout_ms * interval "
-			     "'1 millisecond' - clock_timestamp()) * 1000)::bigint, -1) "
+			     "'1 millisecond' - clock_timestamp()) * 1000)::bigint, -1), "
+			     "(SELECT z.run_id FROM stage_attempts z WHERE z.id = a.reused_from) "
 			     "FROM run_stages rs LEFT JOIN (SELECT DISTINCT ON (x.stage) x.* "
 			     "FROM stage_attempts x JOIN run_stages q ON q.run_id = x.run_id "
 			     "AND q.stage = x.stage AND q.state IN ('queued', 'retrying') "
@@ -467,6 +469,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 				s->aoutputs = cJSON_Parse(PQgetvalue(rows, i, 11));
 			s->timed_out = PQgetvalue(rows, i, 12)[0] == 't';
 			s->timeout_in = atoll(PQgetvalue(rows, i, 13));
+			s->reused_run = PQgetisnull(rows, i, 14) ? 0 : atoll(PQgetvalue(rows, i, 14));
 		}
 	}
 	/* spec.parallelism: stages dispatched and not yet final count against it. */
@@ -520,7 +523,22 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 				if (!strcmp(s->astate, "succeeded")) {
 					char *o = s->aoutputs ? cJSON_PrintUnformatted(s->aoutputs)
 							      : strdup("{}");
-					rc = set_stage(db, run_id, s, "succeeded", o, NULL, NULL, -1, err);
+					if (s->reused_run > 0) {
+						/* the worker reused an earlier attempt's outputs */
+						char rr[24];
+						snprintf(rr, sizeof rr, "%lld", s->reused_run);
+						const char *pc[] = { rid, s->name, rr };
+						rc = gp_db_exec(db, "mark reused",
+								"UPDATE run_stages SET cached_from = "
+								"$3::bigint WHERE run_id = $1::bigint "
+								"AND stage = $2",
+								3, pc, NULL, err);
+					}
+					if (!rc)
+						rc = set_stage(db, run_id, s,
+							       s->reused_run > 0 ? "cached"
+										 : "succeeded",
+							       o, NULL, NULL, -1, err);
 					free(o);
 					if (rc)
 						goto rollback;
