@@ -563,6 +563,7 @@ struct kind {
 	const char *name;
 	const struct field *fields;
 	const char *const *outputs; /* NULL: any key */
+	int external;               /* reads inputs from outside genpipe (see spec.h) */
 };
 
 static const struct field f_ingest[] = {
@@ -616,10 +617,10 @@ static const struct field f_noop[] = {
 };
 
 static const struct kind kinds[] = {
-	{ "ingest", f_ingest, o_ingest },	  { "preprocess", f_preprocess, o_preprocess },
-	{ "train", f_train, o_train },		  { "eval", f_eval, o_eval },
-	{ "deploy", f_deploy, o_deploy },	  { "monitor", f_monitor, o_none },
-	{ "batch-infer", f_batch, o_batch },	  { "noop", f_noop, NULL },
+	{ "ingest", f_ingest, o_ingest, 1 },	     { "preprocess", f_preprocess, o_preprocess, 0 },
+	{ "train", f_train, o_train, 0 },	     { "eval", f_eval, o_eval, 0 },
+	{ "deploy", f_deploy, o_deploy, 0 },	     { "monitor", f_monitor, o_none, 0 },
+	{ "batch-infer", f_batch, o_batch, 0 },	     { "noop", f_noop, NULL, 0 },
 };
 #define NKINDS ((int)(sizeof kinds / sizeof kinds[0]))
 
@@ -634,6 +635,12 @@ static const struct kind *find_kind(const char *name)
 int gp_spec_kind_known(const char *kind)
 {
 	return kind && find_kind(kind) != NULL;
+}
+
+int gp_spec_kind_external(const char *kind)
+{
+	const struct kind *k = kind ? find_kind(kind) : NULL;
+	return k && k->external;
 }
 
 /* ------------------------------------------------------------------ */

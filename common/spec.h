@@ -77,6 +77,11 @@ long long gp_spec_parse_size(const char *s);
 
 /* 1 when name is a known stage kind. */
 int gp_spec_kind_known(const char *kind);
+/* 1 when the kind reads inputs from outside genpipe (files, URLs), so its
+ * parameters do not determine its outputs: the orchestrator does not serve
+ * it from its cache; the worker fingerprints the inputs and reuses an
+ * earlier attempt itself (worker.h, gp_job_reuse_lookup). */
+int gp_spec_kind_external(const char *kind);
 
 /* Levenshtein distance, capped; used for "did you mean" (exposed for tests). */
 int gp_spec_edit_distance(const char *a, const char *b);

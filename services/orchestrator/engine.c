@@ -299,7 +299,7 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 	}
 	snprintf(keytext, kl, "%s\n%s\n%s\n%s", s->kind, kind_version, wtext, ntext);
 	gp_sha256_hex(keytext, strlen(keytext), key);
-	if (cache) {
+	if (cache && !gp_spec_kind_external(s->kind)) {
 		char rid[24];
 		snprintf(rid, sizeof rid, "%lld", run_id);
 		const char *p[] = { key, rid, s->name };

@@ -1,0 +1,295 @@
+/*
+ * The data stages end to end on real servers with the real service
+ * processes (orchestrator, ingest, preprocess): two corpora ingested,
+ * preprocessed into a tokenizer, shards and histograms; a second run is
+ * served entirely from the cache; changing one file reruns only the
+ * ingest stage that reads it and the preprocess stage after it.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../check.h"
+#include "../harness.h"
+#include "artifact.h"
+#include "bpe.h"
+#include "dataset.h"
+#include "run.h"
+#include "shard.h"
+#include "spec.h"
+
+static const struct gp_test_env *ENV;
+static struct gp_db *db;
+
+static long long q(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static long long q(const char *fmt, ...)
+{
+	char sql[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(sql, sizeof sql, fmt, ap);
+	va_end(ap);
+	return gp_test_scalar(db, sql);
+}
+
+static char *qs(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *qs(const char *fmt, ...)
+{
+	char sql[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(sql, sizeof sql, fmt, ap);
+	va_end(ap);
+	PGresult *r = NULL;
+	struct gp_err e = { 0 };
+	REQUIRE_OK(gp_db_exec(db, "query", sql, 0, NULL, &r, &e), e);
+	char *s = PQntuples(r) ? strdup(PQgetvalue(r, 0, 0)) : NULL;
+	PQclear(r);
+	return s;
+}
+
+static long long submit(const char *yaml)
+{
+	struct gp_spec_errors *errs = calloc(1, sizeof *errs);
+	cJSON *doc = NULL;
+	struct gp_err e = { 0 };
+	if (gp_spec_parse(yaml, strlen(yaml), &doc, errs)) {
+		for (int i = 0; i < errs->n; i++)
+			fprintf(stderr, "spec %d:%d: %s\n", errs->v[i].line, errs->v[i].col,
+				errs->v[i].msg);
+		exit(1);
+	}
+	free(errs);
+	struct gp_version_ref v;
+	REQUIRE_OK(gp_pipeline_submit(db, yaml, doc, "test", &v, &e), e);
+	cJSON *p = gp_spec_resolve_params(doc, NULL, 0, &e);
+	REQUIRE(p);
+	long long run = 0;
+	REQUIRE_OK(gp_run_create(db, v.id, p, "test", &run, &e), e);
+	cJSON_Delete(p);
+	cJSON_Delete(doc);
+	return run;
+}
+
+static int wait_run(long long run, long long ms)
+{
+	long long deadline = gp_now_ms() + ms;
+	while (gp_now_ms() < deadline) {
+		if (q("SELECT count(*) FROM runs WHERE id = %lld AND state = 'succeeded'", run))
+			return 1;
+		if (q("SELECT count(*) FROM runs WHERE id = %lld AND state IN ('failed', "
+		      "'cancelled')",
+		      run)) {
+			char *why = qs("SELECT string_agg(stage || ': ' || coalesce(error, ''), '; ') "
+				       "FROM run_stages WHERE run_id = %lld AND state = 'failed'",
+				       run);
+			fprintf(stderr, "run %lld failed: %s\n", run, why ? why : "?");
+			free(why);
+			return 0;
+		}
+		gp_sleep_ms(50);
+	}
+	fprintf(stderr, "run %lld did not finish in %lld ms\n", run, ms);
+	return -1;
+}
+
+static void write_file(const char *rel, const char *text)
+{
+	char p[1024];
+	snprintf(p, sizeof p, "%s/%s", ENV->dir, rel);
+	FILE *f = fopen(p, "w");
+	REQUIRE(f);
+	fputs(text, f);
+	fclose(f);
+}
+
+/* A corpus of short "fortunes" from a seeded generator. */
+static void make_corpus(const char *rel, int files, int per_file, unsigned seed)
+{
+	static const char *w[] = { "the",    "wise",  "fool", "speaks", "only",  "when",
+				   "silent", "river", "runs", "deep",   "and",   "every",
+				   "cookie", "holds", "a",    "future", "bright", "tomorrow" };
+	char p[1024];
+	snprintf(p, sizeof p, "%s/%s", ENV->dir, rel);
+	REQUIRE(mkdir(p, 0755) == 0);
+	for (int f = 0; f < files; f++) {
+		static char text[1 << 16];
+		size_t n = 0;
+		for (int d = 0; d < per_file; d++) {
+			int words = 6 + (int)(seed % 9);
+			for (int k = 0; k < words; k++) {
+				seed = seed * 1103515245u + 12345u;
+				n += (size_t)snprintf(text + n, sizeof text - n, "%s%s",
+						      k ? " " : "", w[(seed >> 16) % 18]);
+			}
+			n += (size_t)snprintf(text + n, sizeof text - n, ".\n%%\n");
+		}
+		char name[256];
+		snprintf(name, sizeof name, "%s/f%02d.txt", rel, f);
+		write_file(name, text);
+	}
+}
+
+static const char *stage_state(long long run, const char *stage)
+{
+	static char s[32];
+	char *v = qs("SELECT state FROM run_stages WHERE run_id = %lld AND stage = '%s'", run,
+		     stage);
+	snprintf(s, sizeof s, "%s", v ? v : "(none)");
+	free(v);
+	return s;
+}
+
+static char *output(long long run, const char *stage, const char *key)
+{
+	return qs("SELECT outputs->>'%s' FROM run_stages WHERE run_id = %lld AND stage = '%s'", key,
+		  run, stage);
+}
+
+static int body(struct gp_test_env *env)
+{
+	ENV = env;
+	db = gp_test_db(env);
+	char roots[600], store_uri[600];
+	snprintf(roots, sizeof roots, "%s/corpus", env->dir);
+	snprintf(store_uri, sizeof store_uri, "file://%s/artifacts", env->dir);
+	REQUIRE(mkdir(roots, 0755) == 0);
+	make_corpus("corpus/a", 6, 60, 1);
+	make_corpus("corpus/b", 4, 60, 7);
+	/* an exact duplicate, a near duplicate (one word changed) and invalid UTF-8 */
+	write_file("corpus/a/dups.txt",
+		   "the river runs deep and every cookie holds a future bright tomorrow when "
+		   "silent\n%\n"
+		   "the river runs deep and every cookie holds a future bright tomorrow when "
+		   "silent\n%\n"
+		   "the river runs deep and every cookie holds a future bright tomorrow when "
+		   "quiet\n%\nbad \xff\xfe bytes\n%\n");
+	gp_test_service(env, "genpipe-orchestrator", "--sweep-ms", "500", NULL);
+	gp_test_service(env, "genpipe-ingest", "--roots", roots, "--data-dir", env->dir, NULL);
+	gp_test_service(env, "genpipe-preprocess", "--data-dir", env->dir, NULL);
+
+	char yaml[4096];
+	snprintf(yaml, sizeof yaml,
+		 "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: data}\nspec:\n"
+		 "  stages:\n"
+		 "    - name: ingest-a\n      kind: ingest\n"
+		 "      with: {sources: [%s/corpus/a], split: \"%%\"}\n"
+		 "    - name: ingest-b\n      kind: ingest\n"
+		 "      with: {sources: [\"%s/corpus/b/*.txt\"], split: \"%%\"}\n"
+		 "    - name: prep\n      kind: preprocess\n      needs: [ingest-a, ingest-b]\n"
+		 "      with:\n"
+		 "        datasets: [\"${stages.ingest-a.outputs.dataset}\", "
+		 "\"${stages.ingest-b.outputs.dataset}\"]\n"
+		 "        vocab_size: 400\n        val_fraction: 0.1\n"
+		 "        dedup_threshold: 0.7\n",
+		 env->dir, env->dir);
+
+	/* 1. the first run does everything */
+	long long r1 = submit(yaml);
+	REQUIRE(wait_run(r1, 60000) == 1);
+	CHECK_STR(stage_state(r1, "ingest-a"), "succeeded");
+	CHECK_STR(stage_state(r1, "prep"), "succeeded");
+	long long docs_a = q("SELECT (outputs->>'documents')::bigint FROM run_stages "
+			     "WHERE run_id = %lld AND stage = 'ingest-a'",
+			     r1);
+	CHECK(docs_a == 6 * 60 + 3); /* the exact duplicate is gone, bad bytes replaced */
+	CHECK(q("SELECT (metrics->'dropped'->>'duplicate')::int FROM stage_attempts "
+		"WHERE run_id = %lld AND stage = 'ingest-a'",
+		r1) >= 1);
+	CHECK(q("SELECT (metrics->>'utf8_replaced')::int FROM stage_attempts "
+		"WHERE run_id = %lld AND stage = 'ingest-a'",
+		r1) == 1);
+	CHECK(q("SELECT (metrics->'dropped'->>'near_duplicate')::int FROM stage_attempts "
+		"WHERE run_id = %lld AND stage = 'prep'",
+		r1) >= 1);
+	CHECK(q("SELECT (metrics->>'tokens_train')::bigint FROM stage_attempts "
+		"WHERE run_id = %lld AND stage = 'prep'",
+		r1) > 1000);
+	/* every output artifact is registered with its run and stage */
+	CHECK(q("SELECT count(*) FROM artifacts WHERE run_id = %lld AND stage = 'prep'", r1) == 5);
+	CHECK(q("SELECT count(*) FROM artifacts WHERE run_id = %lld AND stage LIKE 'ingest-%%'",
+		r1) == 4);
+	/* the outputs read back: the tokenizer loads, the shards decode to the text */
+	struct gp_store *store;
+	struct gp_err e = { 0 };
+	REQUIRE_OK(gp_store_open(&store, store_uri, &e), e);
+	char h[65];
+	char *tok = output(r1, "prep", "tokenizer"), *train = output(r1, "prep", "train_shards");
+	REQUIRE(tok && train && !gp_artifact_ref_parse(tok, h));
+	uint8_t *data;
+	size_t len;
+	REQUIRE_OK(gp_store_get(store, h, 1 << 24, &data, &len, &e), e);
+	struct gp_bpe *bpe;
+	REQUIRE_OK(gp_bpe_load(data, len, &bpe, &e), e);
+	free(data);
+	/* 18 distinct words run out of pairs seen twice before 400 */
+	CHECK(gp_bpe_vocab_size(bpe) > 256 + 18 && gp_bpe_vocab_size(bpe) <= 400);
+	CHECK(q("SELECT (outputs->>'vocab_size')::int FROM run_stages WHERE run_id = %lld AND "
+		"stage = 'prep'",
+		r1) == gp_bpe_vocab_size(bpe));
+	REQUIRE(!gp_artifact_ref_parse(train, h));
+	REQUIRE_OK(gp_store_get(store, h, 1 << 26, &data, &len, &e), e);
+	const uint8_t *t;
+	size_t n;
+	REQUIRE_OK(gp_shard_parse(data, len, 400, &t, &n, &e), e);
+	CHECK(gp_shard_token(t, 0) == gp_bpe_eot(bpe));
+	uint16_t *ids = malloc(n * sizeof *ids);
+	for (size_t i = 0; i < n; i++)
+		ids[i] = gp_shard_token(t, i);
+	uint8_t *text;
+	size_t tl;
+	REQUIRE_OK(gp_bpe_decode(bpe, ids, n, &text, &tl, &e), e);
+	CHECK(memmem(text, tl, "the river runs deep", 19) != NULL ||
+	      memmem(text, tl, "cookie", 6) != NULL);
+	free(text);
+	free(ids);
+	free(data);
+	gp_bpe_free(bpe);
+	free(tok);
+	free(train);
+	char *ds1 = output(r1, "ingest-a", "dataset");
+
+	/* 2. the same inputs: every stage comes from the cache */
+	long long r2 = submit(yaml);
+	REQUIRE(wait_run(r2, 60000) == 1);
+	CHECK_STR(stage_state(r2, "ingest-a"), "cached");
+	CHECK_STR(stage_state(r2, "ingest-b"), "cached");
+	CHECK_STR(stage_state(r2, "prep"), "cached");
+	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND cached_from = %lld", r2,
+		r1) == 3);
+
+	/* 3. one file of corpus b changes: ingest-b and prep run again, ingest-a does not */
+	write_file("corpus/b/f01.txt", "a brand new fortune about the river.\n%\n");
+	long long r3 = submit(yaml);
+	REQUIRE(wait_run(r3, 60000) == 1);
+	CHECK_STR(stage_state(r3, "ingest-a"), "cached");
+	CHECK_STR(stage_state(r3, "ingest-b"), "succeeded");
+	CHECK_STR(stage_state(r3, "prep"), "succeeded");
+	char *b1 = output(r1, "ingest-b", "dataset"), *b3 = output(r3, "ingest-b", "dataset");
+	char *ds3 = output(r3, "ingest-a", "dataset");
+	CHECK(b1 && b3 && strcmp(b1, b3) != 0); /* the dataset hash changed */
+	CHECK(ds1 && ds3 && !strcmp(ds1, ds3));
+	free(b1);
+	free(b3);
+	free(ds1);
+	free(ds3);
+
+	/* 4. a source outside the service's roots fails the stage with the reason */
+	long long r4 = submit("apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: bad}\n"
+			      "spec:\n  stages:\n    - {name: i, kind: ingest, with: {sources: "
+			      "[/etc]}}\n");
+	CHECK(wait_run(r4, 30000) == 0);
+	char *err = qs("SELECT error FROM run_stages WHERE run_id = %lld AND stage = 'i'", r4);
+	CHECK(err && strstr(err, "not under the service's allowed roots"));
+	free(err);
+	gp_store_close(store);
+	return CHECK_RESULT();
+}
+
+int main(void)
+{
+	return gp_test_run(body);
+}
