@@ -38,9 +38,11 @@ test-sanitize:
 	cmake --build $(SAN_BUILD) -j $(JOBS)
 	ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(CTEST_JOBS)
 
-# Orchestrator overhead on a private stack: 1000-stage fan-out, 3 workers, 3 runs.
+# Orchestrator overhead on a private stack: 1000-stage fan-out, 3 workers, 3 runs;
+# then tokenizer training and encoding beside their plain references.
 bench: build
 	$(BUILD)/bin/orchestrator_bench 1000 3 3
+	$(BUILD)/bin/tokenizer_bench
 
 down:
 	$(BUILD)/bin/genpipe dev down

@@ -97,6 +97,113 @@ static int list_runs(struct gp_db *db)
 	return 0;
 }
 
+/* Print a metrics object flattened one level: k=v k.sub=v. */
+static void print_metrics(const char *stage, const char *json)
+{
+	cJSON *m = cJSON_Parse(json);
+	if (!cJSON_IsObject(m) || !m->child) {
+		cJSON_Delete(m);
+		return;
+	}
+	printf("  %-18s", stage);
+	int col = 20;
+	for (const cJSON *c = m->child; c; c = c->next) {
+		const cJSON *sub = cJSON_IsObject(c) ? c->child : c;
+		for (; sub; sub = cJSON_IsObject(c) ? sub->next : NULL) {
+			char item[160];
+			if (!cJSON_IsNumber(sub))
+				continue;
+			double v = sub->valuedouble;
+			char num[48];
+			if (v == (double)(long long)v)
+				snprintf(num, sizeof num, "%lld", (long long)v);
+			else
+				snprintf(num, sizeof num, "%.3g", v);
+			int n = snprintf(item, sizeof item, " %s%s%s=%s", c->string,
+					 cJSON_IsObject(c) ? "." : "", cJSON_IsObject(c) ? sub->string : "",
+					 num);
+			if (col + n > 100) {
+				printf("\n  %-18s", "");
+				col = 20;
+			}
+			fputs(item, stdout);
+			col += n;
+			if (!cJSON_IsObject(c))
+				break;
+		}
+	}
+	putchar('\n');
+	cJSON_Delete(m);
+}
+
+/* The artifacts a run's stages output, and each stage's counts: printed,
+ * or added to o (--json). */
+static int show_artifacts(struct gp_db *db, long long id, cJSON *o)
+{
+	char ids[24];
+	snprintf(ids, sizeof ids, "%lld", id);
+	const char *p[] = { ids };
+	PGresult *a = NULL, *m = NULL;
+	struct gp_err err = { 0 };
+	if (gp_db_exec(db, "show artifacts",
+		       "SELECT s.stage, o.key, a.kind, a.size_bytes, a.content_hash, "
+		       "coalesce(a.run_id::text, '') FROM run_stages s "
+		       "CROSS JOIN LATERAL jsonb_each_text(coalesce(s.outputs, '{}')) o "
+		       "JOIN artifacts a ON 'sha256:' || a.content_hash = o.value "
+		       "WHERE s.run_id = $1::bigint ORDER BY s.position, o.key",
+		       1, p, &a, &err) ||
+	    gp_db_exec(db, "show counts",
+		       "SELECT s.stage, (SELECT x.metrics::text FROM stage_attempts x "
+		       "WHERE x.run_id = coalesce(s.cached_from, s.run_id) AND x.stage = s.stage "
+		       "AND x.state = 'succeeded' AND x.reused_from IS NULL "
+		       "ORDER BY x.id DESC LIMIT 1) FROM run_stages s "
+		       "WHERE s.run_id = $1::bigint ORDER BY s.position",
+		       1, p, &m, &err)) {
+		fprintf(stderr, "genpipe: %s\n", err.msg);
+		PQclear(a);
+		return 1;
+	}
+	if (o) {
+		cJSON *arr = cJSON_AddArrayToObject(o, "artifacts");
+		for (int i = 0; i < PQntuples(a); i++) {
+			cJSON *x = cJSON_CreateObject();
+			cJSON_AddStringToObject(x, "stage", PQgetvalue(a, i, 0));
+			cJSON_AddStringToObject(x, "output", PQgetvalue(a, i, 1));
+			cJSON_AddStringToObject(x, "kind", PQgetvalue(a, i, 2));
+			cJSON_AddNumberToObject(x, "bytes", atof(PQgetvalue(a, i, 3)));
+			cJSON_AddStringToObject(x, "sha256", PQgetvalue(a, i, 4));
+			cJSON_AddItemToArray(arr, x);
+		}
+		cJSON *cnt = cJSON_AddObjectToObject(o, "counts");
+		for (int i = 0; i < PQntuples(m); i++)
+			if (!PQgetisnull(m, i, 1))
+				cJSON_AddItemToObject(cnt, PQgetvalue(m, i, 0),
+						      cJSON_Parse(PQgetvalue(m, i, 1)));
+		PQclear(a);
+		PQclear(m);
+		return 0;
+	}
+	if (PQntuples(a)) {
+		printf("\n%-20s %-14s %-10s %12s  %-16s %s\n", "ARTIFACT OF", "OUTPUT", "KIND",
+		       "BYTES", "SHA256", "RUN");
+		for (int i = 0; i < PQntuples(a); i++)
+			printf("%-20s %-14s %-10s %12s  %.16s %s\n", PQgetvalue(a, i, 0),
+			       PQgetvalue(a, i, 1), PQgetvalue(a, i, 2), PQgetvalue(a, i, 3),
+			       PQgetvalue(a, i, 4), PQgetvalue(a, i, 5));
+	}
+	int header = 0;
+	for (int i = 0; i < PQntuples(m); i++) {
+		if (PQgetisnull(m, i, 1))
+			continue;
+		if (!header++)
+			printf("\nCOUNTS\n");
+		print_metrics(PQgetvalue(m, i, 0), PQgetvalue(m, i, 1));
+	}
+	PQclear(a);
+	PQclear(m);
+	return 0;
+}
+
 static int show_run(struct gp_db *db, long long id)
 {
 	char ids[24];
@@ -141,6 +248,12 @@ static int show_run(struct gp_db *db, long long id)
 				cJSON_AddNumberToObject(st, "cached_from", atof(PQgetvalue(s, i, 8)));
 			cJSON_AddItemToArray(a, st);
 		}
+		if (show_artifacts(db, id, o)) {
+			cJSON_Delete(o);
+			PQclear(r);
+			PQclear(s);
+			return 1;
+		}
 		cli_print_json(o);
 	} else {
 		printf("run %lld: %s@%s %s (%s, created %s, %ss)\n", id, PQgetvalue(r, 0, 1),
@@ -164,7 +277,7 @@ static int show_run(struct gp_db *db, long long id)
 	}
 	PQclear(r);
 	PQclear(s);
-	return 0;
+	return cli_json ? 0 : show_artifacts(db, id, NULL);
 }
 
 /* Progress from stage events, per stage name. */

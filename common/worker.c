@@ -262,7 +262,7 @@ gp_status gp_job_reuse_lookup(struct gp_job *job, const char *fingerprint, char 
 	gp_status st = gp_db_exec(w->db, "look up reusable attempt",
 				  "WITH k AS (UPDATE stage_attempts SET input_key = $3 "
 				  "WHERE id = $1::bigint AND lease_token = $2) "
-				  "SELECT id, outputs::text FROM stage_attempts "
+				  "SELECT coalesce(reused_from, id), outputs::text FROM stage_attempts "
 				  "WHERE kind = $4 AND input_key = $3 AND state = 'succeeded' "
 				  "AND outputs IS NOT NULL AND id <> $1::bigint "
 				  "ORDER BY id DESC LIMIT 1",

@@ -9,6 +9,11 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include <openssl/evp.h>
+
+#include "bpe.h"
+#include "dataset.h"
+#include "shard.h"
 #include "wire.h"
 
 static int put(const char *dir, const char *msg, const ProtobufCMessage *m)
@@ -32,6 +37,73 @@ static int put(const char *dir, const char *msg, const ProtobufCMessage *m)
 	fclose(f);
 	free(b);
 	return w != len;
+}
+
+static int put_bytes(const char *dir, const char *target, const void *b, size_t len)
+{
+	char path[1024];
+	snprintf(path, sizeof path, "%s/%s", dir, target);
+	if (mkdir(path, 0755) != 0 && errno != EEXIST)
+		return 1;
+	snprintf(path, sizeof path, "%s/%s/seed-valid", dir, target);
+	FILE *f = fopen(path, "wb");
+	if (!f)
+		return 1;
+	size_t w = fwrite(b, 1, len, f);
+	fclose(f);
+	return w != len;
+}
+
+/* A tokenizer, a shard, a manifest and a document file, all valid. */
+static int data_seeds(const char *d)
+{
+	struct gp_err e = { 0 };
+	struct gp_bpe_trainer *t = NULL;
+	struct gp_bpe *b = NULL;
+	const char *text = "the cat sat on the mat; the cat ran. the the the cat cat 123 123\n";
+	int bad = 0;
+	uint8_t *buf = NULL;
+	size_t len = 0;
+	if (gp_bpe_trainer_new(&t, &e) || gp_bpe_trainer_add(t, text, strlen(text), &e) ||
+	    gp_bpe_train(t, 280, 0, &b, &e) || gp_bpe_save(b, &buf, &len, &e)) {
+		gp_bpe_trainer_free(t);
+		return 1;
+	}
+	gp_bpe_trainer_free(t);
+	bad |= put_bytes(d, "tokenizer", buf, len);
+	free(buf);
+	uint16_t *ids = NULL;
+	size_t n = 0, cap = 0;
+	if (gp_bpe_encode(b, text, strlen(text), &ids, &n, &cap, &e) ||
+	    gp_shard_encode(ids, n, &buf, &len, &e)) {
+		gp_bpe_free(b);
+		free(ids);
+		return 1;
+	}
+	bad |= put_bytes(d, "shard", buf, len);
+	free(buf);
+	free(ids);
+	gp_bpe_free(b);
+	const char *man = "{\"format\":\"genpipe-dataset/1\",\"data\":\"sha256:"
+			  "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824\","
+			  "\"documents\":2,\"bytes\":10,\"utf8_replaced\":0,"
+			  "\"dropped\":{\"duplicate\":1},\"sources\":[]}";
+	bad |= put_bytes(d, "manifest", man, strlen(man));
+	struct gp_buf db = { 0 };
+	uint8_t h[12], sha[32];
+	gp_dataset_header(h);
+	gp_buf_append(&db, h, 8, &e);
+	const char *docs[] = { "hello", "world" };
+	for (int i = 0; i < 2; i++) {
+		unsigned int l = 0;
+		EVP_Digest(docs[i], 5, sha, &l, EVP_sha256(), NULL);
+		gp_dataset_record(&db, "src", sha, docs[i], 5, &e);
+	}
+	gp_dataset_trailer(2, h);
+	gp_buf_append(&db, h, 12, &e);
+	bad |= put_bytes(d, "dataset", db.p, db.len);
+	free(db.p);
+	return bad;
 }
 
 int main(int argc, char **argv)
@@ -76,6 +148,7 @@ int main(int argc, char **argv)
 	gp_alert a = GENPIPE__V1__ALERT__INIT;
 	a.model = "tiny", a.metric = "psi", a.value = 0.3, a.threshold = 0.2;
 	bad |= put(d, "alert", &a.base);
+	bad |= data_seeds(d);
 	if (bad)
 		fprintf(stderr, "fuzz_seeds: could not write seeds under %s\n", d);
 	return bad;
