@@ -277,7 +277,37 @@ static int body(struct gp_test_env *env)
 	free(ds1);
 	free(ds3);
 
-	/* 4. a source outside the service's roots fails the stage with the reason */
+	/* 4. the feedback source reads the corrections collected for a model */
+	struct gp_err fe = { 0 };
+	REQUIRE_OK(gp_db_run(db, "corrections",
+			     "INSERT INTO feedback_corrections (model, request_id, prompt, correction) "
+			     "VALUES ('tiny', 'r1', 'Q: the sky? ', 'A: blue'), "
+			     "('tiny', 'r2', 'Q: grass? ', 'A: green'), "
+			     "('other', 'r3', 'Q: x? ', 'A: y')",
+			     &fe),
+		   fe);
+	const char *fb = "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: fb}\n"
+			 "spec:\n  stages:\n    - {name: i, kind: ingest, with: {sources: "
+			 "[\"feedback:tiny\"]}}\n";
+	long long f1 = submit(fb);
+	REQUIRE(wait_run(f1, 30000) == 1);
+	CHECK(q("SELECT (outputs->>'documents')::int FROM run_stages WHERE run_id = %lld", f1) ==
+	      2);
+	long long f2 = submit(fb); /* no new corrections: reused */
+	REQUIRE(wait_run(f2, 30000) == 1);
+	CHECK_STR(stage_state(f2, "i"), "cached");
+	REQUIRE_OK(gp_db_run(db, "correction",
+			     "INSERT INTO feedback_corrections (model, prompt, correction) "
+			     "VALUES ('tiny', 'Q: snow? ', 'A: white')",
+			     &fe),
+		   fe);
+	long long f3 = submit(fb); /* a new correction: read again */
+	REQUIRE(wait_run(f3, 30000) == 1);
+	CHECK_STR(stage_state(f3, "i"), "succeeded");
+	CHECK(q("SELECT (outputs->>'documents')::int FROM run_stages WHERE run_id = %lld", f3) ==
+	      3);
+
+	/* 5. a source outside the service's roots fails the stage with the reason */
 	long long r4 = submit("apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: bad}\n"
 			      "spec:\n  stages:\n    - {name: i, kind: ingest, with: {sources: "
 			      "[/etc]}}\n");
