@@ -268,7 +268,7 @@ struct collect {
 	EVP_MD_CTX *fp; /* fingerprint */
 	int fingerprint_only;
 	long long files_total, files_done;
-	void (*progress)(void *ctx, double f, const char *msg);
+	void (*progress)(void *ctx, long long files_read, const char *msg);
 	void *pctx;
 	long long next_progress_ms;
 	cJSON *src;           /* this source's counts */
@@ -398,10 +398,9 @@ static void maybe_progress(struct collect *c, const char *what)
 		return;
 	c->next_progress_ms = gp_now_ms() + 500;
 	char msg[300];
-	snprintf(msg, sizeof msg, "%lld/%lld files, %lld documents: %.200s", c->files_done,
-		 c->files_total, c->res->documents, what);
-	c->progress(c->pctx, c->files_total ? (double)c->files_done / (double)c->files_total : 0,
-		    msg);
+	snprintf(msg, sizeof msg, "%lld files, %lld documents: %.200s", c->files_done,
+		 c->res->documents, what);
+	c->progress(c->pctx, c->files_done, msg);
 }
 
 /* Read a whole file (gunzipped when its name ends in .gz) up to max bytes. */
@@ -778,8 +777,8 @@ static gp_status feedback_source(struct collect *c, struct gp_db *db, const char
 
 gp_status gp_ingest_collect(const cJSON *params, const struct gp_ingest_config *cfg,
 			    struct gp_db *db, int fingerprint_only,
-			    void (*progress)(void *ctx, double f, const char *msg), void *ctx,
-			    struct gp_ingest_result *res, struct gp_err *err)
+			    void (*progress)(void *ctx, long long files_read, const char *msg),
+			    void *ctx, struct gp_ingest_result *res, struct gp_err *err)
 {
 	struct opts o;
 	struct collect c = { .o = &o, .cfg = cfg, .res = res, .fingerprint_only = fingerprint_only,
@@ -836,6 +835,7 @@ gp_status gp_ingest_collect(const cJSON *params, const struct gp_ingest_config *
 		for (int i = 0; i < 32; i++)
 			sprintf(res->fingerprint + 2 * i, "%02x", md[i]);
 	}
+	res->files_seen = c.files_total;
 out:
 	EVP_MD_CTX_free(c.fp);
 	free(c.seen.h);
@@ -856,9 +856,16 @@ void gp_ingest_result_free(struct gp_ingest_result *res)
 
 /* ---- the stage handler ---- */
 
-static void job_progress(void *ctx, double f, const char *msg)
+struct progress_ctx {
+	struct gp_job *job;
+	long long total; /* files the fingerprint pass matched */
+};
+
+static void job_progress(void *ctx, long long files_read, const char *msg)
 {
-	gp_job_progress(ctx, f, msg, NULL);
+	const struct progress_ctx *p = ctx;
+	gp_job_progress(p->job, p->total > 0 ? (double)files_read / (double)p->total : 0, msg,
+			NULL);
 }
 
 /* Outputs reusable when both artifacts they name are still in the store. */
@@ -913,9 +920,10 @@ void gp_ingest_handle(struct gp_job *job, void *closure)
 		}
 		free(prev);
 	}
+	struct progress_ctx pc = { job, res.files_seen };
 	gp_ingest_result_free(&res);
 	/* 2. read everything */
-	if (gp_ingest_collect(p, cfg, db, 0, job_progress, job, &res, &err)) {
+	if (gp_ingest_collect(p, cfg, db, 0, job_progress, &pc, &res, &err)) {
 		gp_job_fail(job, err.status == GP_ERR_INVALID || err.status == GP_ERR_TOO_BIG,
 			    err.msg);
 		goto done;

@@ -47,6 +47,7 @@ void gp_ingest_handle(struct gp_job *job, void *closure);
 struct gp_ingest_result {
 	struct gp_buf data;       /* the document file */
 	long long documents, bytes, files, utf8_replaced;
+	long long files_seen;     /* files matched (read or, when fingerprinting, stat'ed) */
 	cJSON *dropped;           /* reason -> count */
 	cJSON *sources;           /* per-source counts */
 	char fingerprint[65];     /* "" when not reusable (a URL source) */
@@ -56,11 +57,12 @@ struct gp_ingest_result {
  * The stage's work without the bus or the database: parse params, read
  * every source, build the document file. db may be NULL when no source is
  * feedback:. fingerprint_only: walk and fingerprint, read nothing.
- * progress (may be NULL) gets a fraction and a message.
+ * progress (may be NULL) gets the number of files read so far and a message.
  */
 gp_status gp_ingest_collect(const cJSON *params, const struct gp_ingest_config *cfg,
 			    struct gp_db *db, int fingerprint_only,
-			    void (*progress)(void *ctx, double f, const char *msg), void *ctx,
+			    void (*progress)(void *ctx, long long files_read, const char *msg),
+			    void *ctx,
 			    struct gp_ingest_result *res, struct gp_err *err);
 void gp_ingest_result_free(struct gp_ingest_result *res);
 
