@@ -217,9 +217,10 @@ static gp_status build(uint32_t (*merges)[2], int n, struct gp_bpe **out, struct
 		while (b->ranks[j].key && b->ranks[j].key != k)
 			j = (j + 1) & mask;
 		if (b->ranks[j].key == k) {
+			uint32_t first = b->ranks[j].rank;
 			gp_bpe_free(b);
 			return gp_err_set(err, GP_ERR_INVALID, "merge %d repeats merge %u (%u, %u)",
-					  i, b->ranks[j].rank, l, r);
+					  i, first, l, r);
 		}
 		b->ranks[j].key = k;
 		b->ranks[j].rank = (uint32_t)i;

@@ -78,8 +78,8 @@ static const struct {
 	  9, 23, "refers to unknown param \"x\"" },
 	{ "missing-output",
 	  HDR "    - {name: a, kind: ingest, with: {sources: [x]}}\n"
-	      "    - {name: b, kind: preprocess, needs: [a], with: {dataset: \"${stages.a.outputs.data}\"}}\n",
-	  8, 63, "stages of kind ingest have no output \"data\"" },
+	      "    - {name: b, kind: preprocess, needs: [a], with: {dataset: \"${stages.a.outputs.dat}\"}}\n",
+	  8, 63, "stages of kind ingest have no output \"dat\"" },
 	{ "output-not-needed",
 	  HDR "    - {name: a, kind: noop}\n    - {name: b, kind: noop, with: {message: \"${stages.a.outputs.k}\"}}\n",
 	  8, 45, "stage \"b\" uses outputs of \"a\" but does not need it" },
