@@ -12,23 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- small hashing helpers ---- */
+#include "bytes.h"
 
-static uint64_t mix64(uint64_t x)
-{
-	x += 0x9e3779b97f4a7c15ULL;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-	return x ^ (x >> 31);
-}
-
-static uint64_t hash_bytes(const uint8_t *p, size_t n)
-{
-	uint64_t h = 0xcbf29ce484222325ULL ^ n;
-	for (size_t i = 0; i < n; i++)
-		h = (h ^ p[i]) * 0x100000001b3ULL;
-	return mix64(h);
-}
+/* ---- pairs ---- */
 
 static uint64_t pair_key(uint32_t a, uint32_t b)
 {
@@ -151,7 +137,7 @@ static int rank_of(const struct gp_bpe *b, uint32_t l, uint32_t r)
 {
 	uint64_t k = pair_key(l, r) + 1;
 	size_t mask = b->rank_cap - 1;
-	for (size_t i = mix64(k) & mask;; i = (i + 1) & mask) {
+	for (size_t i = gp_mix64(k) & mask;; i = (i + 1) & mask) {
 		if (b->ranks[i].key == 0)
 			return -1;
 		if (b->ranks[i].key == k)
@@ -213,7 +199,7 @@ static gp_status build(uint32_t (*merges)[2], int n, struct gp_bpe **out, struct
 		b->tok_len[id] = (uint32_t)len;
 		used += len;
 		uint64_t k = pair_key(l, r) + 1;
-		size_t mask = b->rank_cap - 1, j = mix64(k) & mask;
+		size_t mask = b->rank_cap - 1, j = gp_mix64(k) & mask;
 		while (b->ranks[j].key && b->ranks[j].key != k)
 			j = (j + 1) & mask;
 		if (b->ranks[j].key == k) {
@@ -311,7 +297,7 @@ gp_status gp_bpe_encode(struct gp_bpe *b, const void *text, size_t len, uint16_t
 	size_t mask = b->cache_cap - 1;
 	for (size_t off = 0; off < len;) {
 		size_t cl = gp_bpe_chunk(p + off, len - off);
-		uint64_t h = hash_bytes(p + off, cl) | 1;
+		uint64_t h = gp_hash64(p + off, cl, 0) | 1;
 		size_t i = h & mask;
 		struct cache_slot *hit = NULL;
 		for (;; i = (i + 1) & mask) {
@@ -414,32 +400,19 @@ gp_status gp_bpe_decode(const struct gp_bpe *b, const uint16_t *ids, size_t n, u
 
 /* ---- file format ---- */
 
-static void put32(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)v;
-	p[1] = (uint8_t)(v >> 8);
-	p[2] = (uint8_t)(v >> 16);
-	p[3] = (uint8_t)(v >> 24);
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
 gp_status gp_bpe_save(const struct gp_bpe *b, uint8_t **out, size_t *len, struct gp_err *err)
 {
 	size_t n = 16 + (size_t)b->n_merges * 8;
 	uint8_t *p = malloc(n);
 	if (!p)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
-	put32(p, GP_BPE_MAGIC);
-	put32(p + 4, GP_BPE_VERSION);
-	put32(p + 8, (uint32_t)gp_bpe_vocab_size(b));
-	put32(p + 12, (uint32_t)b->n_merges);
+	gp_put_le32(p, GP_BPE_MAGIC);
+	gp_put_le32(p + 4, GP_BPE_VERSION);
+	gp_put_le32(p + 8, (uint32_t)gp_bpe_vocab_size(b));
+	gp_put_le32(p + 12, (uint32_t)b->n_merges);
 	for (int i = 0; i < b->n_merges; i++) {
-		put32(p + 16 + (size_t)i * 8, b->merges[i][0]);
-		put32(p + 20 + (size_t)i * 8, b->merges[i][1]);
+		gp_put_le32(p + 16 + (size_t)i * 8, b->merges[i][0]);
+		gp_put_le32(p + 20 + (size_t)i * 8, b->merges[i][1]);
 	}
 	*out = p;
 	*len = n;
@@ -452,12 +425,12 @@ gp_status gp_bpe_load(const void *data, size_t len, struct gp_bpe **out, struct 
 	if (len < 16)
 		return gp_err_set(err, GP_ERR_INVALID, "tokenizer: %zu bytes, shorter than the header",
 				  len);
-	if (get32(p) != GP_BPE_MAGIC)
-		return gp_err_set(err, GP_ERR_INVALID, "tokenizer: bad magic 0x%08x", get32(p));
-	if (get32(p + 4) != GP_BPE_VERSION)
+	if (gp_get_le32(p) != GP_BPE_MAGIC)
+		return gp_err_set(err, GP_ERR_INVALID, "tokenizer: bad magic 0x%08x", gp_get_le32(p));
+	if (gp_get_le32(p + 4) != GP_BPE_VERSION)
 		return gp_err_set(err, GP_ERR_INVALID, "tokenizer: unsupported version %u",
-				  get32(p + 4));
-	uint32_t vocab = get32(p + 8), n = get32(p + 12);
+				  gp_get_le32(p + 4));
+	uint32_t vocab = gp_get_le32(p + 8), n = gp_get_le32(p + 12);
 	if (vocab > GP_BPE_MAX_VOCAB || n > GP_BPE_MAX_VOCAB - 257 || vocab != 257 + n)
 		return gp_err_set(err, GP_ERR_INVALID,
 				  "tokenizer: vocab_size %u does not match %u merges (must be "
@@ -471,8 +444,8 @@ gp_status gp_bpe_load(const void *data, size_t len, struct gp_bpe **out, struct 
 	if (!m)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	for (uint32_t i = 0; i < n; i++) {
-		m[i][0] = get32(p + 16 + (size_t)i * 8);
-		m[i][1] = get32(p + 20 + (size_t)i * 8);
+		m[i][0] = gp_get_le32(p + 16 + (size_t)i * 8);
+		m[i][1] = gp_get_le32(p + 20 + (size_t)i * 8);
 	}
 	gp_status st = build(m, (int)n, out, err);
 	if (st)
@@ -546,7 +519,7 @@ gp_status gp_bpe_trainer_add(struct gp_bpe_trainer *t, const void *text, size_t 
 	gp_status st;
 	for (size_t off = 0; off < len;) {
 		size_t cl = gp_bpe_chunk(p + off, len - off);
-		uint64_t h = hash_bytes(p + off, cl) | 1;
+		uint64_t h = gp_hash64(p + off, cl, 0) | 1;
 		size_t mask = t->cap - 1, i = h & mask;
 		for (;; i = (i + 1) & mask) {
 			struct chunk_slot *s = &t->slots[i];
@@ -664,7 +637,7 @@ static struct heap_ent heap_pop(struct trainer_state *s)
 static size_t pair_find(struct trainer_state *s, uint64_t key, int create)
 {
 	size_t mask = s->icap - 1;
-	size_t i = mix64(key) & mask;
+	size_t i = gp_mix64(key) & mask;
 	for (;; i = (i + 1) & mask) {
 		uint32_t v = s->index[i];
 		if (!v)
@@ -695,7 +668,7 @@ static size_t pair_find(struct trainer_state *s, uint64_t key, int create)
 			return (size_t)-1;
 		}
 		for (size_t k = 0; k < s->npairs; k++) {
-			size_t j = mix64(s->pairs[k].key) & (nc - 1);
+			size_t j = gp_mix64(s->pairs[k].key) & (nc - 1);
 			while (ni[j])
 				j = (j + 1) & (nc - 1);
 			ni[j] = (uint32_t)(k + 1);

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "artifact.h"
+#include "bytes.h"
 
 gp_status gp_buf_append(struct gp_buf *b, const void *data, size_t len, struct gp_err *err)
 {
@@ -28,32 +29,10 @@ gp_status gp_buf_append(struct gp_buf *b, const void *data, size_t len, struct g
 	return GP_OK;
 }
 
-static void put32(uint8_t *p, uint32_t v)
-{
-	for (int i = 0; i < 4; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-	for (int i = 0; i < 8; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-	return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
-}
-
 void gp_dataset_header(uint8_t out[8])
 {
 	memcpy(out, "GPDS", 4);
-	put32(out + 4, 1);
+	gp_put_le32(out + 4, 1);
 }
 
 gp_status gp_dataset_record(struct gp_buf *b, const char *source, const uint8_t sha[32],
@@ -66,11 +45,11 @@ gp_status gp_dataset_record(struct gp_buf *b, const char *source, const uint8_t 
 		return gp_err_set(err, GP_ERR_TOO_BIG, "document of %zu bytes is too large", len);
 	uint8_t h[8];
 	gp_status st;
-	put32(h, (uint32_t)sl);
+	gp_put_le32(h, (uint32_t)sl);
 	if ((st = gp_buf_append(b, h, 4, err)) || (st = gp_buf_append(b, source, sl, err)) ||
 	    (st = gp_buf_append(b, sha, 32, err)))
 		return st;
-	put64(h, len);
+	gp_put_le64(h, len);
 	if ((st = gp_buf_append(b, h, 8, err)) || (st = gp_buf_append(b, text, len, err)))
 		return st;
 	return GP_OK;
@@ -79,7 +58,7 @@ gp_status gp_dataset_record(struct gp_buf *b, const char *source, const uint8_t 
 void gp_dataset_trailer(uint64_t count, uint8_t out[12])
 {
 	memcpy(out, "GPDE", 4);
-	put64(out + 4, count);
+	gp_put_le64(out + 4, count);
 }
 
 gp_status gp_dataset_open(struct gp_dataset_reader *r, const uint8_t *data, size_t len,
@@ -88,15 +67,15 @@ gp_status gp_dataset_open(struct gp_dataset_reader *r, const uint8_t *data, size
 	memset(r, 0, sizeof *r);
 	if (len < 20 || memcmp(data, "GPDS", 4))
 		return gp_err_set(err, GP_ERR_INVALID, "dataset: not a genpipe document file");
-	if (get32(data + 4) != 1)
+	if (gp_get_le32(data + 4) != 1)
 		return gp_err_set(err, GP_ERR_INVALID, "dataset: unsupported version %u",
-				  get32(data + 4));
+				  gp_get_le32(data + 4));
 	if (memcmp(data + len - 12, "GPDE", 4))
 		return gp_err_set(err, GP_ERR_INVALID, "dataset: truncated (no trailer)");
 	r->p = data;
 	r->len = len - 12;
 	r->off = 8;
-	r->count = get64(data + len - 8);
+	r->count = gp_get_le64(data + len - 8);
 	return GP_OK;
 }
 
@@ -117,12 +96,12 @@ gp_status gp_dataset_next(struct gp_dataset_reader *r, struct gp_doc *doc, int *
 	unsigned long long idx = (unsigned long long)r->seen;
 	if (left < 4)
 		return gp_err_set(err, GP_ERR_INVALID, "dataset: document %llu: truncated", idx);
-	uint32_t sl = get32(p);
+	uint32_t sl = gp_get_le32(p);
 	if (sl > GP_DATASET_MAX_SOURCE || left - 4 < (size_t)sl + 32 + 8)
 		return gp_err_set(err, GP_ERR_INVALID,
 				  "dataset: document %llu: source length %u is invalid", idx, sl);
 	const uint8_t *sha = p + 4 + sl;
-	uint64_t tl = get64(sha + 32);
+	uint64_t tl = gp_get_le64(sha + 32);
 	size_t hdr = 4 + (size_t)sl + 32 + 8;
 	if (tl > GP_DATASET_MAX_DOC || tl > left - hdr)
 		return gp_err_set(err, GP_ERR_INVALID,

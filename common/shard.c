@@ -6,18 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void put32(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)v;
-	p[1] = (uint8_t)(v >> 8);
-	p[2] = (uint8_t)(v >> 16);
-	p[3] = (uint8_t)(v >> 24);
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
+#include "bytes.h"
 
 gp_status gp_shard_encode(const uint16_t *ids, size_t n, uint8_t **out, size_t *len,
 			  struct gp_err *err)
@@ -28,9 +17,9 @@ gp_status gp_shard_encode(const uint16_t *ids, size_t n, uint8_t **out, size_t *
 	uint8_t *p = calloc(1, size);
 	if (!p)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
-	put32(p, GP_SHARD_MAGIC);
-	put32(p + 4, GP_SHARD_VERSION);
-	put32(p + 8, (uint32_t)n);
+	gp_put_le32(p, GP_SHARD_MAGIC);
+	gp_put_le32(p + 4, GP_SHARD_VERSION);
+	gp_put_le32(p + 8, (uint32_t)n);
 	for (size_t i = 0; i < n; i++) {
 		p[GP_SHARD_HEADER + 2 * i] = (uint8_t)ids[i];
 		p[GP_SHARD_HEADER + 2 * i + 1] = (uint8_t)(ids[i] >> 8);
@@ -47,14 +36,14 @@ gp_status gp_shard_parse(const uint8_t *data, size_t len, int vocab, const uint8
 		return gp_err_set(err, GP_ERR_INVALID,
 				  "shard: %zu bytes, shorter than the %d-byte header", len,
 				  GP_SHARD_HEADER);
-	if (get32(data) != GP_SHARD_MAGIC)
+	if (gp_get_le32(data) != GP_SHARD_MAGIC)
 		return gp_err_set(err, GP_ERR_INVALID, "shard: bad magic %u (expected %d)",
-				  get32(data), GP_SHARD_MAGIC);
-	if (get32(data + 4) != GP_SHARD_VERSION)
+				  gp_get_le32(data), GP_SHARD_MAGIC);
+	if (gp_get_le32(data + 4) != GP_SHARD_VERSION)
 		return gp_err_set(err, GP_ERR_INVALID,
-				  "shard: version %u is not %d (uint16 tokens)", get32(data + 4),
+				  "shard: version %u is not %d (uint16 tokens)", gp_get_le32(data + 4),
 				  GP_SHARD_VERSION);
-	uint32_t count = get32(data + 8);
+	uint32_t count = gp_get_le32(data + 8);
 	if (count > GP_SHARD_MAX_TOKENS)
 		return gp_err_set(err, GP_ERR_INVALID, "shard: token count %u is negative", count);
 	if (len - GP_SHARD_HEADER != 2 * (size_t)count)

@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bytes.h"
 #include <time.h>
 
 #include "bpe.h"
@@ -54,22 +56,6 @@ size_t gp_normalize(unsigned char *t, size_t len, int whitespace, int control)
 	return w;
 }
 
-static uint64_t mix64(uint64_t x)
-{
-	x += 0x9e3779b97f4a7c15ULL;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-	return x ^ (x >> 31);
-}
-
-static uint64_t hash_bytes(const uint8_t *p, size_t n, uint64_t seed)
-{
-	uint64_t h = 0xcbf29ce484222325ULL ^ seed;
-	for (size_t i = 0; i < n; i++)
-		h = (h ^ p[i]) * 0x100000001b3ULL;
-	return mix64(h);
-}
-
 static void minhash(const uint8_t *t, size_t len, int k, uint64_t seed, uint64_t sig[NHASH])
 {
 	for (int i = 0; i < NHASH; i++)
@@ -77,9 +63,9 @@ static void minhash(const uint8_t *t, size_t len, int k, uint64_t seed, uint64_t
 	size_t n = len >= (size_t)k ? len - (size_t)k + 1 : 1;
 	size_t kl = len >= (size_t)k ? (size_t)k : len;
 	for (size_t s = 0; s < n; s++) {
-		uint64_t h = hash_bytes(t + s, kl, seed);
+		uint64_t h = gp_hash64(t + s, kl, seed);
 		for (int i = 0; i < NHASH; i++) {
-			uint64_t v = mix64(h ^ (0x9e3779b97f4a7c15ULL * (uint64_t)(i + 1)));
+			uint64_t v = gp_mix64(h ^ (0x9e3779b97f4a7c15ULL * (uint64_t)(i + 1)));
 			if (v < sig[i])
 				sig[i] = v;
 		}
@@ -117,7 +103,7 @@ static int lsh_add(struct lsh *l, uint64_t key, uint32_t doc)
 			return -1;
 		l->cap = nc;
 	}
-	size_t b = mix64(key) & (l->hcap - 1);
+	size_t b = gp_mix64(key) & (l->hcap - 1);
 	l->key[l->n] = key;
 	l->doc[l->n] = doc;
 	l->next[l->n] = l->head[b];
@@ -344,7 +330,7 @@ gp_status gp_preprocess_run(const cJSON *params, const struct gp_preprocess_conf
 		EVP_Digest(docs[i].text, docs[i].len, md, &mdlen, EVP_sha256(), NULL);
 		uint64_t hk;
 		memcpy(&hk, md, 8);
-		docs[i].hkey = mix64(hk ^ seed);
+		docs[i].hkey = gp_mix64(hk ^ seed);
 		uint64_t *sig = sigs + kept * NHASH;
 		minhash(docs[i].text, docs[i].len, (int)shingle, seed, sig);
 		int dup = 0, exact = 0;
@@ -352,11 +338,11 @@ gp_status gp_preprocess_run(const cJSON *params, const struct gp_preprocess_conf
 		for (int b = 0; b < BANDS; b++) {
 			uint64_t k = (uint64_t)b * 0x9e3779b97f4a7c15ULL;
 			for (int r = 0; r < ROWS; r++)
-				k = mix64(k ^ sig[b * ROWS + r]);
+				k = gp_mix64(k ^ sig[b * ROWS + r]);
 			bkeys[b] = k;
 		}
 		for (int b = 0; b < BANDS && !dup; b++) {
-			for (uint32_t e = l.head[mix64(bkeys[b]) & (l.hcap - 1)]; e && !dup;
+			for (uint32_t e = l.head[gp_mix64(bkeys[b]) & (l.hcap - 1)]; e && !dup;
 			     e = l.next[e - 1]) {
 				if (l.key[e - 1] != bkeys[b])
 					continue;
