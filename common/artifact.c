@@ -79,6 +79,17 @@ gp_status gp_store_open(struct gp_store **out, const char *uri, struct gp_err *e
 	return GP_OK;
 }
 
+gp_status gp_store_open_in(struct gp_store **out, const char *uri, const char *data_dir,
+			   struct gp_err *err)
+{
+	if (uri && *uri)
+		return gp_store_open(out, uri, err);
+	char def[PATHMAX];
+	if ((size_t)snprintf(def, sizeof def, "file://%s/artifacts", data_dir) >= sizeof def)
+		return gp_err_set(err, GP_ERR_INVALID, "data directory path is too long");
+	return gp_store_open(out, def, err);
+}
+
 void gp_store_close(struct gp_store *s)
 {
 	free(s);

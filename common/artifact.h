@@ -30,6 +30,9 @@ struct gp_store;
 struct gp_store_writer;
 
 gp_status gp_store_open(struct gp_store **out, const char *uri, struct gp_err *err);
+/* uri, or file://DATA_DIR/artifacts when uri is NULL or empty. */
+gp_status gp_store_open_in(struct gp_store **out, const char *uri, const char *data_dir,
+			   struct gp_err *err);
 void gp_store_close(struct gp_store *s);
 
 /* Stream bytes into a new artifact; commit names it (hash: 65 bytes). */

@@ -150,3 +150,41 @@ void gp_service_stop(struct gp_service *svc)
 	gp_metrics_destroy(svc->metrics);
 	svc->metrics = NULL;
 }
+
+void gp_service_worker_options(struct gp_opt *o, long long *lease_ms, long long *heartbeat_ms,
+			       const char *lease_default, const char *heartbeat_default)
+{
+	o[0] = (struct gp_opt){ "lease-ms", "GENPIPE_LEASE_MS", GP_OPT_INT, lease_default,
+				"lease granted per claim and heartbeat", lease_ms };
+	o[1] = (struct gp_opt){ "heartbeat-ms", "GENPIPE_HEARTBEAT_MS", GP_OPT_INT,
+				heartbeat_default, "heartbeat interval", heartbeat_ms };
+}
+
+void gp_service_store_options(struct gp_opt *o, const char **data_dir, const char **store_uri)
+{
+	o[0] = (struct gp_opt){ "data-dir", "GENPIPE_DATA_DIR", GP_OPT_STR, "/var/lib/genpipe",
+				"data directory (artifacts under it by default)", data_dir };
+	o[1] = (struct gp_opt){ "artifacts", "GENPIPE_ARTIFACTS", GP_OPT_STR, "",
+				"artifact store URI (default file://DATA_DIR/artifacts)",
+				store_uri };
+}
+
+int gp_service_run_worker(struct gp_service *svc, struct gp_worker_config wc)
+{
+	struct gp_err err = { 0 };
+	struct gp_worker *w = NULL;
+	int rc = 0;
+	wc.metrics = svc->metrics;
+	if (wc.ack_wait_ms <= 0)
+		wc.ack_wait_ms = wc.lease_ms;
+	if (gp_worker_create(&w, &wc, svc->db, svc->bus, svc->database_url, &err)) {
+		gp_error("could not start: %s", err.msg);
+		rc = 1;
+	} else if (gp_worker_run(w, gp_service_stop_flag(), &err)) {
+		gp_error("worker stopped: %s", err.msg);
+		rc = 1;
+	}
+	gp_info("stopping");
+	gp_worker_destroy(w);
+	return rc;
+}

@@ -24,6 +24,7 @@
 #include "config.h"
 #include "db.h"
 #include "http.h"
+#include "worker.h"
 
 struct gp_service {
 	const char *name;       /* "orchestrator" */
@@ -64,5 +65,25 @@ gp_status gp_service_start(struct gp_service *svc, int bus_flags, long long wait
 
 /* Drain the bus, close everything. Accepts a partly started service. */
 void gp_service_stop(struct gp_service *svc);
+
+/* ---- stage services (a worker loop on one kind) ---- */
+
+/* Options every stage service has: --lease-ms and --heartbeat-ms. */
+#define GP_WORKER_NOPTS 2
+void gp_service_worker_options(struct gp_opt *o, long long *lease_ms, long long *heartbeat_ms,
+			       const char *lease_default, const char *heartbeat_default);
+
+/* Options of services that use the artifact store: --data-dir and
+ * --artifacts (empty: file://DATA_DIR/artifacts, see gp_store_open_in). */
+#define GP_STORE_NOPTS 2
+void gp_service_store_options(struct gp_opt *o, const char **data_dir, const char **store_uri);
+
+/*
+ * Run a started service's worker loop until SIGTERM: create the worker on
+ * svc's connections and metrics (wc's db, bus and metrics fields are taken
+ * from svc), run, destroy. Returns the process exit code (0, or 1 with the
+ * reason logged).
+ */
+int gp_service_run_worker(struct gp_service *svc, struct gp_worker_config wc);
 
 #endif
