@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #include "outbox.h"
+#include "run.h"
+#include "spec.h"
 #include "stack.h"
 
 static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
@@ -281,4 +283,63 @@ int gp_test_relay_all(struct gp_db *db, struct gp_bus *bus)
 		total += n;
 	} while (n > 0);
 	return total;
+}
+
+long long gp_test_submit(struct gp_db *db, const char *yaml, const char *const *params,
+			 int nparams)
+{
+	struct gp_spec_errors *errs = calloc(1, sizeof *errs);
+	cJSON *doc = NULL;
+	struct gp_err e = { 0 };
+	if (!errs || gp_spec_parse(yaml, strlen(yaml), &doc, errs)) {
+		for (int i = 0; errs && i < errs->n; i++)
+			fprintf(stderr, "spec %d:%d: %s\n", errs->v[i].line, errs->v[i].col,
+				errs->v[i].msg);
+		exit(1);
+	}
+	free(errs);
+	struct gp_version_ref v;
+	long long run = 0;
+	cJSON *p = NULL;
+	if (gp_pipeline_submit(db, yaml, doc, "test", &v, &e) ||
+	    !(p = gp_spec_resolve_params(doc, params, nparams, &e)) ||
+	    gp_run_create(db, v.id, p, "test", &run, &e)) {
+		fprintf(stderr, "submit: %s\n", e.msg);
+		exit(1);
+	}
+	cJSON_Delete(p);
+	cJSON_Delete(doc);
+	return run;
+}
+
+int gp_test_wait_run(struct gp_db *db, long long run, long long ms)
+{
+	char sql[256];
+	snprintf(sql, sizeof sql,
+		 "SELECT CASE state WHEN 'succeeded' THEN 1 WHEN 'failed' THEN 0 "
+		 "WHEN 'cancelled' THEN 2 ELSE -1 END FROM runs WHERE id = %lld",
+		 run);
+	long long deadline = gp_now_ms() + ms;
+	for (;;) {
+		long long st = gp_test_scalar(db, sql);
+		if (st == 0) {
+			PGresult *r = NULL;
+			struct gp_err e = { 0 };
+			char q[256];
+			snprintf(q, sizeof q,
+				 "SELECT string_agg(stage || ': ' || coalesce(error, ''), '; ') "
+				 "FROM run_stages WHERE run_id = %lld AND state = 'failed'",
+				 run);
+			if (!gp_db_exec(db, "failed stages", q, 0, NULL, &r, &e) && PQntuples(r))
+				fprintf(stderr, "run %lld failed: %s\n", run, PQgetvalue(r, 0, 0));
+			PQclear(r);
+		}
+		if (st >= 0)
+			return (int)st;
+		if (gp_now_ms() >= deadline)
+			break;
+		gp_sleep_ms(50);
+	}
+	fprintf(stderr, "run %lld did not finish in %lld ms\n", run, ms);
+	return -1;
 }

@@ -60,6 +60,20 @@ long long gp_test_make_run(struct gp_db *db, const char *pipeline);
 /* Publish everything in the outbox (in-process relay). Returns the count. */
 int gp_test_relay_all(struct gp_db *db, struct gp_bus *bus);
 
+/*
+ * Parse and store a pipeline (as `genpipe submit` does) and create a run
+ * with params overrides ("k=v", may be NULL); returns the run id. A spec
+ * error is printed with its position and exits 1.
+ */
+long long gp_test_submit(struct gp_db *db, const char *yaml, const char *const *params,
+			 int nparams);
+
+/*
+ * Wait up to ms for the run to end: 1 succeeded, 0 failed, 2 cancelled,
+ * -1 still going (printed). A failed run's stage errors are printed.
+ */
+int gp_test_wait_run(struct gp_db *db, long long run, long long ms);
+
 /* One integer from a query with no parameters (exit(1) on error). */
 long long gp_test_scalar(struct gp_db *db, const char *sql);
 

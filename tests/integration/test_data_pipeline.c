@@ -14,12 +14,11 @@
 
 #include "../check.h"
 #include "../harness.h"
+
 #include "artifact.h"
 #include "bpe.h"
 #include "dataset.h"
-#include "run.h"
 #include "shard.h"
-#include "spec.h"
 
 static const struct gp_test_env *ENV;
 static struct gp_db *db;
@@ -49,51 +48,6 @@ static char *qs(const char *fmt, ...)
 	char *s = PQntuples(r) ? strdup(PQgetvalue(r, 0, 0)) : NULL;
 	PQclear(r);
 	return s;
-}
-
-static long long submit(const char *yaml)
-{
-	struct gp_spec_errors *errs = calloc(1, sizeof *errs);
-	cJSON *doc = NULL;
-	struct gp_err e = { 0 };
-	if (gp_spec_parse(yaml, strlen(yaml), &doc, errs)) {
-		for (int i = 0; i < errs->n; i++)
-			fprintf(stderr, "spec %d:%d: %s\n", errs->v[i].line, errs->v[i].col,
-				errs->v[i].msg);
-		exit(1);
-	}
-	free(errs);
-	struct gp_version_ref v;
-	REQUIRE_OK(gp_pipeline_submit(db, yaml, doc, "test", &v, &e), e);
-	cJSON *p = gp_spec_resolve_params(doc, NULL, 0, &e);
-	REQUIRE(p);
-	long long run = 0;
-	REQUIRE_OK(gp_run_create(db, v.id, p, "test", &run, &e), e);
-	cJSON_Delete(p);
-	cJSON_Delete(doc);
-	return run;
-}
-
-static int wait_run(long long run, long long ms)
-{
-	long long deadline = gp_now_ms() + ms;
-	while (gp_now_ms() < deadline) {
-		if (q("SELECT count(*) FROM runs WHERE id = %lld AND state = 'succeeded'", run))
-			return 1;
-		if (q("SELECT count(*) FROM runs WHERE id = %lld AND state IN ('failed', "
-		      "'cancelled')",
-		      run)) {
-			char *why = qs("SELECT string_agg(stage || ': ' || coalesce(error, ''), '; ') "
-				       "FROM run_stages WHERE run_id = %lld AND state = 'failed'",
-				       run);
-			fprintf(stderr, "run %lld failed: %s\n", run, why ? why : "?");
-			free(why);
-			return 0;
-		}
-		gp_sleep_ms(50);
-	}
-	fprintf(stderr, "run %lld did not finish in %lld ms\n", run, ms);
-	return -1;
 }
 
 static void write_file(const char *rel, const char *text)
@@ -188,8 +142,8 @@ static int body(struct gp_test_env *env)
 		 env->dir, env->dir);
 
 	/* 1. the first run does everything */
-	long long r1 = submit(yaml);
-	REQUIRE(wait_run(r1, 60000) == 1);
+	long long r1 = gp_test_submit(db, yaml, NULL, 0);
+	REQUIRE(gp_test_wait_run(db, r1, 60000) == 1);
 	CHECK_STR(stage_state(r1, "ingest-a"), "succeeded");
 	CHECK_STR(stage_state(r1, "prep"), "succeeded");
 	long long docs_a = q("SELECT (outputs->>'documents')::bigint FROM run_stages "
@@ -253,8 +207,8 @@ static int body(struct gp_test_env *env)
 	char *ds1 = output(r1, "ingest-a", "dataset");
 
 	/* 2. the same inputs: every stage comes from the cache */
-	long long r2 = submit(yaml);
-	REQUIRE(wait_run(r2, 60000) == 1);
+	long long r2 = gp_test_submit(db, yaml, NULL, 0);
+	REQUIRE(gp_test_wait_run(db, r2, 60000) == 1);
 	CHECK_STR(stage_state(r2, "ingest-a"), "cached");
 	CHECK_STR(stage_state(r2, "ingest-b"), "cached");
 	CHECK_STR(stage_state(r2, "prep"), "cached");
@@ -263,8 +217,8 @@ static int body(struct gp_test_env *env)
 
 	/* 3. one file of corpus b changes: ingest-b and prep run again, ingest-a does not */
 	write_file("corpus/b/f01.txt", "a brand new fortune about the river.\n%\n");
-	long long r3 = submit(yaml);
-	REQUIRE(wait_run(r3, 60000) == 1);
+	long long r3 = gp_test_submit(db, yaml, NULL, 0);
+	REQUIRE(gp_test_wait_run(db, r3, 60000) == 1);
 	CHECK_STR(stage_state(r3, "ingest-a"), "cached");
 	CHECK_STR(stage_state(r3, "ingest-b"), "succeeded");
 	CHECK_STR(stage_state(r3, "prep"), "succeeded");
@@ -289,29 +243,29 @@ static int body(struct gp_test_env *env)
 	const char *fb = "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: fb}\n"
 			 "spec:\n  stages:\n    - {name: i, kind: ingest, with: {sources: "
 			 "[\"feedback:tiny\"]}}\n";
-	long long f1 = submit(fb);
-	REQUIRE(wait_run(f1, 30000) == 1);
+	long long f1 = gp_test_submit(db, fb, NULL, 0);
+	REQUIRE(gp_test_wait_run(db, f1, 30000) == 1);
 	CHECK(q("SELECT (outputs->>'documents')::int FROM run_stages WHERE run_id = %lld", f1) ==
 	      2);
-	long long f2 = submit(fb); /* no new corrections: reused */
-	REQUIRE(wait_run(f2, 30000) == 1);
+	long long f2 = gp_test_submit(db, fb, NULL, 0); /* no new corrections: reused */
+	REQUIRE(gp_test_wait_run(db, f2, 30000) == 1);
 	CHECK_STR(stage_state(f2, "i"), "cached");
 	REQUIRE_OK(gp_db_run(db, "correction",
 			     "INSERT INTO feedback_corrections (model, prompt, correction) "
 			     "VALUES ('tiny', 'Q: snow? ', 'A: white')",
 			     &fe),
 		   fe);
-	long long f3 = submit(fb); /* a new correction: read again */
-	REQUIRE(wait_run(f3, 30000) == 1);
+	long long f3 = gp_test_submit(db, fb, NULL, 0); /* a new correction: read again */
+	REQUIRE(gp_test_wait_run(db, f3, 30000) == 1);
 	CHECK_STR(stage_state(f3, "i"), "succeeded");
 	CHECK(q("SELECT (outputs->>'documents')::int FROM run_stages WHERE run_id = %lld", f3) ==
 	      3);
 
 	/* 5. a source outside the service's roots fails the stage with the reason */
-	long long r4 = submit("apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: bad}\n"
+	long long r4 = gp_test_submit(db, "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: bad}\n"
 			      "spec:\n  stages:\n    - {name: i, kind: ingest, with: {sources: "
-			      "[/etc]}}\n");
-	CHECK(wait_run(r4, 30000) == 0);
+			      "[/etc]}}\n", NULL, 0);
+	CHECK(gp_test_wait_run(db, r4, 30000) == 0);
 	char *err = qs("SELECT error FROM run_stages WHERE run_id = %lld AND stage = 'i'", r4);
 	CHECK(err && strstr(err, "not under the service's allowed roots"));
 	free(err);

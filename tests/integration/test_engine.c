@@ -16,8 +16,8 @@
 
 #include "../check.h"
 #include "../harness.h"
+
 #include "run.h"
-#include "spec.h"
 #include "stack.h"
 
 static const struct gp_test_env *ENV;
@@ -49,29 +49,6 @@ static void stop(pid_t pid, int sig)
 	waitpid(pid, NULL, 0);
 }
 
-static long long submit(const char *yaml, const char *const *params, int nparams)
-{
-	struct gp_spec_errors *errs = calloc(1, sizeof *errs);
-	cJSON *doc = NULL;
-	struct gp_err e = { 0 };
-	if (gp_spec_parse(yaml, strlen(yaml), &doc, errs)) {
-		for (int i = 0; i < errs->n; i++)
-			fprintf(stderr, "spec %d:%d: %s\n", errs->v[i].line, errs->v[i].col,
-				errs->v[i].msg);
-		exit(1);
-	}
-	free(errs);
-	struct gp_version_ref v;
-	REQUIRE_OK(gp_pipeline_submit(db, yaml, doc, "test", &v, &e), e);
-	cJSON *p = gp_spec_resolve_params(doc, params, nparams, &e);
-	REQUIRE(p);
-	long long run = 0;
-	REQUIRE_OK(gp_run_create(db, v.id, p, "test", &run, &e), e);
-	cJSON_Delete(p);
-	cJSON_Delete(doc);
-	return run;
-}
-
 static long long q(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static long long q(const char *fmt, ...)
 {
@@ -81,23 +58,6 @@ static long long q(const char *fmt, ...)
 	vsnprintf(sql, sizeof sql, fmt, ap);
 	va_end(ap);
 	return gp_test_scalar(db, sql);
-}
-
-/* Wait for a final run state; returns 1 succeeded, 0 failed, 2 cancelled, -1 timeout. */
-static int wait_run(long long run, long long ms)
-{
-	long long deadline = gp_now_ms() + ms;
-	while (gp_now_ms() < deadline) {
-		if (q("SELECT count(*) FROM runs WHERE id = %lld AND state = 'succeeded'", run))
-			return 1;
-		if (q("SELECT count(*) FROM runs WHERE id = %lld AND state = 'failed'", run))
-			return 0;
-		if (q("SELECT count(*) FROM runs WHERE id = %lld AND state = 'cancelled'", run))
-			return 2;
-		gp_sleep_ms(50);
-	}
-	fprintf(stderr, "run %lld did not finish in %lld ms\n", run, ms);
-	return -1;
 }
 
 static int wait_for(long long ms, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -122,14 +82,14 @@ static int wait_for(long long ms, const char *fmt, ...)
 
 static void test_dag_parallel(void)
 {
-	long long run = submit(HDR("dag") "  stages:\n"
+	long long run = gp_test_submit(db, HDR("dag") "  stages:\n"
 					  "    - {name: a, kind: noop, with: {duration: 100ms, outputs: {v: 1}}}\n"
 					  "    - {name: b, kind: noop, needs: a, with: {duration: 600ms}}\n"
 					  "    - {name: c, kind: noop, needs: a, with: {duration: 600ms}}\n"
 					  "    - {name: d, kind: noop, needs: [b, c], with: {message: "
 					  "\"${stages.a.outputs.v}\"}}\n",
 			       NULL, 0);
-	CHECK(wait_run(run, 20000) == 1);
+	CHECK(gp_test_wait_run(db, run, 20000) == 1);
 #define T(stage, col) "(SELECT " col " FROM stage_attempts WHERE run_id = %lld AND stage = '" stage "')"
 	/* order: a before b and c; d after both */
 	CHECK(q("SELECT count(*) WHERE " T("a", "finished_at") " <= " T("b", "claimed_at") " AND "
@@ -146,12 +106,12 @@ static void test_dag_parallel(void)
 
 static void test_retry_backoff_and_exhaustion(void)
 {
-	long long run = submit(HDR("retry") "  stages:\n"
+	long long run = gp_test_submit(db, HDR("retry") "  stages:\n"
 					    "    - name: flaky\n      kind: noop\n"
 					    "      retry: {limit: 3, backoff: 300ms, max_backoff: 5s}\n"
 					    "      with: {fail_attempts: 2}\n",
 			       NULL, 0);
-	CHECK(wait_run(run, 20000) == 1);
+	CHECK(gp_test_wait_run(db, run, 20000) == 1);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld", run) == 3);
 	/* backoff doubles: >= 300 ms before attempt 2, >= 600 ms before attempt 3 */
 	CHECK(q("SELECT count(*) FROM stage_attempts a2 JOIN stage_attempts a1 ON a1.run_id = "
@@ -161,13 +121,13 @@ static void test_retry_backoff_and_exhaustion(void)
 		"a3.run_id AND a2.attempt = 2 WHERE a3.run_id = %lld AND a3.attempt = 3 AND "
 		"a3.queued_at >= a2.finished_at + interval '600 ms'", run) == 1);
 
-	run = submit(HDR("exhaust") "  stages:\n"
+	run = gp_test_submit(db, HDR("exhaust") "  stages:\n"
 				    "    - {name: bad, kind: noop, retry: {limit: 1, backoff: 100ms}, "
 				    "with: {fail_attempts: 5}}\n"
 				    "    - {name: after, kind: noop, needs: bad}\n"
 				    "    - {name: other, kind: noop}\n",
 		     NULL, 0);
-	CHECK(wait_run(run, 20000) == 0);
+	CHECK(gp_test_wait_run(db, run, 20000) == 0);
 	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'bad' AND "
 		"state = 'failed' AND error LIKE '%%2 of 2 attempts used%%'", run) == 1);
 	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'after' AND "
@@ -180,11 +140,11 @@ static void test_retry_backoff_and_exhaustion(void)
 	/* Resume: only what did not succeed runs again. */
 	struct gp_err e = { 0 };
 	REQUIRE_OK(gp_run_retry(db, run, &e), e);
-	CHECK(wait_run(run, 20000) == 0); /* still fails: 5 failures wanted */
+	CHECK(gp_test_wait_run(db, run, 20000) == 0); /* still fails: 5 failures wanted */
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND stage = 'bad'", run) == 4);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND stage = 'other'", run) == 1);
 	REQUIRE_OK(gp_run_retry(db, run, &e), e);
-	CHECK(wait_run(run, 20000) == 1); /* attempt 5 and 6: the 6th succeeds */
+	CHECK(gp_test_wait_run(db, run, 20000) == 1); /* attempt 5 and 6: the 6th succeeds */
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND stage = 'bad'", run) == 6);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND stage = 'other'", run) == 1);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND stage = 'after' "
@@ -195,15 +155,15 @@ static void test_retry_backoff_and_exhaustion(void)
 
 static void test_timeout_and_cancel(void)
 {
-	long long run = submit(HDR("slow") "  stages:\n"
+	long long run = gp_test_submit(db, HDR("slow") "  stages:\n"
 					   "    - {name: s, kind: noop, timeout: 500ms, retry: {limit: 0}, "
 					   "with: {duration: 20s}}\n",
 			       NULL, 0);
-	CHECK(wait_run(run, 20000) == 0);
+	CHECK(gp_test_wait_run(db, run, 20000) == 0);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND state = 'failed' "
 		"AND error LIKE 'timed out after 500 ms'", run) == 1);
 	/* the worker noticed (lease lost) and is free again: the next run proceeds */
-	run = submit(HDR("cancel") "  stages:\n"
+	run = gp_test_submit(db, HDR("cancel") "  stages:\n"
 				   "    - {name: long, kind: noop, with: {duration: 30s}}\n"
 				   "    - {name: never, kind: noop, needs: long}\n",
 		     NULL, 0);
@@ -211,27 +171,27 @@ static void test_timeout_and_cancel(void)
 			      "state = 'running'", run));
 	struct gp_err e = { 0 };
 	REQUIRE_OK(gp_run_cancel(db, run, &e), e);
-	CHECK(wait_run(run, 1000) == 2);
+	CHECK(gp_test_wait_run(db, run, 1000) == 2);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND state = 'cancelled'",
 		run) == 1);
 	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND state = 'cancelled'", run) == 2);
 	CHECK(gp_run_cancel(db, run, &e) == GP_ERR_CONFLICT);
 	/* the worker lets go of the cancelled job within a few heartbeats */
-	long long quick = submit(HDR("quick") "  stages: [{name: q, kind: noop}]\n", NULL, 0);
-	CHECK(wait_run(quick, 5000) == 1);
+	long long quick = gp_test_submit(db, HDR("quick") "  stages: [{name: q, kind: noop}]\n", NULL, 0);
+	CHECK(gp_test_wait_run(db, quick, 5000) == 1);
 	gp_sleep_ms(1500);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND stage = 'never'", run) == 0);
 }
 
 static void test_parallelism(void)
 {
-	long long run = submit(HDR("capped") "  parallelism: 1\n  stages:\n"
+	long long run = gp_test_submit(db, HDR("capped") "  parallelism: 1\n  stages:\n"
 					     "    - {name: a, kind: noop, cache: false, with: {duration: 200ms}}\n"
 					     "    - {name: b, kind: noop, cache: false, with: {duration: 200ms}}\n"
 					     "    - {name: c, kind: noop, cache: false, with: {duration: 200ms}}\n"
 					     "    - {name: d, kind: noop, cache: false, with: {duration: 200ms}}\n",
 			       NULL, 0);
-	CHECK(wait_run(run, 20000) == 1);
+	CHECK(gp_test_wait_run(db, run, 20000) == 1);
 	/* two workers, four independent stages, and still never two at once */
 	CHECK(q("SELECT count(*) FROM stage_attempts x JOIN stage_attempts y ON x.run_id = y.run_id "
 		"AND x.stage < y.stage WHERE x.run_id = %lld AND x.claimed_at < y.finished_at AND "
@@ -245,25 +205,25 @@ static void test_cache(void)
 	const char *y = HDR("cachey") "  params: {n: {type: int, default: 1}}\n  stages:\n"
 				      "    - {name: a, kind: noop, with: {outputs: {n: \"${params.n}\"}}}\n"
 				      "    - {name: b, kind: noop, needs: a, cache: false}\n";
-	long long r1 = submit(y, NULL, 0);
-	CHECK(wait_run(r1, 10000) == 1);
-	long long r2 = submit(y, NULL, 0);
-	CHECK(wait_run(r2, 10000) == 1);
+	long long r1 = gp_test_submit(db, y, NULL, 0);
+	CHECK(gp_test_wait_run(db, r1, 10000) == 1);
+	long long r2 = gp_test_submit(db, y, NULL, 0);
+	CHECK(gp_test_wait_run(db, r2, 10000) == 1);
 	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'a' AND state = "
 		"'cached' AND cached_from = %lld AND outputs->>'n' = '1'", r2, r1) == 1);
 	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'b' AND state = "
 		"'succeeded'", r2) == 1);
 	const char *p2[] = { "n=2" };
-	long long r3 = submit(y, p2, 1);
-	CHECK(wait_run(r3, 10000) == 1);
+	long long r3 = gp_test_submit(db, y, p2, 1);
+	CHECK(gp_test_wait_run(db, r3, 10000) == 1);
 	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'a' AND state = "
 		"'succeeded' AND outputs->>'n' = '2'", r3) == 1);
 	/* A new version of the kind's service invalidates the cache. */
 	struct gp_err e = { 0 };
 	REQUIRE_OK(gp_db_run(db, "bump", "UPDATE stage_kinds SET version = 'next' WHERE kind = 'noop'",
 			     &e), e);
-	long long r4 = submit(y, NULL, 0);
-	CHECK(wait_run(r4, 10000) == 1);
+	long long r4 = gp_test_submit(db, y, NULL, 0);
+	CHECK(gp_test_wait_run(db, r4, 10000) == 1);
 	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'a' AND state = "
 		"'succeeded'", r4) == 1);
 }
@@ -273,7 +233,7 @@ static void test_worker_killed(pid_t *w1, pid_t *w2)
 	/* Only one worker, so we know whom to kill. */
 	stop(*w2, SIGTERM);
 	*w2 = 0;
-	long long run = submit(HDR("killed") "  stages:\n"
+	long long run = gp_test_submit(db, HDR("killed") "  stages:\n"
 					     "    - {name: k, kind: noop, cache: false, retry: {limit: 2}, "
 					     "with: {duration: 2s}}\n",
 			       NULL, 0);
@@ -281,7 +241,7 @@ static void test_worker_killed(pid_t *w1, pid_t *w2)
 			      "state = 'running'", run));
 	stop(*w1, SIGKILL);
 	*w1 = worker();
-	CHECK(wait_run(run, 20000) == 1);
+	CHECK(gp_test_wait_run(db, run, 20000) == 1);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND attempt = 1 AND "
 		"state = 'expired'", run) == 1);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND state = 'succeeded'",
@@ -299,7 +259,7 @@ static void test_crash_attempts(pid_t *w1, pid_t *w2)
 	stop(*w2, SIGTERM);
 	pid_t crashy = gp_test_service(ENV, "genpipe-noop", "--lease-ms", "1500", "--heartbeat-ms", "300",
 			     "--allow-crash", "--prefetch", "1", NULL);
-	long long run = submit(HDR("crashy") "  stages:\n"
+	long long run = gp_test_submit(db, HDR("crashy") "  stages:\n"
 					     "    - {name: c, kind: noop, cache: false, "
 					     "with: {duration: 400ms, crash_attempts: 1}}\n",
 			       NULL, 0);
@@ -313,7 +273,7 @@ static void test_crash_attempts(pid_t *w1, pid_t *w2)
 		stop(crashy, SIGKILL);
 	*w1 = worker();
 	*w2 = worker();
-	CHECK(wait_run(run, 20000) == 1);
+	CHECK(gp_test_wait_run(db, run, 20000) == 1);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND attempt = 1 AND "
 		"state = 'expired'", run) == 1);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND attempt = 2 AND "
@@ -338,7 +298,7 @@ static const char *fan(int n)
 
 static void test_nats_killed(void)
 {
-	long long run = submit(fan(200), NULL, 0);
+	long long run = gp_test_submit(db, fan(200), NULL, 0);
 	CHECK(wait_for(30000, "SELECT (count(*) >= 20)::int FROM run_stages WHERE run_id = %lld "
 			      "AND state = 'succeeded'", run));
 	/* killed mid-run */
@@ -356,7 +316,7 @@ static void test_nats_killed(void)
 				      .fast = 1 };
 	struct gp_err e = { 0 };
 	REQUIRE_OK(gp_stack_up(&o, &e), e);
-	CHECK(wait_run(run, 90000) == 1);
+	CHECK(gp_test_wait_run(db, run, 90000) == 1);
 	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND state = 'succeeded'",
 		run) == 202);
 	/* every stage exactly once: one succeeded attempt each, none twice */
@@ -370,7 +330,7 @@ static void test_nats_killed(void)
  * stage runs twice. */
 static void test_pg_restart(void)
 {
-	long long run = submit(HDR("pgrestart") "  stages:\n"
+	long long run = gp_test_submit(db, HDR("pgrestart") "  stages:\n"
 					       "    - {name: a, kind: noop, cache: false, with: {duration: 200ms}}\n"
 					       "    - {name: b, kind: noop, cache: false, needs: a, with: {duration: 200ms}}\n"
 					       "    - {name: c, kind: noop, cache: false, needs: b, with: {duration: 200ms}}\n"
@@ -393,7 +353,7 @@ static void test_pg_restart(void)
 	struct gp_err e = { 0 };
 	REQUIRE_OK(gp_stack_up(&o, &e), e);
 	db = gp_test_db(ENV);
-	CHECK(wait_run(run, 60000) == 1);
+	CHECK(gp_test_wait_run(db, run, 60000) == 1);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND state = 'succeeded'",
 		run) == 5);
 	CHECK(q("SELECT count(*) FROM (SELECT stage FROM stage_attempts WHERE run_id = %lld AND "
@@ -403,7 +363,7 @@ static void test_pg_restart(void)
 static void test_orchestrators_killed(pid_t *o1)
 {
 	pid_t o2 = orchestrator();
-	long long run = submit(HDR("orch") "  stages:\n"
+	long long run = gp_test_submit(db, HDR("orch") "  stages:\n"
 					   "    - {name: a, kind: noop, cache: false, with: {duration: 300ms}}\n"
 					   "    - {name: b, kind: noop, cache: false, needs: a, with: {duration: 300ms}}\n"
 					   "    - {name: c, kind: noop, cache: false, needs: b, with: {duration: 300ms}}\n"
@@ -417,7 +377,7 @@ static void test_orchestrators_killed(pid_t *o1)
 	stop(o2, SIGKILL);
 	gp_sleep_ms(500);
 	*o1 = orchestrator();
-	CHECK(wait_run(run, 20000) == 1);
+	CHECK(gp_test_wait_run(db, run, 20000) == 1);
 	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld", run) == 4);
 }
 
