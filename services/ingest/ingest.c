@@ -103,23 +103,16 @@ struct opts {
 	const char **allow_hosts;
 };
 
-static long long size_param(const cJSON *p, const char *key, long long def)
+/* A size or duration parameter: a number, or a string parse() accepts;
+ * def when absent, -1 when invalid. */
+static long long unit_param(const cJSON *p, const char *key, long long def,
+			    long long (*parse)(const char *))
 {
 	const cJSON *v = cJSON_GetObjectItemCaseSensitive(p, key);
 	if (cJSON_IsNumber(v))
 		return v->valuedouble >= 0 && v->valuedouble < 9e15 ? (long long)v->valuedouble : -1;
 	if (cJSON_IsString(v))
-		return gp_spec_parse_size(v->valuestring);
-	return v ? -1 : def;
-}
-
-static long long duration_param(const cJSON *p, const char *key, long long def)
-{
-	const cJSON *v = cJSON_GetObjectItemCaseSensitive(p, key);
-	if (cJSON_IsNumber(v))
-		return v->valuedouble >= 0 && v->valuedouble < 9e15 ? (long long)v->valuedouble : -1;
-	if (cJSON_IsString(v))
-		return gp_spec_parse_duration(v->valuestring);
+		return parse(v->valuestring);
 	return v ? -1 : def;
 }
 
@@ -180,26 +173,29 @@ static gp_status parse_opts(const cJSON *p, struct opts *o, struct gp_err *err)
 		o->split = SPLIT_SEPARATOR;
 		o->separator = split;
 	}
-	o->max_doc = size_param(p, "max_doc_size", 1LL << 20);
-	o->max_total = size_param(p, "max_total_size", 1LL << 30);
-	if (o->max_doc <= 0 || o->max_total <= 0 || o->max_doc > (long long)GP_DATASET_MAX_DOC)
+	o->max_doc = unit_param(p, "max_doc_size", 1LL << 20, gp_spec_parse_size);
+	o->max_total = unit_param(p, "max_total_size", 1LL << 30, gp_spec_parse_size);
+	if (o->max_doc <= 0 || o->max_doc > (long long)GP_DATASET_MAX_DOC)
 		return gp_err_set(err, GP_ERR_INVALID,
-				  "with.max_doc_size and max_total_size must be sizes above 0 (a "
-				  "document at most 256Mi)");
+				  "with.max_doc_size must be a size above 0 and at most 256Mi");
+	if (o->max_total <= 0)
+		return gp_err_set(err, GP_ERR_INVALID, "with.max_total_size must be a size above 0");
 	const char *inv =
 		cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(p, "invalid_utf8"));
 	if (inv && strcmp(inv, "replace") && strcmp(inv, "drop"))
 		return gp_err_set(err, GP_ERR_INVALID,
 				  "with.invalid_utf8: \"%.40s\" is neither replace nor drop", inv);
 	o->drop_invalid = inv && !strcmp(inv, "drop");
-	o->fetch.total_timeout_ms = duration_param(p, "timeout", 60000);
-	o->fetch.connect_timeout_ms = duration_param(p, "connect_timeout", 10000);
+	o->fetch.total_timeout_ms = unit_param(p, "timeout", 60000, gp_spec_parse_duration);
+	o->fetch.connect_timeout_ms = unit_param(p, "connect_timeout", 10000, gp_spec_parse_duration);
 	const cJSON *mr = cJSON_GetObjectItemCaseSensitive(p, "max_redirects");
 	o->fetch.max_redirects = cJSON_IsNumber(mr) ? (int)mr->valuedouble : 5;
-	if (o->fetch.total_timeout_ms < 0 || o->fetch.connect_timeout_ms < 0 ||
-	    o->fetch.max_redirects < 0 || o->fetch.max_redirects > 20)
-		return gp_err_set(err, GP_ERR_INVALID,
-				  "with.timeout, connect_timeout or max_redirects (0..20) is invalid");
+	if (o->fetch.total_timeout_ms < 0)
+		return gp_err_set(err, GP_ERR_INVALID, "with.timeout is not a duration");
+	if (o->fetch.connect_timeout_ms < 0)
+		return gp_err_set(err, GP_ERR_INVALID, "with.connect_timeout is not a duration");
+	if (o->fetch.max_redirects < 0 || o->fetch.max_redirects > 20)
+		return gp_err_set(err, GP_ERR_INVALID, "with.max_redirects must be within 0..20");
 	o->fetch.max_bytes = (size_t)o->max_total;
 	int na = o->allow ? cJSON_GetArraySize(o->allow) : 0;
 	if (na) {

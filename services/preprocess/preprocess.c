@@ -112,10 +112,19 @@ static int lsh_add(struct lsh *l, uint64_t key, uint32_t doc)
 	return 0;
 }
 
-static double num_param(const cJSON *p, const char *k, double def)
+/* with.key as a number within lo..hi (def when absent); the error names it. */
+static gp_status range_param(const cJSON *p, const char *key, double def, double lo, double hi,
+			     double *out, struct gp_err *err)
 {
-	const cJSON *v = cJSON_GetObjectItemCaseSensitive(p, k);
-	return cJSON_IsNumber(v) ? v->valuedouble : def;
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(p, key);
+	*out = def;
+	if (!v)
+		return GP_OK;
+	if (!cJSON_IsNumber(v) || !(v->valuedouble >= lo && v->valuedouble <= hi))
+		return gp_err_set(err, GP_ERR_INVALID, "with.%s must be a number within %g..%g", key,
+				  lo, hi);
+	*out = v->valuedouble;
+	return GP_OK;
 }
 
 static int bool_param(const cJSON *p, const char *k, int def)
@@ -202,22 +211,16 @@ gp_status gp_preprocess_run(const cJSON *params, const struct gp_preprocess_conf
 	/* parameters */
 	const cJSON *normalize = cJSON_GetObjectItemCaseSensitive(params, "normalize");
 	int ws = bool_param(normalize, "whitespace", 1), ctl = bool_param(normalize, "control", 1);
-	double min_len = num_param(params, "min_length", 1);
-	double max_len = num_param(params, "max_length", 1 << 20);
-	double thr = num_param(params, "dedup_threshold", 0.8);
-	double valf = num_param(params, "val_fraction", 0.05);
-	double vocab = num_param(params, "vocab_size", 4096);
-	double shingle = num_param(params, "shingle", 5);
-	uint64_t seed = (uint64_t)(long long)num_param(params, "seed", 0);
-	if (min_len < 0 || max_len < min_len || thr < 0 || thr > 1 || valf < 0 || valf > 0.5 ||
-	    vocab < 257 || vocab > GP_BPE_MAX_VOCAB || shingle < 1 || shingle > 64) {
-		st = gp_err_set(err, GP_ERR_INVALID,
-				"parameters out of range: need 0 <= min_length <= max_length, "
-				"dedup_threshold in 0..1, val_fraction in 0..0.5, vocab_size in "
-				"257..%d, shingle in 1..64",
-				GP_BPE_MAX_VOCAB);
+	double min_len, max_len, thr, valf, vocab, shingle, seedv;
+	if ((st = range_param(params, "min_length", 1, 0, 1e12, &min_len, err)) ||
+	    (st = range_param(params, "max_length", 1 << 20, min_len, 1e12, &max_len, err)) ||
+	    (st = range_param(params, "dedup_threshold", 0.8, 0, 1, &thr, err)) ||
+	    (st = range_param(params, "val_fraction", 0.05, 0, 0.5, &valf, err)) ||
+	    (st = range_param(params, "vocab_size", 4096, 257, GP_BPE_MAX_VOCAB, &vocab, err)) ||
+	    (st = range_param(params, "shingle", 5, 1, 64, &shingle, err)) ||
+	    (st = range_param(params, "seed", 0, -9e15, 9e15, &seedv, err)))
 		goto out;
-	}
+	uint64_t seed = (uint64_t)(long long)seedv;
 	/* the inputs: manifests, each naming a document file */
 	const cJSON *one = cJSON_GetObjectItemCaseSensitive(params, "dataset");
 	const cJSON *many = cJSON_GetObjectItemCaseSensitive(params, "datasets");

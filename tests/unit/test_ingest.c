@@ -393,6 +393,12 @@ static void test_documents(void)
 	CHECK(collect("{\"max_total_size\":\"10\"}", &r, &e, tmp, dir, NULL) == GP_ERR_TOO_BIG);
 	CHECK_CONTAINS(e.msg, "max_total_size");
 	CHECK(collect("{\"invalid_utf8\":\"ignore\"}", &r, &e, tmp, dir, NULL) == GP_ERR_INVALID);
+	CHECK(collect("{\"max_doc_size\":\"lots\"}", &r, &e, tmp, dir, NULL) == GP_ERR_INVALID);
+	CHECK_CONTAINS(e.msg, "with.max_doc_size");
+	CHECK(collect("{\"timeout\":\"soon\"}", &r, &e, tmp, dir, NULL) == GP_ERR_INVALID);
+	CHECK_CONTAINS(e.msg, "with.timeout");
+	CHECK(collect("{\"max_redirects\":50}", &r, &e, tmp, dir, NULL) == GP_ERR_INVALID);
+	CHECK_CONTAINS(e.msg, "with.max_redirects");
 	/* the fingerprint follows file changes */
 	cJSON *pj = cJSON_Parse("{}");
 	cJSON_AddItemToArray(cJSON_AddArrayToObject(pj, "sources"), cJSON_CreateString(dir));
