@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <tgmath.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,12 +32,18 @@
 #include "model_ops.inc"
 #undef OPS
 #undef GP_OPS_FAST
-#define GP_OPS_FAST 1
-#define OPS(x) x##_fast
-#include "model_ops.inc"
-#undef OPS
-#undef GP_OPS_FAST
 #undef real
+
+/* The fast path is compiled apart, with its own flags (model_fast.c). */
+void gp_model_forward_fast_(const struct gp_model_config *cfg, float *const *P, float *const *A,
+			    const uint16_t *inputs, const uint16_t *targets, int B, int T,
+			    float *loss);
+void gp_model_backward_fast_(const struct gp_model_config *cfg, float *const *P,
+			     float *const *G, float *const *A, float *const *GA,
+			     const uint16_t *inputs, const uint16_t *targets, int B, int T);
+double gp_model_sumsq_fast_(const float *g, size_t n);
+void gp_model_adamw_fast_(float *p, float *g, float *m, float *v, size_t n, float lr, float b1,
+			  float b2, float eps, float wd, float b1c, float b2c);
 
 struct gp_model {
 	struct gp_model_config cfg;
@@ -284,7 +291,7 @@ gp_status gp_model_forward(struct gp_model *m, const uint16_t *inputs, const uin
 	m->T = T;
 	float l = 0;
 	if (m->path == GP_MODEL_FAST)
-		forward_fast(c, m->P, m->A, m->inputs, targets ? m->targets : NULL, B, T, &l);
+		gp_model_forward_fast_(c, m->P, m->A, m->inputs, targets ? m->targets : NULL, B, T, &l);
 	else
 		forward_ref(c, m->P, m->A, m->inputs, targets ? m->targets : NULL, B, T, &l);
 	if (loss)
@@ -323,34 +330,20 @@ gp_status gp_model_backward(struct gp_model *m, struct gp_err *err)
 	act_layout(&m->cfg, m->B, m->T, m->gacts, m->GA);
 	memset(m->gacts, 0, m->acts_n * sizeof(float));
 	if (m->path == GP_MODEL_FAST)
-		backward_fast(&m->cfg, m->P, m->G, m->A, m->GA, m->inputs, m->targets, m->B, m->T);
+		gp_model_backward_fast_(&m->cfg, m->P, m->G, m->A, m->GA, m->inputs, m->targets, m->B, m->T);
 	else
 		backward_ref(&m->cfg, m->P, m->G, m->A, m->GA, m->inputs, m->targets, m->B, m->T);
 	return GP_OK;
 }
 
-/* Fixed chunks summed in a fixed order: the same bits for any schedule. */
-#define CHUNK 65536
-
 float gp_model_clip_grad(struct gp_model *m, float max_norm)
 {
 	if (!m->grads)
 		return 0;
-	size_t n = m->n_params, nchunks = (n + CHUNK - 1) / CHUNK;
-	double *part = malloc(nchunks * sizeof(double));
+	size_t n = m->n_params;
 	double total = 0;
-	if (part) {
-#pragma omp parallel for schedule(static) if (m->path == GP_MODEL_FAST)
-		for (size_t c = 0; c < nchunks; c++) {
-			size_t lo = c * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;
-			double s = 0;
-			for (size_t i = lo; i < hi; i++)
-				s += (double)m->grads[i] * m->grads[i];
-			part[c] = s;
-		}
-		for (size_t c = 0; c < nchunks; c++)
-			total += part[c];
-		free(part);
+	if (m->path == GP_MODEL_FAST) {
+		total = gp_model_sumsq_fast_(m->grads, n);
 	} else {
 		for (size_t i = 0; i < n; i++)
 			total += (double)m->grads[i] * m->grads[i];
@@ -374,7 +367,12 @@ void gp_model_adamw(struct gp_model *m, float *mom, float *vel, const struct gp_
 		float wd = gp_model_param_decays(t) ? o->weight_decay : 0.0f;
 		float *p = m->params + off, *g = m->grads + off, *mm = mom + off, *vv = vel + off;
 		size_t n = m->sizes[t];
-#pragma omp parallel for schedule(static) if (m->path == GP_MODEL_FAST && n > 4096)
+		off += n;
+		if (m->path == GP_MODEL_FAST) {
+			gp_model_adamw_fast_(p, g, mm, vv, n, o->lr, o->beta1, o->beta2, o->eps, wd,
+					     b1c, b2c);
+			continue;
+		}
 		for (size_t i = 0; i < n; i++) {
 			float gi = g[i];
 			float mi = o->beta1 * mm[i] + (1.0f - o->beta1) * gi;
@@ -383,8 +381,8 @@ void gp_model_adamw(struct gp_model *m, float *mom, float *vel, const struct gp_
 			vv[i] = vi;
 			float mh = mi / b1c, vh = vi / b2c;
 			p[i] -= o->lr * (mh / (sqrtf(vh) + o->eps) + wd * p[i]);
+			g[i] = 0;
 		}
-		off += n;
 	}
 }
 

@@ -108,6 +108,8 @@ struct gp_adamw {
  * One AdamW update (step counts from 1); m and v are the moment arrays
  * (num_params each, caller-owned, zero at the start). Weight decay is
  * decoupled and applies to the matrices only (gp_model_param_decays).
+ * Leaves the gradients zero (one pass over memory instead of two), ready
+ * for the next backward.
  */
 void gp_model_adamw(struct gp_model *m, float *mom, float *vel, const struct gp_adamw *o,
 		    long step);

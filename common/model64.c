@@ -5,6 +5,7 @@
  * errors of order 1e-4, as large as the gradients it checks).
  */
 #include <math.h>
+#include <tgmath.h>
 #include <stdlib.h>
 #include <string.h>
 
