@@ -2,6 +2,7 @@
  * preprocess.c: the preprocess stage (see preprocess.h).
  */
 #include "preprocess.h"
+#include "params.h"
 
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -113,20 +114,6 @@ static int lsh_add(struct lsh *l, uint64_t key, uint32_t doc)
 }
 
 /* with.key as a number within lo..hi (def when absent); the error names it. */
-static gp_status range_param(const cJSON *p, const char *key, double def, double lo, double hi,
-			     double *out, struct gp_err *err)
-{
-	const cJSON *v = cJSON_GetObjectItemCaseSensitive(p, key);
-	*out = def;
-	if (!v)
-		return GP_OK;
-	if (!cJSON_IsNumber(v) || !(v->valuedouble >= lo && v->valuedouble <= hi))
-		return gp_err_set(err, GP_ERR_INVALID, "with.%s must be a number within %g..%g", key,
-				  lo, hi);
-	*out = v->valuedouble;
-	return GP_OK;
-}
-
 static int bool_param(const cJSON *p, const char *k, int def)
 {
 	const cJSON *v = cJSON_GetObjectItemCaseSensitive(p, k);
@@ -212,13 +199,13 @@ gp_status gp_preprocess_run(const cJSON *params, const struct gp_preprocess_conf
 	const cJSON *normalize = cJSON_GetObjectItemCaseSensitive(params, "normalize");
 	int ws = bool_param(normalize, "whitespace", 1), ctl = bool_param(normalize, "control", 1);
 	double min_len, max_len, thr, valf, vocab, shingle, seedv;
-	if ((st = range_param(params, "min_length", 1, 0, 1e12, &min_len, err)) ||
-	    (st = range_param(params, "max_length", 1 << 20, min_len, 1e12, &max_len, err)) ||
-	    (st = range_param(params, "dedup_threshold", 0.8, 0, 1, &thr, err)) ||
-	    (st = range_param(params, "val_fraction", 0.05, 0, 0.5, &valf, err)) ||
-	    (st = range_param(params, "vocab_size", 4096, 257, GP_BPE_MAX_VOCAB, &vocab, err)) ||
-	    (st = range_param(params, "shingle", 5, 1, 64, &shingle, err)) ||
-	    (st = range_param(params, "seed", 0, -9e15, 9e15, &seedv, err)))
+	if ((st = gp_param_number(params, "with", "min_length", 1, 0, 1e12, &min_len, err)) ||
+	    (st = gp_param_number(params, "with", "max_length", 1 << 20, min_len, 1e12, &max_len, err)) ||
+	    (st = gp_param_number(params, "with", "dedup_threshold", 0.8, 0, 1, &thr, err)) ||
+	    (st = gp_param_number(params, "with", "val_fraction", 0.05, 0, 0.5, &valf, err)) ||
+	    (st = gp_param_number(params, "with", "vocab_size", 4096, 257, GP_BPE_MAX_VOCAB, &vocab, err)) ||
+	    (st = gp_param_number(params, "with", "shingle", 5, 1, 64, &shingle, err)) ||
+	    (st = gp_param_number(params, "with", "seed", 0, -9e15, 9e15, &seedv, err)))
 		goto out;
 	uint64_t seed = (uint64_t)(long long)seedv;
 	/* the inputs: manifests, each naming a document file */

@@ -1,0 +1,67 @@
+/*
+ * genpipe-train: serves the `train` stage kind (see train.h).
+ */
+#include <stdio.h>
+
+#include "log.h"
+#include "service.h"
+#include "train.h"
+
+#define NOPTS (GP_SERVICE_NOPTS + GP_WORKER_NOPTS + GP_STORE_NOPTS + 2)
+
+int main(int argc, char **argv)
+{
+	struct gp_service svc = { .name = "train" };
+	long long lease = 0, hb = 0;
+	const char *data_dir = NULL, *store_uri = NULL, *ckpt_dir = NULL, *rclass = NULL;
+	struct gp_opt opts[NOPTS];
+	gp_service_options(&svc, opts);
+	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, "30000", "5000");
+	gp_service_store_options(opts + GP_SERVICE_NOPTS + GP_WORKER_NOPTS, &data_dir, &store_uri);
+	opts[NOPTS - 2] = (struct gp_opt){ "checkpoint-dir", "GENPIPE_CHECKPOINT_DIR", GP_OPT_STR,
+					   "", "where running stages keep checkpoints "
+					   "(default DATA_DIR/checkpoints; shared by all replicas)",
+					   &ckpt_dir };
+	opts[NOPTS - 1] = (struct gp_opt){ "resource-class", "GENPIPE_RESOURCE_CLASS", GP_OPT_STR,
+					   "cpu", "the class recorded with each model version "
+					   "(cpu, gpu-small, gpu-large)", &rclass };
+	int first = 0, help = 0;
+	struct gp_err err = { 0 };
+	gp_log_init("train");
+	if (gp_config_parse(opts, NOPTS, argc, argv, "genpipe-train [options]", stdout, &first,
+			    &help, &err)) {
+		fprintf(stderr, "genpipe-train: %s\n", err.msg);
+		return 2;
+	}
+	if (help)
+		return 0;
+	if (first < argc) {
+		fprintf(stderr, "genpipe-train: unexpected argument \"%s\"\n", argv[first]);
+		return 2;
+	}
+	char ckpt_default[4096];
+	if (!ckpt_dir || !*ckpt_dir) {
+		snprintf(ckpt_default, sizeof ckpt_default, "%s/checkpoints", data_dir);
+		ckpt_dir = ckpt_default;
+	}
+	struct gp_train_config cfg = { .checkpoint_dir = ckpt_dir, .resource_class = rclass };
+	if (gp_store_open_in(&cfg.store, store_uri, data_dir, &err)) {
+		gp_error("could not open the artifact store: %s", err.msg);
+		return 1;
+	}
+	gp_service_signals();
+	int rc = 1;
+	if (gp_service_start(&svc, 0, 30000, &err))
+		gp_error("could not start: %s", err.msg);
+	else
+		rc = gp_service_run_worker(&svc, (struct gp_worker_config){
+							 .kind = "train",
+							 .lease_ms = lease,
+							 .heartbeat_ms = hb,
+							 .handler = gp_train_handle,
+							 .closure = &cfg,
+						 });
+	gp_service_stop(&svc);
+	gp_store_close(cfg.store);
+	return rc;
+}
