@@ -582,14 +582,17 @@ static const struct field f_preprocess[] = {
 static const char *const o_preprocess[] = { "train_shards", "val_shards", "tokenizer",
 					     "histogram", "stats", "vocab_size", NULL };
 static const struct field f_train[] = {
-	{ "model", F_STR, 1 },	       { "train_shards", F_STR, 0 },  { "val_shards", F_STR, 0 },
-	{ "tokenizer", F_STR, 0 },     { "config", F_MAP, 0 },	      { "steps", F_INT, 0 },
+	{ "model", F_STR, 1 },	       { "train_shards", F_STR, 1 },  { "val_shards", F_STR, 1 },
+	{ "tokenizer", F_STR, 1 },     { "config", F_MAP, 0 },	      { "steps", F_INT, 0 },
 	{ "batch", F_INT, 0 },	       { "seq_len", F_INT, 0 },	      { "lr", F_FLOAT, 0 },
-	{ "warmup", F_INT, 0 },	       { "weight_decay", F_FLOAT, 0 }, { "eval_interval", F_INT, 0 },
-	{ "checkpoint_interval", F_INT, 0 }, { "seed", F_INT, 0 },   { "device", F_STR, 0 },
-	{ NULL, F_ANY, 0 },
+	{ "min_lr_frac", F_FLOAT, 0 }, { "warmup", F_INT, 0 },	      { "weight_decay", F_FLOAT, 0 },
+	{ "beta1", F_FLOAT, 0 },       { "beta2", F_FLOAT, 0 },	      { "grad_clip", F_FLOAT, 0 },
+	{ "eval_interval", F_INT, 0 }, { "eval_batches", F_INT, 0 },  { "checkpoint_interval", F_INT, 0 },
+	{ "checkpoint_seconds", F_FLOAT, 0 }, { "seed", F_INT, 0 },   { "samples", F_INT, 0 },
+	{ "sample_tokens", F_INT, 0 }, { "device", F_STR, 0 },	      { NULL, F_ANY, 0 },
 };
-static const char *const o_train[] = { "model_version", "checkpoint", "val_loss", "export", NULL };
+static const char *const o_train[] = { "model",	    "model_version", "checkpoint", "safetensors",
+				       "tokenizer", "val_loss",	     NULL };
 static const struct field f_eval[] = {
 	{ "model_version", F_STR, 1 }, { "data", F_STR, 0 }, { "metrics", F_LIST, 0 },
 	{ NULL, F_ANY, 0 },
