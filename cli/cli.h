@@ -25,6 +25,8 @@ extern long long cli_limit;
 extern const char *cli_pipeline;
 extern struct gp_opt_list cli_params;
 extern long long cli_timeout_ms;
+extern const char *cli_format;    /* models export */
+extern const char *cli_artifacts; /* store URI; empty: DATA_DIR/artifacts */
 
 /* Connect or print the reason and return NULL. */
 struct gp_db *cli_db(void);
@@ -39,5 +41,6 @@ int cli_load_spec(const char *path, char **text, cJSON **doc);
 int cmd_submit(int n, char **args);
 int cmd_pipelines(int n, char **args);
 int cmd_runs(int n, char **args);
+int cmd_models(int n, char **args);
 
 #endif

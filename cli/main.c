@@ -40,6 +40,8 @@ long long cli_limit = 20;
 const char *cli_pipeline;
 struct gp_opt_list cli_params;
 long long cli_timeout_ms;
+const char *cli_format;
+const char *cli_artifacts;
 #define database_url cli_database_url
 #define json_out cli_json
 
@@ -59,6 +61,9 @@ static const struct gp_opt common_opts[] = {
 	{ "pipeline", NULL, GP_OPT_STR, NULL, "only runs of this pipeline (runs list)",
 	  &cli_pipeline },
 	{ "limit", NULL, GP_OPT_INT, "20", "how many runs to list (runs list)", &cli_limit },
+	{ "format", NULL, GP_OPT_STR, "safetensors", "export format (models export)", &cli_format },
+	{ "artifacts", "GENPIPE_ARTIFACTS", GP_OPT_STR, "",
+	  "artifact store URI (default file://DATA_DIR/artifacts)", &cli_artifacts },
 	{ "timeout-ms", NULL, GP_OPT_INT, "0", "give up watching after this long (runs watch)",
 	  &cli_timeout_ms },
 	{ "json", NULL, GP_OPT_BOOL, "false", "machine-readable output", &json_out },
@@ -79,6 +84,7 @@ static const char usage_text[] =
 	"  submit FILE       store the spec as a version (same content: same version) and run it\n"
 	"  pipelines list | show NAME[@V] | diff NAME@A NAME@B\n"
 	"  runs list | show RUN | watch RUN | cancel RUN | retry RUN\n"
+	"  models list | show NAME[:V|@ALIAS] | alias NAME ALIAS V | export NAME:V DIR\n"
 	"  migrate           apply migrations to --database-url\n"
 	"  version           print the version";
 
@@ -435,6 +441,8 @@ int main(int argc, char **argv)
 		return cmd_pipelines(nargs - 1, args + 1);
 	if (!strcmp(args[0], "runs"))
 		return cmd_runs(nargs - 1, args + 1);
+	if (!strcmp(args[0], "models"))
+		return cmd_models(nargs - 1, args + 1);
 	if (!strcmp(args[0], "dev") && nargs >= 2) {
 		if (!strcmp(args[1], "up") && nargs == 2) {
 			char bindir[PATH_MAX];

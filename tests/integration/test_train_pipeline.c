@@ -20,6 +20,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "../check.h"
 #include "../harness.h"
 
@@ -145,6 +147,119 @@ static void make_data(char tok_ref[80], char train_ref[80], char val_ref[80])
 	gp_store_close(st);
 }
 
+/* Run the genpipe CLI against the test's servers; stdout malloc'd, *rc its exit status. */
+static char *cli(int *rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static char *cli(int *rc, const char *fmt, ...)
+{
+	char args[2048], cmd[4096];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(args, sizeof args, fmt, ap);
+	va_end(ap);
+	snprintf(cmd, sizeof cmd, "%s/genpipe --database-url '%s' --data-dir '%s' %s 2>&1",
+		 ENV->bin_dir, ENV->db_url, ENV->dir, args);
+	FILE *f = popen(cmd, "r");
+	REQUIRE(f);
+	size_t cap = 1 << 16, n = 0;
+	char *out = malloc(cap);
+	size_t k;
+	while ((k = fread(out + n, 1, cap - 1 - n, f)) > 0)
+		n += k;
+	out[n] = 0;
+	int st = pclose(f);
+	*rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+	return out;
+}
+
+static void test_cli(const char *sha1)
+{
+	int rc = 0;
+	char *o = cli(&rc, "models list --json");
+	cJSON *j = cJSON_Parse(o);
+	CHECK(rc == 0 && cJSON_GetArraySize(j) == 1);
+	cJSON *m = cJSON_GetArrayItem(j, 0);
+	CHECK_STR(cJSON_GetStringValue(cJSON_GetObjectItem(m, "name")), "tiny");
+	CHECK(cJSON_GetObjectItem(m, "versions") && cJSON_GetObjectItem(m, "versions")->valueint == 3);
+	cJSON_Delete(j);
+	free(o);
+	/* aliases: set, move, audit rows, show by alias */
+	o = cli(&rc, "models alias tiny production 1 --json");
+	CHECK(rc == 0);
+	CHECK_CONTAINS(o, "\"from\":\tnull");
+	free(o);
+	o = cli(&rc, "models alias tiny production 2");
+	CHECK(rc == 0);
+	CHECK_CONTAINS(o, "tiny@production: version 1 -> 2");
+	free(o);
+	CHECK(q("SELECT count(*) FROM audit_log WHERE action = 'model.alias' AND object = 'tiny@production'") == 2);
+	o = cli(&rc, "models show tiny@production --json");
+	j = cJSON_Parse(o);
+	CHECK(rc == 0 && j && cJSON_GetObjectItem(j, "version")->valueint == 2);
+	CHECK_STR(cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "metrics"), "params_sha256")), sha1);
+	cJSON_Delete(j);
+	free(o);
+	o = cli(&rc, "models show tiny:1");
+	CHECK(rc == 0);
+	CHECK_CONTAINS(o, "model      tiny:1");
+	CHECK_CONTAINS(o, "val loss");
+	CHECK_CONTAINS(o, "samples:");
+	free(o);
+	/* errors */
+	o = cli(&rc, "models show tiny:9");
+	CHECK(rc == 1);
+	CHECK_CONTAINS(o, "model \"tiny\" has no version 9");
+	free(o);
+	o = cli(&rc, "models show nope");
+	CHECK(rc == 1);
+	CHECK_CONTAINS(o, "no model \"nope\"");
+	free(o);
+	o = cli(&rc, "models alias tiny production 7");
+	CHECK(rc == 1);
+	CHECK_CONTAINS(o, "has no version 7");
+	free(o);
+	o = cli(&rc, "models alias tiny Bad_Alias 1");
+	CHECK(rc == 2);
+	free(o);
+	CHECK(q("SELECT count(*) FROM audit_log WHERE action = 'model.alias'") == 2);
+	/* export: the files load back as the same weights */
+	char dir[600];
+	snprintf(dir, sizeof dir, "%s/export", ENV->dir);
+	o = cli(&rc, "models export tiny:3 --format safetensors %s", dir);
+	CHECK(rc == 0);
+	CHECK_CONTAINS(o, "model.safetensors, config.json, tokenizer.gptk, genpipe.json");
+	free(o);
+	const char *files[] = {"model.safetensors", "config.json", "tokenizer.gptk", "genpipe.json"};
+	for (int i = 0; i < 4; i++) {
+		char p[700];
+		snprintf(p, sizeof p, "%s/%s", dir, files[i]);
+		CHECK(access(p, R_OK) == 0);
+	}
+	/* the exported weights are byte for byte the version's safetensors artifact */
+	{
+		char p[700];
+		snprintf(p, sizeof p, "%s/model.safetensors", dir);
+		FILE *f = fopen(p, "rb");
+		REQUIRE(f);
+		fseek(f, 0, SEEK_END);
+		long len = ftell(f);
+		fseek(f, 0, SEEK_SET);
+		uint8_t *b = malloc((size_t)len);
+		REQUIRE(fread(b, 1, (size_t)len, f) == (size_t)len);
+		fclose(f);
+		char h[65];
+		gp_sha256_hex(b, (size_t)len, h);
+		free(b);
+		char *want = qs("SELECT a.content_hash FROM model_versions v JOIN artifacts a ON "
+				"a.id = v.export_artifact_id WHERE v.version = 3");
+		CHECK_STR(h, want);
+		free(want);
+	}
+	o = cli(&rc, "models export tiny:3 --format onnx %s", dir);
+	CHECK(rc == 2);
+	CHECK_CONTAINS(o, "only safetensors");
+	free(o);
+}
+
 static long long submit(const char *name, const char *tok, const char *train, const char *val,
 			int cache)
 {
@@ -255,6 +370,7 @@ static int body(struct gp_test_env *env)
 	CHECK_STR(sha3, sha1);
 	CHECK(q("SELECT count(*) FROM model_versions v JOIN models m ON m.id = v.model_id "
 		"WHERE m.name = 'tiny'") == 3);
+	test_cli(sha1);
 	free(sha1);
 	free(sha2);
 	free(sha3);
