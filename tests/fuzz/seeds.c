@@ -13,6 +13,7 @@
 
 #include "bpe.h"
 #include "dataset.h"
+#include "model.h"
 #include "shard.h"
 #include "wire.h"
 
@@ -103,6 +104,25 @@ static int data_seeds(const char *d)
 	gp_buf_append(&db, h, 12, &e);
 	bad |= put_bytes(d, "dataset", db.p, db.len);
 	free(db.p);
+	/* a checkpoint of a tiny model, with optimizer state */
+	struct gp_model_config c = { .vocab = 8, .padded_vocab = 8, .context = 4, .layers = 1,
+				     .heads = 1, .width = 4 };
+	struct gp_model *m = NULL;
+	if (gp_model_create(&m, &c, &e))
+		return 1;
+	gp_model_init(m, 1);
+	size_t np = gp_model_num_params(m);
+	float *mo = calloc(np, sizeof(float)), *ve = calloc(np, sizeof(float));
+	struct gp_ckpt_meta meta = { .step = 3, .tokens_seen = 96, .rng = { 7, 0 } };
+	if (!mo || !ve || gp_ckpt_encode(m, mo, ve, &meta, &buf, &len, &e)) {
+		bad = 1;
+	} else {
+		bad |= put_bytes(d, "checkpoint", buf, len);
+		free(buf);
+	}
+	free(mo);
+	free(ve);
+	gp_model_destroy(m);
 	return bad;
 }
 
