@@ -39,10 +39,12 @@ test-sanitize:
 	ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(CTEST_JOBS)
 
 # Orchestrator overhead on a private stack: 1000-stage fan-out, 3 workers, 3 runs;
-# then tokenizer training and encoding beside their plain references.
+# then tokenizer training and encoding beside their plain references; then
+# CPU training speed, fast path beside the plain C reference and sgemm.
 bench: build
 	$(BUILD)/bin/orchestrator_bench 1000 3 3
 	$(BUILD)/bin/tokenizer_bench
+	$(BUILD)/bin/model_bench all
 
 down:
 	$(BUILD)/bin/genpipe dev down

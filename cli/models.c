@@ -228,9 +228,17 @@ static int show_model(struct gp_db *db, const char *arg)
 	const cJSON *samples = cJSON_GetObjectItem(metrics, "samples"), *s;
 	if (cJSON_GetArraySize(samples) > 0) {
 		printf("samples:\n");
-		cJSON_ArrayForEach(s, samples)
-			if (cJSON_IsString(s))
-				printf("  ---\n  %s\n", s->valuestring);
+		cJSON_ArrayForEach(s, samples) {
+			if (!cJSON_IsString(s))
+				continue;
+			printf("  ---\n");
+			for (const char *line = s->valuestring; *line;) {
+				const char *nl = strchr(line, '\n');
+				int len = nl ? (int)(nl - line) : (int)strlen(line);
+				printf("  | %.*s\n", len, line);
+				line += len + (nl ? 1 : 0);
+			}
+		}
 	}
 	cJSON_Delete(metrics);
 	cJSON_Delete(lineage);

@@ -287,6 +287,7 @@ struct progress {
 	long long first_ms;
 	double first_frac;
 	long long last_ms;
+	char message[160]; /* the worker's own words: "step 120/500 loss 4.10 ..." */
 };
 
 struct watch {
@@ -321,6 +322,8 @@ static void on_event(natsConnection *nc, natsSubscription *sub, natsMsg *m, void
 			}
 			w->p[i].frac = ev->progress;
 			w->p[i].last_ms = gp_now_ms();
+			snprintf(w->p[i].message, sizeof w->p[i].message, "%s",
+				 ev->message ? ev->message : "");
 		}
 		pthread_mutex_unlock(&w->mu);
 	}
@@ -358,7 +361,9 @@ static int watch_run(struct gp_db *db, long long id)
 	int tty = isatty(STDOUT_FILENO) && !cli_json;
 	int drawn = 0, rc = 1;
 	char last[256][48];
+	long long last_line_ms[256];
 	memset(last, 0, sizeof last);
+	memset(last_line_ms, 0, sizeof last_line_ms);
 	long long deadline = cli_timeout_ms > 0 ? gp_now_ms() + cli_timeout_ms : 0;
 	for (;;) {
 		PGresult *r = NULL, *s = NULL;
@@ -391,11 +396,13 @@ static int watch_run(struct gp_db *db, long long id)
 		for (int i = 0; i < PQntuples(s) && i < 256; i++) {
 			const char *name = PQgetvalue(s, i, 0), *state = PQgetvalue(s, i, 2);
 			double frac = -1, rate = 0;
+			char msg[160] = "";
 			pthread_mutex_lock(&w.mu);
 			for (int k = 0; k < w.n; k++) {
 				if (strcmp(w.p[k].stage, name))
 					continue;
 				frac = w.p[k].frac;
+				snprintf(msg, sizeof msg, "%s", w.p[k].message);
 				long long dt = w.p[k].last_ms - w.p[k].first_ms;
 				if (dt > 0)
 					rate = (w.p[k].frac - w.p[k].first_frac) * 1000.0 / (double)dt;
@@ -417,7 +424,8 @@ static int watch_run(struct gp_db *db, long long id)
 				printf("\033[2K  %-20s %-10s %s %3.0f%% try %-2s %s %s %s\n", name,
 				       state, b, frac < 0 ? 0 : frac * 100, PQgetvalue(s, i, 3),
 				       secs, eta, strcmp(state, "failed") &&
-				       strcmp(state, "retrying") ? "" : detail);
+				       strcmp(state, "retrying") ? (strcmp(state, "running") ? "" : msg)
+								 : detail);
 				drawn++;
 			} else if (strcmp(last[i], state) != 0 && cli_json) {
 				/* one JSON object per line and change, for scripts */
@@ -439,6 +447,12 @@ static int watch_run(struct gp_db *db, long long id)
 				       !strcmp(state, "failed") || !strcmp(state, "retrying") ? detail
 											     : "");
 				snprintf(last[i], sizeof last[i], "%s", state);
+				last_line_ms[i] = gp_now_ms();
+			} else if (!cli_json && !strcmp(state, "running") && *msg &&
+				   gp_now_ms() - last_line_ms[i] >= 15000) {
+				/* a log, not a screen: the worker's progress every 15 s */
+				printf("%s %s %3.0f%% %s\n", name, b, frac < 0 ? 0 : frac * 100, msg);
+				last_line_ms[i] = gp_now_ms();
 			}
 		}
 		fflush(stdout);
