@@ -718,8 +718,11 @@ void gp_train_handle(struct gp_job *job, void *closure)
 			double eta = step > start_step ? el / (double)(step - start_step) * (double)(s.p.steps - step) : -1;
 			char etab[32], msgb[256], mj[256];
 			fmt_eta(etab, sizeof(etab), eta);
-			snprintf(msgb, sizeof(msgb), "step %lld/%lld loss %.3f val %.3f lr %.2e %.0f tok/s eta %s",
-				 step, s.p.steps, loss, val, lr, tps, etab);
+			char valb[32] = "";
+			if (isfinite(val))
+				snprintf(valb, sizeof(valb), " val %.3f", val);
+			snprintf(msgb, sizeof(msgb), "step %lld/%lld loss %.3f%s lr %.2e %.0f tok/s eta %s",
+				 step, s.p.steps, loss, valb, lr, tps, etab);
 			int k = snprintf(mj, sizeof(mj),
 					 "{\"step\": %lld, \"loss\": %.5f, \"lr\": %.6g, \"tokens_per_s\": %.1f, \"eta_s\": %.1f",
 					 step, loss, lr, tps, eta);
