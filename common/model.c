@@ -34,16 +34,7 @@
 #undef GP_OPS_FAST
 #undef real
 
-/* The fast path is compiled apart, with its own flags (model_fast.c). */
-void gp_model_forward_fast_(const struct gp_model_config *cfg, float *const *P, float *const *A,
-			    const uint16_t *inputs, const uint16_t *targets, int B, int T,
-			    float *loss);
-void gp_model_backward_fast_(const struct gp_model_config *cfg, float *const *P,
-			     float *const *G, float *const *A, float *const *GA,
-			     const uint16_t *inputs, const uint16_t *targets, int B, int T);
-double gp_model_sumsq_fast_(const float *g, size_t n);
-void gp_model_adamw_fast_(float *p, float *g, float *m, float *v, size_t n, float lr, float b1,
-			  float b2, float eps, float wd, float b1c, float b2c);
+#include "model_fast.h"
 
 struct gp_model {
 	struct gp_model_config cfg;
@@ -225,22 +216,32 @@ void gp_model_init(struct gp_model *m, uint64_t seed)
 	}
 }
 
+size_t gp_model_act_sizes(const struct gp_model_config *c, int B, int T,
+			  size_t s[GP_A_COUNT])
+{
+	size_t BT = (size_t)B * T, C = c->width, L = c->layers, NH = c->heads;
+	s[GP_A_ENCODED] = BT * C;
+	s[GP_A_LN1] = s[GP_A_ATTY] = s[GP_A_ATTPROJ] = s[GP_A_RESIDUAL2] = s[GP_A_LN2] =
+		s[GP_A_FCPROJ] = s[GP_A_RESIDUAL3] = L * BT * C;
+	s[GP_A_LN1_MEAN] = s[GP_A_LN1_RSTD] = s[GP_A_LN2_MEAN] = s[GP_A_LN2_RSTD] = L * BT;
+	s[GP_A_QKV] = L * BT * 3 * C;
+	s[GP_A_PREATT] = s[GP_A_ATT] = L * B * NH * T * T;
+	s[GP_A_FCH] = s[GP_A_FCH_GELU] = L * BT * 4 * C;
+	s[GP_A_LNF] = BT * C;
+	s[GP_A_LNF_MEAN] = s[GP_A_LNF_RSTD] = s[GP_A_LOSSES] = BT;
+	s[GP_A_LOGITS] = s[GP_A_PROBS] = BT * c->padded_vocab;
+	size_t n = 0;
+	for (int i = 0; i < GP_A_COUNT; i++)
+		n += s[i];
+	return n;
+}
+
 /* Lay out activations for (B, T) in buf; returns the floats needed. */
 static size_t act_layout(const struct gp_model_config *c, int B, int T, float *buf,
 			 float *A[GP_A_COUNT])
 {
-	size_t BT = (size_t)B * T, C = c->width, L = c->layers, NH = c->heads;
-	size_t s[GP_A_COUNT] = {
-		[GP_A_ENCODED] = BT * C, [GP_A_LN1] = L * BT * C, [GP_A_LN1_MEAN] = L * BT,
-		[GP_A_LN1_RSTD] = L * BT, [GP_A_QKV] = L * BT * 3 * C, [GP_A_ATTY] = L * BT * C,
-		[GP_A_PREATT] = L * B * NH * T * T, [GP_A_ATT] = L * B * NH * T * T,
-		[GP_A_ATTPROJ] = L * BT * C, [GP_A_RESIDUAL2] = L * BT * C, [GP_A_LN2] = L * BT * C,
-		[GP_A_LN2_MEAN] = L * BT, [GP_A_LN2_RSTD] = L * BT, [GP_A_FCH] = L * BT * 4 * C,
-		[GP_A_FCH_GELU] = L * BT * 4 * C, [GP_A_FCPROJ] = L * BT * C,
-		[GP_A_RESIDUAL3] = L * BT * C, [GP_A_LNF] = BT * C, [GP_A_LNF_MEAN] = BT,
-		[GP_A_LNF_RSTD] = BT, [GP_A_LOGITS] = BT * c->padded_vocab,
-		[GP_A_PROBS] = BT * c->padded_vocab, [GP_A_LOSSES] = BT,
-	};
+	size_t s[GP_A_COUNT];
+	gp_model_act_sizes(c, B, T, s);
 	size_t n = 0;
 	for (int i = 0; i < GP_A_COUNT; i++) {
 		if (A)

@@ -61,6 +61,10 @@ gp_status gp_model_config_check(const struct gp_model_config *c, struct gp_err *
 size_t gp_model_param_sizes(const struct gp_model_config *c, size_t sizes[GP_P_COUNT]);
 /* 1 for the tensors AdamW decays (the matrices: embeddings and weights). */
 int gp_model_param_decays(int tensor);
+/* Element counts of each activation tensor for B x T tokens (llm.c's
+ * layout: per layer where it applies). Returns the total. */
+size_t gp_model_act_sizes(const struct gp_model_config *c, int B, int T,
+			  size_t sizes[GP_A_COUNT]);
 /* Matmul FLOPs of one forward pass over B x T tokens (x3 for a training step). */
 double gp_model_forward_flops(const struct gp_model_config *c, int B, int T);
 

@@ -73,21 +73,8 @@ static int layout(struct gp_model64 *m, int B, int T)
 {
 	if (m->acts && m->B == B && m->T == T)
 		return 0;
-	size_t BT = (size_t)B * T, C = m->cfg.width, L = m->cfg.layers, NH = m->cfg.heads;
-	size_t s[GP_A_COUNT] = {
-		[GP_A_ENCODED] = BT * C, [GP_A_LN1] = L * BT * C, [GP_A_LN1_MEAN] = L * BT,
-		[GP_A_LN1_RSTD] = L * BT, [GP_A_QKV] = L * BT * 3 * C, [GP_A_ATTY] = L * BT * C,
-		[GP_A_PREATT] = L * B * NH * T * T, [GP_A_ATT] = L * B * NH * T * T,
-		[GP_A_ATTPROJ] = L * BT * C, [GP_A_RESIDUAL2] = L * BT * C, [GP_A_LN2] = L * BT * C,
-		[GP_A_LN2_MEAN] = L * BT, [GP_A_LN2_RSTD] = L * BT, [GP_A_FCH] = L * BT * 4 * C,
-		[GP_A_FCH_GELU] = L * BT * 4 * C, [GP_A_FCPROJ] = L * BT * C,
-		[GP_A_RESIDUAL3] = L * BT * C, [GP_A_LNF] = BT * C, [GP_A_LNF_MEAN] = BT,
-		[GP_A_LNF_RSTD] = BT, [GP_A_LOGITS] = BT * m->cfg.padded_vocab,
-		[GP_A_PROBS] = BT * m->cfg.padded_vocab, [GP_A_LOSSES] = BT,
-	};
-	size_t n = 0;
-	for (int i = 0; i < GP_A_COUNT; i++)
-		n += s[i];
+	size_t s[GP_A_COUNT];
+	size_t n = gp_model_act_sizes(&m->cfg, B, T, s);
 	free(m->acts);
 	free(m->gacts);
 	m->acts = calloc(n, sizeof(double));

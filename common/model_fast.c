@@ -18,21 +18,12 @@
 #include <tgmath.h>
 
 #include "model.h"
+#include "model_fast.h"
 
 #define real float
 #define GP_OPS_FAST 1
 #define OPS(x) x##_fast
 #include "model_ops.inc"
-
-void gp_model_forward_fast_(const struct gp_model_config *cfg, float *const *P, float *const *A,
-			    const uint16_t *inputs, const uint16_t *targets, int B, int T,
-			    float *loss);
-void gp_model_backward_fast_(const struct gp_model_config *cfg, float *const *P,
-			     float *const *G, float *const *A, float *const *GA,
-			     const uint16_t *inputs, const uint16_t *targets, int B, int T);
-double gp_model_sumsq_fast_(const float *g, size_t n);
-void gp_model_adamw_fast_(float *p, float *g, float *m, float *v, size_t n, float lr, float b1,
-			  float b2, float eps, float wd, float b1c, float b2c);
 
 void gp_model_forward_fast_(const struct gp_model_config *cfg, float *const *P, float *const *A,
 			    const uint16_t *inputs, const uint16_t *targets, int B, int T,

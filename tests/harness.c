@@ -251,6 +251,34 @@ long long gp_test_scalar(struct gp_db *db, const char *sql)
 	return v;
 }
 
+long long gp_test_q(struct gp_db *db, const char *fmt, ...)
+{
+	char sql[2048];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(sql, sizeof sql, fmt, ap);
+	va_end(ap);
+	return gp_test_scalar(db, sql);
+}
+
+char *gp_test_qs(struct gp_db *db, const char *fmt, ...)
+{
+	char sql[2048];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(sql, sizeof sql, fmt, ap);
+	va_end(ap);
+	PGresult *r = NULL;
+	struct gp_err err = { 0 };
+	if (gp_db_exec(db, "test query", sql, 0, NULL, &r, &err)) {
+		fprintf(stderr, "test: %s: %s\n", sql, err.msg);
+		exit(1);
+	}
+	char *v = PQntuples(r) && !PQgetisnull(r, 0, 0) ? strdup(PQgetvalue(r, 0, 0)) : NULL;
+	PQclear(r);
+	return v;
+}
+
 long long gp_test_make_run(struct gp_db *db, const char *pipeline)
 {
 	const char *p[] = { pipeline };

@@ -76,5 +76,10 @@ int gp_test_wait_run(struct gp_db *db, long long run, long long ms);
 
 /* One integer from a query with no parameters (exit(1) on error). */
 long long gp_test_scalar(struct gp_db *db, const char *sql);
+/* The same with printf formatting. */
+long long gp_test_q(struct gp_db *db, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The first column of the first row as a malloc'd string (NULL: no row or
+ * SQL NULL); exit(1) on error. */
+char *gp_test_qs(struct gp_db *db, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

@@ -33,32 +33,8 @@
 static const struct gp_test_env *ENV;
 static struct gp_db *db;
 
-static long long q(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static long long q(const char *fmt, ...)
-{
-	char sql[1024];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(sql, sizeof sql, fmt, ap);
-	va_end(ap);
-	return gp_test_scalar(db, sql);
-}
-
-static char *qs(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *qs(const char *fmt, ...)
-{
-	char sql[1024];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(sql, sizeof sql, fmt, ap);
-	va_end(ap);
-	PGresult *r = NULL;
-	struct gp_err e = {0};
-	REQUIRE_OK(gp_db_exec(db, "query", sql, 0, NULL, &r, &e), e);
-	char *s = PQntuples(r) && !PQgetisnull(r, 0, 0) ? strdup(PQgetvalue(r, 0, 0)) : NULL;
-	PQclear(r);
-	return s;
-}
+#define q(...) gp_test_q(db, __VA_ARGS__)
+#define qs(...) gp_test_qs(db, __VA_ARGS__)
 
 static void sleep_ms(long ms)
 {
