@@ -100,6 +100,11 @@ static int body(struct gp_test_env *env)
 	gp_test_service(env, "genpipe-orchestrator", "--sweep-ms", "500", NULL);
 	gp_test_service(env, "genpipe-ingest", "--roots", roots, "--data-dir", env->dir, NULL);
 	gp_test_service(env, "genpipe-preprocess", "--data-dir", env->dir, NULL);
+	/* the workers register their kinds' code versions (part of the cache
+	 * key) as they start; a stage queued before that is not cacheable */
+	for (int i = 0; i < 600 && q("SELECT count(*) FROM stage_kinds WHERE kind IN "
+				     "('ingest', 'preprocess')") < 2; i++)
+		usleep(50 * 1000);
 
 	char yaml[4096];
 	snprintf(yaml, sizeof yaml,
