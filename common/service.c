@@ -169,11 +169,38 @@ void gp_service_store_options(struct gp_opt *o, const char **data_dir, const cha
 				store_uri };
 }
 
+int gp_service_parse(const char *name, const struct gp_opt *opts, int nopts, int argc,
+		     char **argv)
+{
+	char usage[128];
+	int first = 0, help = 0;
+	struct gp_err err = { 0 };
+	gp_log_init(name);
+	snprintf(usage, sizeof usage, "genpipe-%s [options]", name);
+	if (gp_config_parse(opts, nopts, argc, argv, usage, stdout, &first, &help, &err)) {
+		fprintf(stderr, "genpipe-%s: %s\n", name, err.msg);
+		return 2;
+	}
+	if (help)
+		return 0;
+	if (first < argc) {
+		fprintf(stderr, "genpipe-%s: unexpected argument \"%s\"\n", name, argv[first]);
+		return 2;
+	}
+	return -1;
+}
+
 int gp_service_run_worker(struct gp_service *svc, struct gp_worker_config wc)
 {
 	struct gp_err err = { 0 };
 	struct gp_worker *w = NULL;
 	int rc = 0;
+	gp_service_signals();
+	if (gp_service_start(svc, 0, 30000, &err)) {
+		gp_error("could not start: %s", err.msg);
+		gp_service_stop(svc);
+		return 1;
+	}
 	wc.metrics = svc->metrics;
 	if (wc.ack_wait_ms <= 0)
 		wc.ack_wait_ms = wc.lease_ms;
@@ -186,5 +213,6 @@ int gp_service_run_worker(struct gp_service *svc, struct gp_worker_config wc)
 	}
 	gp_info("stopping");
 	gp_worker_destroy(w);
+	gp_service_stop(svc);
 	return rc;
 }

@@ -79,10 +79,19 @@ void gp_service_worker_options(struct gp_opt *o, long long *lease_ms, long long 
 void gp_service_store_options(struct gp_opt *o, const char **data_dir, const char **store_uri);
 
 /*
- * Run a started service's worker loop until SIGTERM: create the worker on
- * svc's connections and metrics (wc's db, bus and metrics fields are taken
- * from svc), run, destroy. Returns the process exit code (0, or 1 with the
- * reason logged).
+ * gp_log_init(name), then parse the command line into opts for
+ * `genpipe-<name>`. Returns -1 to go on; otherwise the process's exit
+ * code: 0 after --help, 2 on a usage error (printed with the reason).
+ */
+int gp_service_parse(const char *name, const struct gp_opt *opts, int nopts, int argc,
+		     char **argv);
+
+/*
+ * A stage service's whole life after its options: install the signal
+ * handlers, start (PostgreSQL and NATS, each waited for up to 30 s), run
+ * the worker loop until SIGTERM (wc's db, bus and metrics fields are taken
+ * from svc), stop. Returns the process exit code (0, or 1 with the reason
+ * logged).
  */
 int gp_service_run_worker(struct gp_service *svc, struct gp_worker_config wc);
 

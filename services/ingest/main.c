@@ -24,20 +24,10 @@ int main(int argc, char **argv)
 					   "colon-separated directories sources may read beneath "
 					   "(plus DATA_DIR/inbox)",
 					   &roots };
-	int first = 0, help = 0;
+	int rc = gp_service_parse("ingest", opts, NOPTS, argc, argv);
+	if (rc >= 0)
+		return rc;
 	struct gp_err err = { 0 };
-	gp_log_init("ingest");
-	if (gp_config_parse(opts, NOPTS, argc, argv, "genpipe-ingest [options]", stdout, &first,
-			    &help, &err)) {
-		fprintf(stderr, "genpipe-ingest: %s\n", err.msg);
-		return 2;
-	}
-	if (help)
-		return 0;
-	if (first < argc) {
-		fprintf(stderr, "genpipe-ingest: unexpected argument \"%s\"\n", argv[first]);
-		return 2;
-	}
 	char allroots[8192];
 	snprintf(allroots, sizeof allroots, "%s:%s/inbox", roots, data_dir);
 	struct gp_ingest_config cfg = { .roots = allroots };
@@ -46,19 +36,13 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	curl_global_init(CURL_GLOBAL_DEFAULT);
-	gp_service_signals();
-	int rc = 1;
-	if (gp_service_start(&svc, 0, 30000, &err))
-		gp_error("could not start: %s", err.msg);
-	else
-		rc = gp_service_run_worker(&svc, (struct gp_worker_config){
+	rc = gp_service_run_worker(&svc, (struct gp_worker_config){
 							 .kind = "ingest",
 							 .lease_ms = lease,
 							 .heartbeat_ms = hb,
 							 .handler = gp_ingest_handle,
 							 .closure = &cfg,
 						 });
-	gp_service_stop(&svc);
 	gp_store_close(cfg.store);
 	curl_global_cleanup();
 	return rc;

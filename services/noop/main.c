@@ -22,26 +22,10 @@ int main(int argc, char **argv)
 				  "honour crash_attempts (tests only)", &ncfg.allow_crash };
 	own[1] = (struct gp_opt){ "prefetch", "GENPIPE_PREFETCH", GP_OPT_INT, "8",
 				  "job messages fetched at once (1..16)", &prefetch };
-	int first = 0, help = 0;
-	struct gp_err err = { 0 };
-	gp_log_init("noop");
-	if (gp_config_parse(opts, NOPTS, argc, argv, "genpipe-noop [options]", stdout, &first,
-			    &help, &err)) {
-		fprintf(stderr, "genpipe-noop: %s\n", err.msg);
-		return 2;
-	}
-	if (help)
-		return 0;
-	if (first < argc) {
-		fprintf(stderr, "genpipe-noop: unexpected argument \"%s\"\n", argv[first]);
-		return 2;
-	}
-	gp_service_signals();
-	if (gp_service_start(&svc, 0, 30000, &err)) {
-		gp_error("could not start: %s", err.msg);
-		return 1;
-	}
-	int rc = gp_service_run_worker(&svc, (struct gp_worker_config){
+	int rc = gp_service_parse("noop", opts, NOPTS, argc, argv);
+	if (rc >= 0)
+		return rc;
+	rc = gp_service_run_worker(&svc, (struct gp_worker_config){
 						     .kind = "noop",
 						     .lease_ms = lease,
 						     .heartbeat_ms = hb,
@@ -49,6 +33,5 @@ int main(int argc, char **argv)
 						     .closure = &ncfg,
 						     .prefetch = (int)prefetch,
 					     });
-	gp_service_stop(&svc);
 	return rc;
 }

@@ -30,20 +30,10 @@ int main(int argc, char **argv)
 						      "1000",
 						      "how often unfinished runs are re-examined",
 						      &sweep_ms };
-	int first = 0, help = 0;
+	int prc = gp_service_parse("orchestrator", opts, GP_SERVICE_NOPTS + 4, argc, argv);
+	if (prc >= 0)
+		return prc;
 	struct gp_err err = { 0 };
-	gp_log_init("orchestrator");
-	if (gp_config_parse(opts, GP_SERVICE_NOPTS + 4, argc, argv, "genpipe-orchestrator [options]",
-			    stdout, &first, &help, &err)) {
-		fprintf(stderr, "genpipe-orchestrator: %s\n", err.msg);
-		return 2;
-	}
-	if (help)
-		return 0;
-	if (first < argc) {
-		fprintf(stderr, "genpipe-orchestrator: unexpected argument \"%s\"\n", argv[first]);
-		return 2;
-	}
 	cfg.reap_interval_ms = reap_ms;
 	cfg.relay_wait_ms = relay_wait;
 	cfg.relay_batch = (int)batch;

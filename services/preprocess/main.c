@@ -21,20 +21,10 @@ int main(int argc, char **argv)
 	opts[NOPTS - 1] = (struct gp_opt){ "max-input-mb", "GENPIPE_PREPROCESS_MAX_INPUT_MB",
 					   GP_OPT_INT, "4096",
 					   "documents read per stage at most (MiB)", &max_input };
-	int first = 0, help = 0;
+	int rc = gp_service_parse("preprocess", opts, NOPTS, argc, argv);
+	if (rc >= 0)
+		return rc;
 	struct gp_err err = { 0 };
-	gp_log_init("preprocess");
-	if (gp_config_parse(opts, NOPTS, argc, argv, "genpipe-preprocess [options]", stdout,
-			    &first, &help, &err)) {
-		fprintf(stderr, "genpipe-preprocess: %s\n", err.msg);
-		return 2;
-	}
-	if (help)
-		return 0;
-	if (first < argc) {
-		fprintf(stderr, "genpipe-preprocess: unexpected argument \"%s\"\n", argv[first]);
-		return 2;
-	}
 	if (max_input <= 0 || max_input > (1LL << 30)) {
 		fprintf(stderr, "genpipe-preprocess: --max-input-mb %lld is not within 1..%lld\n",
 			max_input, 1LL << 30);
@@ -45,19 +35,13 @@ int main(int argc, char **argv)
 		gp_error("could not open the artifact store: %s", err.msg);
 		return 1;
 	}
-	gp_service_signals();
-	int rc = 1;
-	if (gp_service_start(&svc, 0, 30000, &err))
-		gp_error("could not start: %s", err.msg);
-	else
-		rc = gp_service_run_worker(&svc, (struct gp_worker_config){
+	rc = gp_service_run_worker(&svc, (struct gp_worker_config){
 							 .kind = "preprocess",
 							 .lease_ms = lease,
 							 .heartbeat_ms = hb,
 							 .handler = gp_preprocess_handle,
 							 .closure = &cfg,
 						 });
-	gp_service_stop(&svc);
 	gp_store_close(cfg.store);
 	return rc;
 }

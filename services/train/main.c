@@ -25,20 +25,10 @@ int main(int argc, char **argv)
 	opts[NOPTS - 1] = (struct gp_opt){ "resource-class", "GENPIPE_RESOURCE_CLASS", GP_OPT_STR,
 					   "cpu", "the class recorded with each model version "
 					   "(cpu, gpu-small, gpu-large)", &rclass };
-	int first = 0, help = 0;
+	int rc = gp_service_parse("train", opts, NOPTS, argc, argv);
+	if (rc >= 0)
+		return rc;
 	struct gp_err err = { 0 };
-	gp_log_init("train");
-	if (gp_config_parse(opts, NOPTS, argc, argv, "genpipe-train [options]", stdout, &first,
-			    &help, &err)) {
-		fprintf(stderr, "genpipe-train: %s\n", err.msg);
-		return 2;
-	}
-	if (help)
-		return 0;
-	if (first < argc) {
-		fprintf(stderr, "genpipe-train: unexpected argument \"%s\"\n", argv[first]);
-		return 2;
-	}
 	char ckpt_default[4096];
 	if (!ckpt_dir || !*ckpt_dir) {
 		snprintf(ckpt_default, sizeof ckpt_default, "%s/checkpoints", data_dir);
@@ -49,19 +39,13 @@ int main(int argc, char **argv)
 		gp_error("could not open the artifact store: %s", err.msg);
 		return 1;
 	}
-	gp_service_signals();
-	int rc = 1;
-	if (gp_service_start(&svc, 0, 30000, &err))
-		gp_error("could not start: %s", err.msg);
-	else
-		rc = gp_service_run_worker(&svc, (struct gp_worker_config){
+	rc = gp_service_run_worker(&svc, (struct gp_worker_config){
 							 .kind = "train",
 							 .lease_ms = lease,
 							 .heartbeat_ms = hb,
 							 .handler = gp_train_handle,
 							 .closure = &cfg,
 						 });
-	gp_service_stop(&svc);
 	gp_store_close(cfg.store);
 	return rc;
 }
