@@ -19,6 +19,7 @@
 #include "artifact.h"
 #include "bpe.h"
 #include "cli.h"
+#include "file.h"
 #include "model.h"
 
 /* NAME, NAME:VERSION or NAME@ALIAS */
@@ -264,8 +265,7 @@ static int alias_model(struct gp_db *db, const char *name, const char *alias, co
 		fprintf(stderr, "genpipe: version \"%s\" is not a positive integer\n", ver);
 		return 2;
 	}
-	size_t al = strlen(alias);
-	if (al == 0 || al > 63 || strspn(alias, "abcdefghijklmnopqrstuvwxyz0123456789-") != al) {
+	if (!gp_bus_token_ok(alias)) {
 		fprintf(stderr, "genpipe: alias \"%s\" is not a DNS label\n", alias);
 		return 2;
 	}
@@ -333,12 +333,10 @@ fail:
 static int write_file(const char *dir, const char *name, const void *data, size_t len)
 {
 	char path[4096];
+	struct gp_err err = {0};
 	snprintf(path, sizeof(path), "%s/%s", dir, name);
-	FILE *f = fopen(path, "wb");
-	if (!f || fwrite(data, 1, len, f) != len || fclose(f)) {
-		fprintf(stderr, "genpipe: could not write \"%s\": %s\n", path, strerror(errno));
-		if (f)
-			fclose(f);
+	if (gp_file_write_atomic(path, data, len, 0644, &err)) {
+		fprintf(stderr, "genpipe: %s\n", err.msg);
 		return -1;
 	}
 	return 0;

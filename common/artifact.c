@@ -2,6 +2,7 @@
  * artifact.c: the content-addressed store (see artifact.h).
  */
 #include "artifact.h"
+#include "file.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -27,24 +28,6 @@ struct gp_store_writer {
 	size_t size;
 };
 
-static gp_status mkdir_p(const char *path, struct gp_err *err)
-{
-	char buf[PATHMAX];
-	snprintf(buf, sizeof buf, "%s", path);
-	for (char *p = buf + 1; *p; p++) {
-		if (*p != '/')
-			continue;
-		*p = '\0';
-		if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-			return gp_err_set(err, GP_ERR_IO, "could not create \"%s\": %s", buf,
-					  strerror(errno));
-		*p = '/';
-	}
-	if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-		return gp_err_set(err, GP_ERR_IO, "could not create \"%s\": %s", buf, strerror(errno));
-	return GP_OK;
-}
-
 gp_status gp_store_open(struct gp_store **out, const char *uri, struct gp_err *err)
 {
 	const char *path = uri;
@@ -66,10 +49,10 @@ gp_status gp_store_open(struct gp_store **out, const char *uri, struct gp_err *e
 	snprintf(s->root, sizeof s->root, "%s", path);
 	char tmp[PATHMAX];
 	snprintf(tmp, sizeof tmp, "%s/tmp", s->root);
-	gp_status st = mkdir_p(tmp, err);
+	gp_status st = gp_file_mkdirs(tmp, 0755, err);
 	if (!st) {
 		snprintf(tmp, sizeof tmp, "%s/sha256", s->root);
-		st = mkdir_p(tmp, err);
+		st = gp_file_mkdirs(tmp, 0755, err);
 	}
 	if (st) {
 		free(s);
@@ -224,7 +207,7 @@ gp_status gp_store_writer_commit(struct gp_store_writer *w, char hash[65], size_
 	}
 	char dir[PATHMAX], dst[PATHMAX];
 	snprintf(dir, sizeof dir, "%s/sha256/%.2s", w->s->root, hash);
-	if ((st = mkdir_p(dir, err)))
+	if ((st = gp_file_mkdirs(dir, 0755, err)))
 		goto out;
 	obj_path(w->s, hash, dst, sizeof dst);
 	if (access(dst, F_OK) == 0)

@@ -8,6 +8,7 @@
  * so a crash leaves either both or neither.
  */
 #include "db.h"
+#include "file.h"
 
 #include <ctype.h>
 #include <dirent.h>
@@ -359,34 +360,6 @@ out:
 	return GP_OK;
 }
 
-static gp_status read_file(const char *path, char **out, size_t *len, struct gp_err *err)
-{
-	FILE *f = fopen(path, "rb");
-	if (!f)
-		return gp_err_set(err, GP_ERR_IO, "could not open \"%s\": %s", path, strerror(errno));
-	char *p = malloc(GP_MIGRATION_MAX_BYTES + 1);
-	if (!p) {
-		fclose(f);
-		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
-	}
-	size_t n = fread(p, 1, GP_MIGRATION_MAX_BYTES + 1, f);
-	int bad = ferror(f);
-	fclose(f);
-	if (bad) {
-		free(p);
-		return gp_err_set(err, GP_ERR_IO, "could not read \"%s\"", path);
-	}
-	if (n > GP_MIGRATION_MAX_BYTES) {
-		free(p);
-		return gp_err_set(err, GP_ERR_TOO_BIG, "\"%s\" is larger than %d bytes", path,
-				  GP_MIGRATION_MAX_BYTES);
-	}
-	p[n] = '\0';
-	*out = p;
-	*len = n;
-	return GP_OK;
-}
-
 static const char create_table_sql[] =
 	"CREATE TABLE IF NOT EXISTS schema_migrations ("
 	" version integer PRIMARY KEY,"
@@ -417,7 +390,7 @@ static gp_status run_migrations(struct gp_db *db, const char *dir, int apply, in
 		size_t len = 0;
 		snprintf(path, sizeof path, "%s/%s", dir, files[i].name);
 		snprintf(ver, sizeof ver, "%d", files[i].version);
-		if ((st = read_file(path, &sql, &len, err)))
+		if ((st = gp_file_read(path, GP_MIGRATION_MAX_BYTES, (uint8_t **)&sql, &len, err)))
 			goto unlock;
 		gp_sha256_hex(sql, len, sum);
 		PGresult *r = NULL;

@@ -21,6 +21,7 @@
 
 #include "bpe.h"
 #include "bytes.h"
+#include "file.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "checkpoints and safetensors are written with the host's float layout: little-endian only"
@@ -953,56 +954,6 @@ gp_status gp_ckpt_decode(const uint8_t *d, size_t len, struct gp_model **out, fl
 	return GP_OK;
 }
 
-static gp_status write_atomic(const char *path, const uint8_t *data, size_t len,
-			      struct gp_err *err)
-{
-	char tmp[4096];
-	if (snprintf(tmp, sizeof(tmp), "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof(tmp))
-		return gp_err_set(err, GP_ERR_INVALID, "path too long: %s", path);
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-		return gp_err_set(err, GP_ERR_IO, "could not create \"%s\": %s", tmp, strerror(errno));
-	size_t off = 0;
-	while (off < len) {
-		ssize_t w = write(fd, data + off, len - off);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0) {
-			int e = errno;
-			close(fd);
-			unlink(tmp);
-			return gp_err_set(err, GP_ERR_IO, "could not write \"%s\": %s", tmp, strerror(e));
-		}
-		off += (size_t)w;
-	}
-	if (fsync(fd) || close(fd)) {
-		int e = errno;
-		unlink(tmp);
-		return gp_err_set(err, GP_ERR_IO, "could not sync \"%s\": %s", tmp, strerror(e));
-	}
-	if (rename(tmp, path)) {
-		int e = errno;
-		unlink(tmp);
-		return gp_err_set(err, GP_ERR_IO, "could not rename \"%s\" to \"%s\": %s", tmp, path,
-				  strerror(e));
-	}
-	char dir[4096];
-	snprintf(dir, sizeof(dir), "%s", path);
-	char *slash = strrchr(dir, '/');
-	if (slash == dir)
-		slash[1] = 0;
-	else if (slash)
-		*slash = 0;
-	else
-		strcpy(dir, ".");
-	int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (dfd >= 0) {
-		fsync(dfd);
-		close(dfd);
-	}
-	return GP_OK;
-}
-
 gp_status gp_ckpt_save(const char *path, struct gp_model *m, const float *mom, const float *vel,
 		       const struct gp_ckpt_meta *meta, struct gp_err *err)
 {
@@ -1011,7 +962,7 @@ gp_status gp_ckpt_save(const char *path, struct gp_model *m, const float *mom, c
 	gp_status st = gp_ckpt_encode(m, mom, vel, meta, &b, &n, err);
 	if (st)
 		return st;
-	st = write_atomic(path, b, n, err);
+	st = gp_file_write_atomic(path, b, n, 0644, err);
 	free(b);
 	return st;
 }
@@ -1019,33 +970,14 @@ gp_status gp_ckpt_save(const char *path, struct gp_model *m, const float *mom, c
 gp_status gp_ckpt_load(const char *path, struct gp_model **out, float **mom, float **vel,
 		       struct gp_ckpt_meta *meta, struct gp_err *err)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return gp_err_set(err, errno == ENOENT ? GP_ERR_NOT_FOUND : GP_ERR_IO,
-				  "could not open checkpoint \"%s\": %s", path, strerror(errno));
-	struct stat sb;
-	if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
-		close(fd);
-		return gp_err_set(err, GP_ERR_IO, "checkpoint \"%s\" is not a regular file", path);
-	}
-	size_t len = (size_t)sb.st_size;
-	uint8_t *b = malloc(len ? len : 1);
-	if (!b) {
-		close(fd);
-		return gp_err_set(err, GP_ERR_NOMEM, "cannot read \"%s\" (%zu bytes)", path, len);
-	}
-	size_t off = 0;
-	while (off < len) {
-		ssize_t r = read(fd, b + off, len - off);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			break;
-		off += (size_t)r;
-	}
-	close(fd);
-	gp_status st = off == len ? gp_ckpt_decode(b, len, out, mom, vel, meta, err)
-				  : gp_err_set(err, GP_ERR_IO, "short read");
+	uint8_t *b = NULL;
+	size_t len = 0;
+	/* the largest checkpoint a valid configuration allows */
+	size_t max = GP_CKPT_HEADER + (size_t)GP_MODEL_MAX_PARAMS * sizeof(float) * 3;
+	gp_status st = gp_file_read(path, max, &b, &len, err);
+	if (st)
+		return gp_err_wrap(err, "could not load checkpoint");
+	st = gp_ckpt_decode(b, len, out, mom, vel, meta, err);
 	free(b);
 	if (st)
 		gp_err_wrap(err, "could not load checkpoint \"%s\"", path);
@@ -1170,8 +1102,9 @@ gp_status gp_model_export_safetensors(struct gp_model *m, const char *dir, int e
 				      struct gp_err *err)
 {
 	const struct gp_model_config *c = &m->cfg;
-	if (mkdir(dir, 0755) && errno != EEXIST)
-		return gp_err_set(err, GP_ERR_IO, "could not create \"%s\": %s", dir, strerror(errno));
+	gp_status dst = gp_file_mkdirs(dir, 0755, err);
+	if (dst)
+		return dst;
 	uint8_t *b = NULL;
 	size_t n = 0;
 	gp_status st = gp_model_safetensors(m, &b, &n, err);
@@ -1179,7 +1112,7 @@ gp_status gp_model_export_safetensors(struct gp_model *m, const char *dir, int e
 		return st;
 	char path[4096];
 	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
-	st = write_atomic(path, b, n, err);
+	st = gp_file_write_atomic(path, b, n, 0644, err);
 	free(b);
 	if (st)
 		return st;
@@ -1210,7 +1143,7 @@ gp_status gp_model_export_safetensors(struct gp_model *m, const char *dir, int e
 	if (!s)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	snprintf(path, sizeof(path), "%s/config.json", dir);
-	st = write_atomic(path, (const uint8_t *)s, strlen(s), err);
+	st = gp_file_write_atomic(path, s, strlen(s), 0644, err);
 	free(s);
 	return st;
 }

@@ -8,6 +8,7 @@
  * pid files are the state, and every command re-reads them.
  */
 #include "stack.h"
+#include "file.h"
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -84,44 +85,6 @@ static int port_free(int port)
 static int reuse_or_pick(int recorded)
 {
 	return port_free(recorded) ? recorded : gp_stack_free_port();
-}
-
-static gp_status mkdirs(const char *path, mode_t mode, struct gp_err *err)
-{
-	char tmp[PATHMAX];
-	snprintf(tmp, sizeof tmp, "%s", path);
-	for (char *p = tmp + 1; *p; p++) {
-		if (*p != '/')
-			continue;
-		*p = '\0';
-		if (mkdir(tmp, 0755) != 0 && errno != EEXIST)
-			return gp_err_set(err, GP_ERR_IO, "could not create directory \"%s\": %s",
-					  tmp, strerror(errno));
-		*p = '/';
-	}
-	if (mkdir(tmp, mode) != 0 && errno != EEXIST)
-		return gp_err_set(err, GP_ERR_IO, "could not create directory \"%s\": %s", tmp,
-				  strerror(errno));
-	return GP_OK;
-}
-
-static gp_status write_file(const char *path, const char *text, mode_t mode, struct gp_err *err)
-{
-	char tmp[PATHMAX];
-	snprintf(tmp, sizeof tmp, "%s.tmp", path);
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-	if (fd < 0)
-		return gp_err_set(err, GP_ERR_IO, "could not write \"%s\": %s", tmp, strerror(errno));
-	size_t len = strlen(text);
-	ssize_t w = write(fd, text, len);
-	int bad = w != (ssize_t)len || fsync(fd) != 0;
-	close(fd);
-	if (bad || rename(tmp, path) != 0) {
-		unlink(tmp);
-		return gp_err_set(err, GP_ERR_IO, "could not write \"%s\": %s", path,
-				  strerror(errno));
-	}
-	return GP_OK;
 }
 
 static int read_small(const char *path, char *out, size_t len)
@@ -371,11 +334,11 @@ static gp_status write_pid(const char *dir, const char *name, int pid, int port,
 	gp_status st;
 	snprintf(path, sizeof path, "%s/run/%s.pid", dir, name);
 	snprintf(v, sizeof v, "%d\n", pid);
-	if ((st = write_file(path, v, 0644, err)))
+	if ((st = gp_file_write_atomic(path, v, strlen(v), 0644, err)))
 		return st;
 	snprintf(path, sizeof path, "%s/run/%s.port", dir, name);
 	snprintf(v, sizeof v, "%d\n", port);
-	return write_file(path, v, 0644, err);
+	return gp_file_write_atomic(path, v, strlen(v), 0644, err);
 }
 
 static int recorded_pid(const char *dir, const char *name)
@@ -438,7 +401,7 @@ static gp_status nats_up(const struct gp_stack_options *o, char *url, size_t ule
 	if ((st = find_nats_server(bin, sizeof bin, err)))
 		return st;
 	snprintf(store, sizeof store, "%s/nats/jetstream", dir);
-	if ((st = mkdirs(store, 0700, err)))
+	if ((st = gp_file_mkdirs(store, 0700, err)))
 		return st;
 	port = reuse_or_pick(port);
 	char mpath[PATHMAX];
@@ -456,7 +419,7 @@ static gp_status nats_up(const struct gp_stack_options *o, char *url, size_t ule
 		 "jetstream {\n  store_dir: \"%s\"\n  max_memory_store: 256MB\n"
 		 "  max_file_store: %s\n}\n",
 		 port, mport, store, "16GB");
-	if ((st = write_file(conf, text, 0644, err)))
+	if ((st = gp_file_write_atomic(conf, text, strlen(text), 0644, err)))
 		return st;
 	gp_stack_log_path(dir, "nats", logp, sizeof logp);
 	char *argv[] = { bin, "-c", conf, NULL };
@@ -467,7 +430,7 @@ static gp_status nats_up(const struct gp_stack_options *o, char *url, size_t ule
 	char mp[32];
 	snprintf(mp, sizeof mp, "%d\n", mport);
 	snprintf(conf, sizeof conf, "%s/run/nats-monitor.port", dir);
-	if ((st = write_file(conf, mp, 0644, err)))
+	if ((st = gp_file_write_atomic(conf, mp, strlen(mp), 0644, err)))
 		return st;
 	if ((st = wait_port("nats-server", pid, port, logp, 15000, err)))
 		return st;
@@ -521,7 +484,7 @@ again:;
 
 	if ((st = find_pg_bindir(bindir, sizeof bindir, err)))
 		return st;
-	if ((st = mkdirs(sock, 0700, err)))
+	if ((st = gp_file_mkdirs(sock, 0700, err)))
 		return st;
 	if (!running) {
 		snprintf(path, sizeof path, "%s/PG_VERSION", data);
@@ -534,11 +497,11 @@ again:;
 				sprintf(pw + 2 * i, "%02x", rnd[i]);
 			char pwline[160];
 			snprintf(pwline, sizeof pwline, "%s\n", pw);
-			if ((st = write_file(pwpath, pwline, 0600, err)))
+			if ((st = gp_file_write_atomic(pwpath, pwline, strlen(pwline), 0600, err)))
 				return st;
 			char initpw[PATHMAX];
 			snprintf(initpw, sizeof initpw, "%s/initdb.pw", pgdir);
-			if ((st = write_file(initpw, pwline, 0600, err)))
+			if ((st = gp_file_write_atomic(initpw, pwline, strlen(pwline), 0600, err)))
 				return st;
 			if (ra.set && (chown(pgdir, ra.uid, ra.gid) != 0 ||
 				       chown(sock, ra.uid, ra.gid) != 0 ||
@@ -687,10 +650,10 @@ gp_status gp_stack_up(const struct gp_stack_options *o, struct gp_err *err)
 	gp_status st;
 	int lockfd = -1;
 	snprintf(path, sizeof path, "%s/run", o->data_dir);
-	if ((st = mkdirs(path, 0755, err)))
+	if ((st = gp_file_mkdirs(path, 0755, err)))
 		return st;
 	snprintf(path, sizeof path, "%s/logs", o->data_dir);
-	if ((st = mkdirs(path, 0755, err)))
+	if ((st = gp_file_mkdirs(path, 0755, err)))
 		return st;
 	if ((st = lock_dir(o->data_dir, &lockfd, err)))
 		return st;
@@ -725,7 +688,7 @@ gp_status gp_stack_up(const struct gp_stack_options *o, struct gp_err *err)
 		 "GENPIPE_MIGRATIONS_DIR=%s\n",
 		 nats_url, db_url, o->data_dir, o->migrations_dir);
 	snprintf(path, sizeof path, "%s/env", o->data_dir);
-	if ((st = write_file(path, env, 0600, err)))
+	if ((st = gp_file_write_atomic(path, env, strlen(env), 0600, err)))
 		goto out;
 	st = services_up(o, nats_url, db_url, err);
 out:

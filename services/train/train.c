@@ -5,41 +5,21 @@
  */
 #include "train.h"
 
-#include <errno.h>
 #include <libpq-fe.h>
 #include <math.h>
-#include <openssl/sha.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "bpe.h"
+#include "bus.h"
 #include "bytes.h"
+#include "file.h"
 #include "gpu.h"
 #include "log.h"
 #include "params.h"
 #include "shard.h"
-
-static double now_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static int dns_label(const char *s)
-{
-	size_t n = strlen(s);
-	if (n == 0 || n > GP_TRAIN_NAME_MAX || s[0] == '-' || s[n - 1] == '-')
-		return 0;
-	for (size_t i = 0; i < n; i++)
-		if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= '0' && s[i] <= '9') || s[i] == '-'))
-			return 0;
-	return 1;
-}
 
 gp_status gp_train_params_parse(const cJSON *w, struct gp_train_params *p, struct gp_err *err)
 {
@@ -48,7 +28,7 @@ gp_status gp_train_params_parse(const cJSON *w, struct gp_train_params *p, struc
 	gp_status st;
 	if ((st = gp_param_string(w, "with", "model", NULL, GP_TRAIN_NAME_MAX, &s, err)))
 		return st;
-	if (!dns_label(s))
+	if (!gp_bus_token_ok(s))
 		return gp_err_set(err, GP_ERR_INVALID,
 				  "with.model \"%s\" is not a DNS label (a-z, 0-9, '-', at most %d)", s,
 				  GP_TRAIN_NAME_MAX);
@@ -252,7 +232,7 @@ gp_status gp_trainer_resume(struct gp_trainer *t, const char *path, struct gp_er
 gp_status gp_trainer_step(struct gp_trainer *t, float *loss, float *lr, struct gp_err *err)
 {
 	const struct gp_train_params *p = &t->p;
-	double t0 = now_s();
+	double t0 = (gp_now_ms() / 1000.0);
 	int B = p->batch, T = p->seq_len;
 	size_t span = t->n_train - (size_t)T; /* starting offsets 0..span-1 */
 	for (int b = 0; b < B; b++) {
@@ -277,7 +257,7 @@ gp_status gp_trainer_step(struct gp_trainer *t, float *loss, float *lr, struct g
 	gp_model_adamw(t->m, t->mom, t->vel, &o, t->step + 1);
 	t->step++;
 	t->tokens += (unsigned long long)B * T;
-	t->seconds += now_s() - t0;
+	t->seconds += (gp_now_ms() / 1000.0) - t0;
 	*loss = l;
 	*lr = rate;
 	return GP_OK;
@@ -407,20 +387,6 @@ static gp_status load_shard(struct run_state *s, int which, const char *hash, in
 	return GP_OK;
 }
 
-static int mkdirs(const char *path)
-{
-	char tmp[1024];
-	snprintf(tmp, sizeof(tmp), "%s", path);
-	for (char *q = tmp + 1; *q; q++)
-		if (*q == '/') {
-			*q = 0;
-			if (mkdir(tmp, 0755) && errno != EEXIST)
-				return -1;
-			*q = '/';
-		}
-	return mkdir(tmp, 0755) && errno != EEXIST ? -1 : 0;
-}
-
 /* Record our checkpoint; 0 rows: the lease is gone (the caller stops). */
 static gp_status record_checkpoint(struct run_state *s, long long step, int *accepted,
 				   struct gp_err *err)
@@ -446,21 +412,32 @@ static gp_status record_checkpoint(struct run_state *s, long long step, int *acc
 	return st;
 }
 
-/* Save to our attempt's file, point the table at it, drop the file we resumed from. */
+/*
+ * Save to our attempt's file, point the table at it, drop the file we
+ * resumed from. With image non-NULL the encoded checkpoint is handed back
+ * (the final one also goes to the artifact store: encoded once).
+ */
 static gp_status checkpoint(struct run_state *s, char *resumed_from, int *accepted,
-			    struct gp_err *err)
+			    uint8_t **image, size_t *image_len, struct gp_err *err)
 {
-	gp_status st = gp_trainer_save(s->t, s->path, err);
-	if (st)
-		return st;
-	st = record_checkpoint(s, gp_trainer_steps_done(s->t), accepted, err);
-	if (st)
-		return st;
-	if (*accepted && resumed_from[0] && strcmp(resumed_from, s->path)) {
+	uint8_t *b = NULL;
+	size_t n = 0;
+	gp_status st = gp_trainer_encode(s->t, &b, &n, err);
+	if (!st)
+		st = gp_file_write_atomic(s->path, b, n, 0644, err);
+	if (!st)
+		st = record_checkpoint(s, gp_trainer_steps_done(s->t), accepted, err);
+	if (!st && *accepted && resumed_from[0] && strcmp(resumed_from, s->path)) {
 		unlink(resumed_from);
 		resumed_from[0] = 0;
 	}
-	return GP_OK;
+	if (!st && image) {
+		*image = b;
+		*image_len = n;
+	} else {
+		free(b);
+	}
+	return st;
 }
 
 static gp_status register_version(struct run_state *s, const char *ckpt_hash,
@@ -625,8 +602,7 @@ void gp_train_handle(struct gp_job *job, void *closure)
 		 (long long)s.msg->run_id, s.msg->stage);
 	snprintf(s.path, sizeof(s.path), "%s/attempt-%lld.ckpt", s.dir,
 		 (long long)s.msg->attempt_id);
-	if (mkdirs(s.dir)) {
-		gp_err_set(&err, GP_ERR_IO, "could not create \"%s\": %s", s.dir, strerror(errno));
+	if (gp_file_mkdirs(s.dir, 0755, &err)) {
 		gp_job_fail(job, 0, err.msg);
 		goto done;
 	}
@@ -660,7 +636,7 @@ void gp_train_handle(struct gp_job *job, void *closure)
 	}
 	metrics = cJSON_CreateObject();
 	cJSON *curve = cJSON_AddArrayToObject(metrics, "val_curve");
-	double last_ckpt = now_s(), last_progress = 0, t_start = now_s();
+	double last_ckpt = (gp_now_ms() / 1000.0), last_progress = 0, t_start = (gp_now_ms() / 1000.0);
 	long long start_step = gp_trainer_steps_done(s.t);
 	float loss = NAN, lr = 0;
 	double val = NAN;
@@ -672,7 +648,7 @@ void gp_train_handle(struct gp_job *job, void *closure)
 		}
 		if (stop == 2) {
 			int acc = 0;
-			if (checkpoint(&s, resumed_from, &acc, &err) || !acc) {
+			if (checkpoint(&s, resumed_from, &acc, NULL, NULL, &err) || !acc) {
 				gp_warn("train: could not checkpoint on shutdown: %s",
 					acc ? err.msg : "lease lost");
 				goto done;
@@ -698,11 +674,11 @@ void gp_train_handle(struct gp_job *job, void *closure)
 			cJSON_AddNumberToObject(pt, "val_loss", isfinite(val) ? val : -1);
 			cJSON_AddItemToArray(curve, pt);
 		}
-		double now = now_s();
+		double now = (gp_now_ms() / 1000.0);
 		if (step < s.p.steps &&
 		    (step % s.p.checkpoint_interval == 0 || now - last_ckpt >= s.p.checkpoint_seconds)) {
 			int acc = 0;
-			if ((st = checkpoint(&s, resumed_from, &acc, &err))) {
+			if ((st = checkpoint(&s, resumed_from, &acc, NULL, NULL, &err))) {
 				gp_job_fail(job, 0, err.msg);
 				goto done;
 			}
@@ -740,7 +716,7 @@ void gp_train_handle(struct gp_job *job, void *closure)
 	/* the final state, then the artifacts */
 	{
 		int acc = 0;
-		if ((st = checkpoint(&s, resumed_from, &acc, &err))) {
+		if ((st = checkpoint(&s, resumed_from, &acc, &img, &img_len, &err))) {
 			gp_job_fail(job, 0, err.msg);
 			goto done;
 		}
@@ -748,8 +724,7 @@ void gp_train_handle(struct gp_job *job, void *closure)
 			goto done;
 	}
 	char ckpt_hash[65], st_hash[65], psha[65];
-	if ((st = gp_trainer_encode(s.t, &img, &img_len, &err)) ||
-	    (st = put_and_register(&s, img, img_len, "checkpoint", ckpt_hash, &err))) {
+	if ((st = put_and_register(&s, img, img_len, "checkpoint", ckpt_hash, &err))) {
 		gp_job_fail(job, 0, err.msg);
 		goto done;
 	}
