@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -52,6 +53,8 @@ struct gp_model {
 	uint16_t *inputs, *targets; /* copies of the last forward's batch */
 	size_t tok_cap;
 	int have_targets;
+	void *map;                  /* gp_ckpt_map: params point into this read-only mapping */
+	size_t map_len;
 };
 
 static void *xalloc(size_t n)
@@ -160,7 +163,10 @@ void gp_model_destroy(struct gp_model *m)
 {
 	if (!m)
 		return;
-	free(m->params);
+	if (m->map)
+		munmap(m->map, m->map_len);
+	else
+		free(m->params);
 	free(m->grads);
 	free(m->acts);
 	free(m->gacts);
@@ -309,6 +315,8 @@ void gp_model_zero_grad(struct gp_model *m)
 
 gp_status gp_model_backward(struct gp_model *m, struct gp_err *err)
 {
+	if (m->map)
+		return gp_err_set(err, GP_ERR_INVALID, "a mapped model is read-only: it cannot be trained");
 	if (!m->acts_n || !m->have_targets)
 		return gp_err_set(err, GP_ERR_INVALID, "backward needs a forward pass with targets");
 	if (!m->grads) {
@@ -559,6 +567,205 @@ gp_status gp_model_decode(struct gp_model *m, struct gp_kv *kv, uint16_t token,
 	matvec(kv->logits, m->P[GP_P_WTE], kv->xb, NULL, C, c->padded_vocab, fast);
 	kv->len++;
 	*logits = kv->logits;
+	return GP_OK;
+}
+
+/* ---- batched steps (continuous batching) ---- */
+
+struct gp_batch {
+	struct gp_model_config cfg;
+	int max_rows;
+	float *x, *xb, *qkv, *y, *h, *att, *logits, *lnf; /* per row */
+	int *pos;
+};
+
+gp_status gp_batch_create(struct gp_batch **out, const struct gp_model_config *c, int max_rows,
+			  struct gp_err *err)
+{
+	gp_status st = gp_model_config_check(c, err);
+	if (st)
+		return st;
+	if (max_rows < 1 || max_rows > GP_BATCH_MAX_ROWS)
+		return gp_err_set(err, GP_ERR_INVALID, "batch of %d rows out of range 1..%d",
+				  max_rows, GP_BATCH_MAX_ROWS);
+	struct gp_batch *b = calloc(1, sizeof(*b));
+	if (!b)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	b->cfg = *c;
+	b->max_rows = max_rows;
+	size_t R = (size_t)max_rows, C = (size_t)c->width;
+	b->x = xalloc(R * C * sizeof(float));
+	b->xb = xalloc(R * C * sizeof(float));
+	b->lnf = xalloc(R * C * sizeof(float));
+	b->y = xalloc(R * C * sizeof(float));
+	b->qkv = xalloc(R * 3 * C * sizeof(float));
+	b->h = xalloc(R * 4 * C * sizeof(float));
+	b->att = xalloc(R * (size_t)c->heads * c->context * sizeof(float));
+	b->logits = xalloc(R * (size_t)c->padded_vocab * sizeof(float));
+	b->pos = malloc(R * sizeof(int));
+	if (!b->x || !b->xb || !b->lnf || !b->y || !b->qkv || !b->h || !b->att || !b->logits ||
+	    !b->pos) {
+		gp_batch_destroy(b);
+		return gp_err_set(err, GP_ERR_NOMEM, "cannot allocate a batch of %d rows", max_rows);
+	}
+	*out = b;
+	return GP_OK;
+}
+
+void gp_batch_destroy(struct gp_batch *b)
+{
+	if (!b)
+		return;
+	free(b->x);
+	free(b->xb);
+	free(b->lnf);
+	free(b->y);
+	free(b->qkv);
+	free(b->h);
+	free(b->att);
+	free(b->logits);
+	free(b->pos);
+	free(b);
+}
+
+int gp_batch_max_rows(const struct gp_batch *b) { return b->max_rows; }
+
+/* Y (n, OC) = X (n, C) . W (OC, C)^T + bias: one sgemm on the fast path. */
+static void matrows(float *Y, const float *X, const float *W, const float *bias, int n, int C,
+		    int OC, int fast)
+{
+	if (!fast) {
+		for (int r = 0; r < n; r++)
+			matvec(Y + (size_t)r * OC, W, X + (size_t)r * C, bias, C, OC, 0);
+		return;
+	}
+	if (bias)
+		for (int r = 0; r < n; r++)
+			memcpy(Y + (size_t)r * OC, bias, OC * sizeof(float));
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, OC, C, 1.0f, X, C, W, C,
+		    bias ? 1.0f : 0.0f, Y, OC);
+}
+
+gp_status gp_model_step(struct gp_model *m, struct gp_batch *b, const struct gp_step_row *rows,
+			int n, const float **logits, int *n_logits, struct gp_err *err)
+{
+	const struct gp_model_config *c = &m->cfg;
+	if (memcmp(c, &b->cfg, sizeof(*c)))
+		return gp_err_set(err, GP_ERR_INVALID, "batch made for another configuration");
+	if (n < 1 || n > b->max_rows)
+		return gp_err_set(err, GP_ERR_INVALID, "%d rows for a batch of %d", n, b->max_rows);
+	/* positions: rows of one cache are consecutive and continue it */
+	for (int r = 0; r < n; r++) {
+		struct gp_kv *kv = rows[r].kv;
+		if (memcmp(c, &kv->cfg, sizeof(*c)))
+			return gp_err_set(err, GP_ERR_INVALID, "row %d: KV cache made for another configuration", r);
+		if (rows[r].token >= c->vocab)
+			return gp_err_set(err, GP_ERR_INVALID, "row %d: token %u is outside the vocabulary (%d)",
+					  r, rows[r].token, c->vocab);
+		int p;
+		if (r > 0 && rows[r - 1].kv == kv) {
+			p = b->pos[r - 1] + 1;
+		} else {
+			for (int q = 0; q < r; q++)
+				if (rows[q].kv == kv)
+					return gp_err_set(err, GP_ERR_INVALID,
+							  "row %d: rows of one cache must be consecutive", r);
+			p = kv->len;
+		}
+		if (p >= c->context)
+			return gp_err_set(err, GP_ERR_TOO_BIG, "row %d: context of %d tokens is full", r,
+					  c->context);
+		b->pos[r] = p;
+	}
+	int C = c->width, NH = c->heads, hs = C / NH, fast = m->path == GP_MODEL_FAST;
+	int ctx = c->context;
+	float scale = 1.0f / sqrtf((float)hs);
+	for (int r = 0; r < n; r++) {
+		float *x = b->x + (size_t)r * C;
+		const float *te = m->P[GP_P_WTE] + (size_t)rows[r].token * C;
+		const float *pe = m->P[GP_P_WPE] + (size_t)b->pos[r] * C;
+		for (int i = 0; i < C; i++)
+			x[i] = te[i] + pe[i];
+	}
+	for (int l = 0; l < c->layers; l++) {
+		for (int r = 0; r < n; r++)
+			ln_vec(b->xb + (size_t)r * C, b->x + (size_t)r * C, m->P[GP_P_LN1W] + l * C,
+			       m->P[GP_P_LN1B] + l * C, C);
+		matrows(b->qkv, b->xb, m->P[GP_P_QKVW] + (size_t)l * 3 * C * C,
+			m->P[GP_P_QKVB] + l * 3 * C, n, C, 3 * C, fast);
+		for (int r = 0; r < n; r++) {
+			struct gp_kv *kv = rows[r].kv;
+			size_t off = ((size_t)l * ctx + b->pos[r]) * C;
+			memcpy(kv->k + off, b->qkv + (size_t)r * 3 * C + C, C * sizeof(float));
+			memcpy(kv->v + off, b->qkv + (size_t)r * 3 * C + 2 * C, C * sizeof(float));
+		}
+#pragma omp parallel for collapse(2) schedule(static) if (fast && n * NH > 1)
+		for (int r = 0; r < n; r++)
+			for (int h = 0; h < NH; h++) {
+				const struct gp_kv *kv = rows[r].kv;
+				const float *kc = kv->k + (size_t)l * ctx * C;
+				const float *vc = kv->v + (size_t)l * ctx * C;
+				const float *q = b->qkv + (size_t)r * 3 * C + h * hs;
+				float *att = b->att + ((size_t)r * NH + h) * ctx;
+				int pos = b->pos[r];
+				float mx = -INFINITY, sum = 0;
+				for (int t = 0; t <= pos; t++) {
+					const float *k = kc + (size_t)t * C + h * hs;
+					float d = 0;
+					for (int i = 0; i < hs; i++)
+						d += q[i] * k[i];
+					att[t] = d * scale;
+					if (att[t] > mx)
+						mx = att[t];
+				}
+				for (int t = 0; t <= pos; t++) {
+					att[t] = expf(att[t] - mx);
+					sum += att[t];
+				}
+				float *o = b->y + (size_t)r * C + h * hs;
+				for (int i = 0; i < hs; i++)
+					o[i] = 0;
+				for (int t = 0; t <= pos; t++) {
+					const float *v = vc + (size_t)t * C + h * hs;
+					float a = att[t] / sum;
+					for (int i = 0; i < hs; i++)
+						o[i] += a * v[i];
+				}
+			}
+		matrows(b->xb, b->y, m->P[GP_P_ATTPROJW] + (size_t)l * C * C,
+			m->P[GP_P_ATTPROJB] + l * C, n, C, C, fast);
+		for (size_t i = 0; i < (size_t)n * C; i++)
+			b->x[i] += b->xb[i];
+		for (int r = 0; r < n; r++)
+			ln_vec(b->xb + (size_t)r * C, b->x + (size_t)r * C, m->P[GP_P_LN2W] + l * C,
+			       m->P[GP_P_LN2B] + l * C, C);
+		matrows(b->h, b->xb, m->P[GP_P_FCW] + (size_t)l * 4 * C * C,
+			m->P[GP_P_FCB] + l * 4 * C, n, C, 4 * C, fast);
+		size_t nh = (size_t)n * 4 * C;
+#pragma omp parallel for schedule(static) if (fast && nh >= 16384)
+		for (size_t i = 0; i < nh; i++) {
+			float u = b->h[i];
+			b->h[i] = 0.5f * u *
+				  (1.0f + tanhf((float)GELU_K * (u + 0.044715f * u * u * u)));
+		}
+		matrows(b->xb, b->h, m->P[GP_P_FCPROJW] + (size_t)l * 4 * C * C,
+			m->P[GP_P_FCPROJB] + l * C, n, 4 * C, C, fast);
+		for (size_t i = 0; i < (size_t)n * C; i++)
+			b->x[i] += b->xb[i];
+	}
+	/* the head only for the rows that want logits (the last of a prompt, each decode) */
+	int nl = 0;
+	for (int r = 0; r < n; r++)
+		if (rows[r].logits)
+			ln_vec(b->lnf + (size_t)nl++ * C, b->x + (size_t)r * C, m->P[GP_P_LNFW],
+			       m->P[GP_P_LNFB], C);
+	if (nl)
+		matrows(b->logits, b->lnf, m->P[GP_P_WTE], NULL, nl, C, c->padded_vocab, fast);
+	for (int r = 0; r < n; r++)
+		rows[r].kv->len = b->pos[r] + 1;
+	*logits = b->logits;
+	if (n_logits)
+		*n_logits = nl;
 	return GP_OK;
 }
 
@@ -851,8 +1058,9 @@ gp_status gp_ckpt_encode(struct gp_model *m, const float *mom, const float *vel,
 	return GP_OK;
 }
 
-gp_status gp_ckpt_decode(const uint8_t *d, size_t len, struct gp_model **out, float **mom,
-			 float **vel, struct gp_ckpt_meta *meta, struct gp_err *err)
+/* Everything about an image but the parameters' values: header, sizes, checksums. */
+static gp_status ckpt_check(const uint8_t *d, size_t len, struct gp_model_config *cfg, int *opt_out,
+			    struct gp_err *err)
 {
 	if (len < GP_CKPT_HEADER)
 		return gp_err_set(err, GP_ERR_INVALID, "checkpoint is %zu bytes, shorter than its %d-byte header",
@@ -888,8 +1096,7 @@ gp_status gp_ckpt_decode(const uint8_t *d, size_t len, struct gp_model **out, fl
 		.vocab = (int)f[0], .padded_vocab = (int)f[1], .context = (int)f[2],
 		.layers = (int)f[3], .heads = (int)f[4], .width = (int)f[5],
 	};
-	gp_status st = gp_model_config_check(&c, err);
-	if (st)
+	if (gp_model_config_check(&c, err))
 		return gp_err_wrap(err, "checkpoint configuration");
 	size_t sizes[GP_P_COUNT];
 	size_t np = gp_model_param_sizes(&c, sizes);
@@ -901,24 +1108,60 @@ gp_status gp_ckpt_decode(const uint8_t *d, size_t len, struct gp_model **out, fl
 	if (len != GP_CKPT_HEADER + payload)
 		return gp_err_set(err, GP_ERR_INVALID, "checkpoint is %zu bytes, expected %zu", len,
 				  GP_CKPT_HEADER + payload);
-	const uint8_t *p = d + GP_CKPT_HEADER;
-	uint32_t pcrc = crc_of(p, payload);
+	uint32_t pcrc = crc_of(d + GP_CKPT_HEADER, payload);
 	if (gp_get_le32(d + H_PCRC) != pcrc)
 		return gp_err_set(err, GP_ERR_INVALID, "payload checksum mismatch (0x%08x, computed 0x%08x): the file is damaged",
 				  gp_get_le32(d + H_PCRC), pcrc);
-	long long step = (long long)gp_get_le64(d + H_STEP);
-	if (step < 0)
-		return gp_err_set(err, GP_ERR_INVALID, "negative step %lld", step);
+	if ((long long)gp_get_le64(d + H_STEP) < 0)
+		return gp_err_set(err, GP_ERR_INVALID, "negative step %lld",
+				  (long long)gp_get_le64(d + H_STEP));
+	*cfg = c;
+	*opt_out = opt;
+	return GP_OK;
+}
+
+static gp_status ckpt_finite(const float *p, size_t n, struct gp_err *err)
+{
+	for (size_t i = 0; i < n; i++)
+		if (!isfinite(p[i]))
+			return gp_err_set(err, GP_ERR_INVALID, "parameter %zu is not finite", i);
+	return GP_OK;
+}
+
+static void ckpt_meta(const uint8_t *d, struct gp_ckpt_meta *meta)
+{
+	if (!meta)
+		return;
+	meta->step = (long long)gp_get_le64(d + H_STEP);
+	meta->tokens_seen = gp_get_le64(d + H_TOKENS);
+	meta->rng[0] = gp_get_le64(d + H_RNG0);
+	meta->rng[1] = gp_get_le64(d + H_RNG1);
+	meta->train_fingerprint = gp_get_le64(d + H_FPRINT);
+	uint64_t secs = gp_get_le64(d + H_SECONDS);
+	memcpy(&meta->train_seconds, &secs, 8);
+	if (!isfinite(meta->train_seconds) || meta->train_seconds < 0)
+		meta->train_seconds = 0;
+}
+
+gp_status gp_ckpt_decode(const uint8_t *d, size_t len, struct gp_model **out, float **mom,
+			 float **vel, struct gp_ckpt_meta *meta, struct gp_err *err)
+{
+	struct gp_model_config c;
+	int opt = 0;
+	gp_status st = ckpt_check(d, len, &c, &opt, err);
+	if (st)
+		return st;
+	const uint8_t *p = d + GP_CKPT_HEADER;
 	struct gp_model *m = NULL;
 	float *mm = NULL, *vv = NULL;
 	if ((st = gp_model_create(&m, &c, err)))
 		return st;
+	size_t np = m->n_params;
 	memcpy(m->params, p, np * sizeof(float));
-	for (size_t i = 0; i < np; i++)
-		if (!isfinite(m->params[i])) {
-			gp_model_destroy(m);
-			return gp_err_set(err, GP_ERR_INVALID, "parameter %zu is not finite", i);
-		}
+	if ((st = ckpt_finite(m->params, np, err))) {
+		gp_model_destroy(m);
+		return st;
+	}
 	if (opt && (mom || vel)) {
 		mm = xalloc(np * sizeof(float));
 		vv = xalloc(np * sizeof(float));
@@ -931,17 +1174,7 @@ gp_status gp_ckpt_decode(const uint8_t *d, size_t len, struct gp_model **out, fl
 		memcpy(mm, p + np * sizeof(float), np * sizeof(float));
 		memcpy(vv, p + 2 * np * sizeof(float), np * sizeof(float));
 	}
-	if (meta) {
-		meta->step = step;
-		meta->tokens_seen = gp_get_le64(d + H_TOKENS);
-		meta->rng[0] = gp_get_le64(d + H_RNG0);
-		meta->rng[1] = gp_get_le64(d + H_RNG1);
-		meta->train_fingerprint = gp_get_le64(d + H_FPRINT);
-		uint64_t secs = gp_get_le64(d + H_SECONDS);
-		memcpy(&meta->train_seconds, &secs, 8);
-		if (!isfinite(meta->train_seconds) || meta->train_seconds < 0)
-			meta->train_seconds = 0;
-	}
+	ckpt_meta(d, meta);
 	*out = m;
 	if (mom)
 		*mom = mm;
@@ -953,6 +1186,63 @@ gp_status gp_ckpt_decode(const uint8_t *d, size_t len, struct gp_model **out, fl
 		free(vv);
 	return GP_OK;
 }
+
+gp_status gp_ckpt_map(const char *path, struct gp_model **out, struct gp_ckpt_meta *meta,
+		      struct gp_err *err)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return gp_err_set(err, errno == ENOENT ? GP_ERR_NOT_FOUND : GP_ERR_IO,
+				  "could not open checkpoint \"%s\": %s", path, strerror(errno));
+	struct stat sb;
+	if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+		close(fd);
+		return gp_err_set(err, GP_ERR_IO, "checkpoint \"%s\" is not a regular file", path);
+	}
+	size_t len = (size_t)sb.st_size;
+	if (len < GP_CKPT_HEADER) {
+		close(fd);
+		return gp_err_set(err, GP_ERR_INVALID, "checkpoint \"%s\" is %zu bytes, shorter than its header",
+				  path, len);
+	}
+	void *map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
+	close(fd);
+	if (map == MAP_FAILED)
+		return gp_err_set(err, GP_ERR_IO, "could not map checkpoint \"%s\": %s", path,
+				  strerror(errno));
+	/* the checksum pass reads the file once; later pages come from the page cache */
+	madvise(map, len, MADV_WILLNEED);
+	struct gp_model_config c;
+	int opt = 0;
+	const uint8_t *d = map;
+	gp_status st = ckpt_check(d, len, &c, &opt, err);
+	struct gp_model *m = NULL;
+	if (!st)
+		st = ckpt_finite((const float *)(d + GP_CKPT_HEADER),
+				 gp_model_param_sizes(&c, (size_t[GP_P_COUNT]){ 0 }), err);
+	if (!st && !(m = calloc(1, sizeof(*m))))
+		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	if (st) {
+		munmap(map, len);
+		return gp_err_wrap(err, "checkpoint \"%s\"", path);
+	}
+	m->cfg = c;
+	m->path = GP_MODEL_FAST;
+	m->n_params = gp_model_param_sizes(&c, m->sizes);
+	m->map = map;
+	m->map_len = len;
+	m->params = (float *)(d + GP_CKPT_HEADER);
+	float *p = m->params;
+	for (int i = 0; i < GP_P_COUNT; i++) {
+		m->P[i] = p;
+		p += m->sizes[i];
+	}
+	ckpt_meta(d, meta);
+	*out = m;
+	return GP_OK;
+}
+
+size_t gp_model_mapped_bytes(const struct gp_model *m) { return m->map ? m->map_len : 0; }
 
 gp_status gp_ckpt_save(const char *path, struct gp_model *m, const float *mom, const float *vel,
 		       const struct gp_ckpt_meta *meta, struct gp_err *err)

@@ -134,6 +134,36 @@ int gp_kv_len(const struct gp_kv *kv);
 gp_status gp_model_decode(struct gp_model *m, struct gp_kv *kv, uint16_t token,
 			  const float **logits, struct gp_err *err);
 
+/*
+ * Batched steps, for serving many sequences at once (continuous batching):
+ * each row appends one token to one cache, and every matmul of the step is
+ * one sgemm over all rows instead of a matvec per sequence. A prompt is
+ * several consecutive rows of one cache (prefill); a decoding sequence is
+ * one row. Rows of different caches attend only to their own cache.
+ */
+#define GP_BATCH_MAX_ROWS 4096
+struct gp_batch;
+/* Scratch for up to max_rows rows of models with configuration c. */
+gp_status gp_batch_create(struct gp_batch **out, const struct gp_model_config *c, int max_rows,
+			  struct gp_err *err);
+void gp_batch_destroy(struct gp_batch *b);
+int gp_batch_max_rows(const struct gp_batch *b);
+
+struct gp_step_row {
+	struct gp_kv *kv;  /* the sequence this row extends */
+	uint16_t token;
+	int logits;        /* 1: compute next-token logits after this row */
+};
+/*
+ * One forward step over n rows. Rows of one cache must be consecutive and
+ * in order; each appends its token at the cache's next position. *logits
+ * (borrowed, valid until the next step) gets *n_logits rows of
+ * padded_vocab floats, one per row with .logits set, in row order. Checks
+ * everything before it changes any cache.
+ */
+gp_status gp_model_step(struct gp_model *m, struct gp_batch *b, const struct gp_step_row *rows,
+			int n, const float **logits, int *n_logits, struct gp_err *err);
+
 struct gp_sample_opts {
 	float temperature; /* 0: greedy */
 	int top_k;         /* 0: off */
@@ -211,6 +241,17 @@ gp_status gp_ckpt_decode(const uint8_t *data, size_t len, struct gp_model **out,
 /* Read a file and decode it (messages name the file). */
 gp_status gp_ckpt_load(const char *path, struct gp_model **out, float **mom, float **vel,
 		       struct gp_ckpt_meta *meta, struct gp_err *err);
+
+/*
+ * Map a checkpoint read-only and use its parameters in place (serving): a
+ * cold start costs one read of the file for the checksum and no copy. The
+ * same checks as gp_ckpt_decode; the optimizer state, if any, is ignored.
+ * The model cannot be trained (gp_model_backward refuses it).
+ */
+gp_status gp_ckpt_map(const char *path, struct gp_model **out, struct gp_ckpt_meta *meta,
+		      struct gp_err *err);
+/* Bytes mapped by gp_ckpt_map (0 for a model in ordinary memory). */
+size_t gp_model_mapped_bytes(const struct gp_model *m);
 
 /*
  * Write DIR/model.safetensors (F32, Hugging Face GPT-2 names, Conv1D

@@ -658,6 +658,180 @@ static void test_config(void)
 	CHECK(gp_model_config_check(&bad, &err) == GP_ERR_TOO_BIG);
 }
 
+/*
+ * Batched steps against one-sequence decoding (the reference path's
+ * gp_model_decode): three sequences of different lengths, prefilled in one
+ * step with rows of several caches, then decoded together, with a fourth
+ * joining halfway (continuous batching).
+ */
+static void test_step(enum gp_model_path path)
+{
+	struct gp_err err = {0};
+	struct gp_model_config c = {.vocab = 61, .padded_vocab = 64, .context = 24, .layers = 3,
+				    .heads = 2, .width = 16};
+	struct gp_model *m = NULL;
+	REQUIRE_OK(gp_model_create(&m, &c, &err), err);
+	gp_model_init(m, 9);
+	float *p = gp_model_params(m);
+	for (size_t i = 0; i < gp_model_num_params(m); i++)
+		p[i] *= 10.0f;
+	perturb(m);
+	enum { S = 4 };
+	struct gp_kv *kv[S], *one[S];
+	for (int s = 0; s < S; s++) {
+		REQUIRE_OK(gp_kv_create(&kv[s], &c, &err), err);
+		REQUIRE_OK(gp_kv_create(&one[s], &c, &err), err);
+	}
+	struct gp_batch *b = NULL;
+	REQUIRE_OK(gp_batch_create(&b, &c, 32, &err), err);
+	uint16_t seq[S][24];
+	for (int s = 0; s < S; s++)
+		random_tokens(seq[s], 24, c.vocab);
+	int plen[S] = {5, 1, 9, 3};
+	/* the oracle: each sequence alone through the reference decoder */
+	static float want[S][24][64];
+	gp_model_set_path(m, GP_MODEL_REFERENCE);
+	for (int s = 0; s < S; s++)
+		for (int t = 0; t < 20; t++) {
+			const float *l = NULL;
+			REQUIRE_OK(gp_model_decode(m, one[s], seq[s][t], &l, &err), err);
+			memcpy(want[s][t], l, sizeof(want[s][t]));
+		}
+	gp_model_set_path(m, path);
+	/* step 1: prefill sequences 0..2 (15 rows, logits at each prompt's end) */
+	struct gp_step_row rows[32];
+	int n = 0;
+	for (int s = 0; s < 3; s++)
+		for (int t = 0; t < plen[s]; t++)
+			rows[n++] = (struct gp_step_row){kv[s], seq[s][t], t == plen[s] - 1};
+	const float *l = NULL;
+	int nl = 0;
+	REQUIRE_OK(gp_model_step(m, b, rows, n, &l, &nl, &err), err);
+	CHECK(nl == 3);
+	double worst = 0;
+	for (int s = 0; s < 3; s++) {
+		double e = max_rel(l + (size_t)s * c.padded_vocab, want[s][plen[s] - 1], c.vocab);
+		worst = e > worst ? e : worst;
+	}
+	/* then decode: one row per sequence; sequence 3 prefills at step 4 */
+	int pos[S] = {5, 1, 9, 0};
+	for (int step = 0; step < 8; step++) {
+		n = 0;
+		int active[S], na = 0;
+		for (int s = 0; s < S; s++) {
+			if (s == 3 && step < 3)
+				continue;
+			if (s == 3 && step == 3) {
+				for (int t = 0; t < plen[3]; t++)
+					rows[n++] = (struct gp_step_row){kv[3], seq[3][t], t == plen[3] - 1};
+				pos[3] = plen[3];
+				active[na++] = 3;
+				continue;
+			}
+			rows[n++] = (struct gp_step_row){kv[s], seq[s][pos[s]], 1};
+			pos[s]++;
+			active[na++] = s;
+		}
+		REQUIRE_OK(gp_model_step(m, b, rows, n, &l, &nl, &err), err);
+		REQUIRE(nl == na);
+		for (int i = 0; i < na; i++) {
+			int s = active[i];
+			double e = max_rel(l + (size_t)i * c.padded_vocab, want[s][pos[s] - 1], c.vocab);
+			worst = e > worst ? e : worst;
+		}
+	}
+	for (int s = 0; s < S; s++)
+		CHECK(gp_kv_len(kv[s]) == pos[s]);
+	printf("step (%s): batched rows vs one-sequence reference decode, max error %.3g\n",
+	       path == GP_MODEL_FAST ? "fast" : "reference", worst);
+	CHECK(worst < (path == GP_MODEL_FAST ? 2e-4 : 1e-5));
+
+	/* refusals change no cache */
+	int before[S];
+	for (int s = 0; s < S; s++)
+		before[s] = gp_kv_len(kv[s]);
+	struct gp_step_row bad[3] = {{kv[0], 1, 1}, {kv[1], 1, 1}, {kv[0], 2, 1}};
+	CHECK(gp_model_step(m, b, bad, 3, &l, &nl, &err) == GP_ERR_INVALID);
+	CHECK_CONTAINS(err.msg, "consecutive");
+	bad[2] = (struct gp_step_row){kv[2], (uint16_t)c.vocab, 1};
+	CHECK(gp_model_step(m, b, bad, 3, &l, &nl, &err) == GP_ERR_INVALID);
+	CHECK_CONTAINS(err.msg, "vocabulary");
+	struct gp_step_row full[32];
+	for (int i = 0; i < 32; i++)
+		full[i] = (struct gp_step_row){kv[1], 1, 0};
+	CHECK(gp_model_step(m, b, full, 24, &l, &nl, &err) == GP_ERR_TOO_BIG);
+	CHECK(gp_model_step(m, b, full, 33, &l, &nl, &err) == GP_ERR_INVALID);
+	for (int s = 0; s < S; s++)
+		CHECK(gp_kv_len(kv[s]) == before[s]);
+	struct gp_model_config c2 = c;
+	c2.context = 8;
+	struct gp_kv *other = NULL;
+	REQUIRE_OK(gp_kv_create(&other, &c2, &err), err);
+	struct gp_step_row wrong = {other, 1, 1};
+	CHECK(gp_model_step(m, b, &wrong, 1, &l, &nl, &err) == GP_ERR_INVALID);
+	gp_kv_destroy(other);
+	struct gp_batch *none = NULL;
+	CHECK(gp_batch_create(&none, &c, 0, &err) == GP_ERR_INVALID);
+	gp_batch_destroy(b);
+	for (int s = 0; s < S; s++) {
+		gp_kv_destroy(kv[s]);
+		gp_kv_destroy(one[s]);
+	}
+	gp_model_destroy(m);
+}
+
+/* A mapped checkpoint serves the same logits as the loaded one; damage is refused. */
+static void test_map(void)
+{
+	struct gp_err err = {0};
+	struct gp_model_config c = {.vocab = 40, .padded_vocab = 48, .context = 8, .layers = 2,
+				    .heads = 2, .width = 8};
+	struct gp_model *m = NULL, *mapped = NULL;
+	REQUIRE_OK(gp_model_create(&m, &c, &err), err);
+	gp_model_init(m, 3);
+	size_t n = gp_model_num_params(m);
+	float *mo = calloc(n, 4), *ve = calloc(n, 4);
+	char dir[] = "/tmp/gp-map-XXXXXX";
+	REQUIRE(mkdtemp(dir));
+	char path[256];
+	snprintf(path, sizeof(path), "%s/a.ckpt", dir);
+	struct gp_ckpt_meta meta = {.step = 7};
+	REQUIRE_OK(gp_ckpt_save(path, m, mo, ve, &meta, &err), err);
+	struct gp_ckpt_meta back = {0};
+	REQUIRE_OK(gp_ckpt_map(path, &mapped, &back, &err), err);
+	CHECK(back.step == 7);
+	CHECK(gp_model_mapped_bytes(mapped) == GP_CKPT_HEADER + 3 * n * 4);
+	CHECK(gp_model_mapped_bytes(m) == 0);
+	CHECK(!memcmp(gp_model_params(mapped), gp_model_params(m), n * 4));
+	CHECK(!memcmp(gp_model_config(mapped), &c, sizeof(c)));
+	uint16_t in[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+	float l1 = 0, l2 = 0;
+	REQUIRE_OK(gp_model_forward(m, in, in, 1, 8, &l1, &err), err);
+	REQUIRE_OK(gp_model_forward(mapped, in, in, 1, 8, &l2, &err), err);
+	CHECK(l1 == l2);
+	CHECK(gp_model_backward(mapped, &err) == GP_ERR_INVALID);
+	CHECK_CONTAINS(err.msg, "read-only");
+	gp_model_destroy(mapped);
+	FILE *f = fopen(path, "r+b");
+	REQUIRE(f);
+	fseek(f, 300, SEEK_SET);
+	fputc(0x55, f);
+	fclose(f);
+	mapped = NULL;
+	CHECK(gp_ckpt_map(path, &mapped, NULL, &err) == GP_ERR_INVALID);
+	CHECK_CONTAINS(err.msg, "damaged");
+	CHECK_CONTAINS(err.msg, "a.ckpt");
+	CHECK(mapped == NULL);
+	truncate(path, 100);
+	CHECK(gp_ckpt_map(path, &mapped, NULL, &err) == GP_ERR_INVALID);
+	unlink(path);
+	CHECK(gp_ckpt_map(path, &mapped, NULL, &err) == GP_ERR_NOT_FOUND);
+	rmdir(dir);
+	free(mo);
+	free(ve);
+	gp_model_destroy(m);
+}
+
 int main(void)
 {
 	test_config();
@@ -666,7 +840,10 @@ int main(void)
 	test_overfit();
 	test_decode(GP_MODEL_REFERENCE);
 	test_decode(GP_MODEL_FAST);
+	test_step(GP_MODEL_REFERENCE);
+	test_step(GP_MODEL_FAST);
 	test_checkpoint();
+	test_map();
 	test_safetensors();
 	test_sampling();
 	test_generate();
