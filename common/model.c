@@ -629,6 +629,7 @@ void gp_batch_destroy(struct gp_batch *b)
 }
 
 int gp_batch_max_rows(const struct gp_batch *b) { return b->max_rows; }
+const struct gp_model_config *gp_batch_config(const struct gp_batch *b) { return &b->cfg; }
 
 /* Y (n, OC) = X (n, C) . W (OC, C)^T + bias: one sgemm on the fast path. */
 static void matrows(float *Y, const float *X, const float *W, const float *bias, int n, int C,

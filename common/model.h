@@ -148,6 +148,7 @@ gp_status gp_batch_create(struct gp_batch **out, const struct gp_model_config *c
 			  struct gp_err *err);
 void gp_batch_destroy(struct gp_batch *b);
 int gp_batch_max_rows(const struct gp_batch *b);
+const struct gp_model_config *gp_batch_config(const struct gp_batch *b);
 
 struct gp_step_row {
 	struct gp_kv *kv;  /* the sequence this row extends */
