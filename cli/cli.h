@@ -29,6 +29,14 @@ extern const char *cli_format;    /* models export */
 extern const char *cli_artifacts; /* store URI; empty: DATA_DIR/artifacts */
 
 /* Connect or print the reason and return NULL. */
+struct cli_infer_opts {
+	const char *prompt, *alias, *temperature, *top_p, *seed;
+	long long version, max_tokens, top_k, deadline_ms;
+	struct gp_opt_list stop;
+	int stream;
+};
+extern struct cli_infer_opts cli_infer;
+
 struct gp_db *cli_db(void);
 struct gp_bus *cli_bus(void);
 
@@ -42,5 +50,6 @@ int cmd_submit(int n, char **args);
 int cmd_pipelines(int n, char **args);
 int cmd_runs(int n, char **args);
 int cmd_models(int n, char **args);
+int cmd_infer(int n, char **args);
 
 #endif

@@ -42,6 +42,7 @@ struct gp_opt_list cli_params;
 long long cli_timeout_ms;
 const char *cli_format;
 const char *cli_artifacts;
+struct cli_infer_opts cli_infer;
 #define database_url cli_database_url
 #define json_out cli_json
 
@@ -66,6 +67,25 @@ static const struct gp_opt common_opts[] = {
 	  "artifact store URI (default file://DATA_DIR/artifacts)", &cli_artifacts },
 	{ "timeout-ms", NULL, GP_OPT_INT, "0", "give up watching after this long (runs watch)",
 	  &cli_timeout_ms },
+	{ "prompt", NULL, GP_OPT_STR, NULL, "prompt text (infer)", &cli_infer.prompt },
+	{ "version", NULL, GP_OPT_INT, "0", "model version (infer; 0: through --alias)",
+	  &cli_infer.version },
+	{ "alias", NULL, GP_OPT_STR, "", "alias (infer; default: the service's, production)",
+	  &cli_infer.alias },
+	{ "max-tokens", NULL, GP_OPT_INT, "64", "tokens to generate at most (infer)",
+	  &cli_infer.max_tokens },
+	{ "temperature", NULL, GP_OPT_STR, "0", "sampling temperature; 0 is greedy (infer)",
+	  &cli_infer.temperature },
+	{ "top-k", NULL, GP_OPT_INT, "0", "sample among the k likeliest tokens; 0: all (infer)",
+	  &cli_infer.top_k },
+	{ "top-p", NULL, GP_OPT_STR, "1", "nucleus sampling mass (infer)", &cli_infer.top_p },
+	{ "seed", NULL, GP_OPT_STR, "", "sampling seed; fixed seeds make answers cacheable (infer)",
+	  &cli_infer.seed },
+	{ "stop", NULL, GP_OPT_LIST, NULL, "stop sequence (infer; repeatable)", &cli_infer.stop },
+	{ "stream", NULL, GP_OPT_BOOL, "false", "print tokens as they come (infer)",
+	  &cli_infer.stream },
+	{ "deadline-ms", NULL, GP_OPT_INT, "0", "give up after this long (infer; 0: the service's)",
+	  &cli_infer.deadline_ms },
 	{ "json", NULL, GP_OPT_BOOL, "false", "machine-readable output", &json_out },
 	{ "lines", NULL, GP_OPT_INT, "100", "lines of log to show (dev logs)", &log_lines },
 	{ "connect-timeout-ms", "GENPIPE_CONNECT_TIMEOUT_MS", GP_OPT_INT, "30000",
@@ -85,6 +105,7 @@ static const char usage_text[] =
 	"  pipelines list | show NAME[@V] | diff NAME@A NAME@B\n"
 	"  runs list | show RUN | watch RUN | cancel RUN | retry RUN\n"
 	"  models list | show NAME[:V|@ALIAS] | alias NAME ALIAS V | export NAME:V DIR\n"
+	"  infer NAME --prompt TEXT  ask the model served as NAME (prints the request id)\n"
 	"  migrate           apply migrations to --database-url\n"
 	"  version           print the version";
 
@@ -443,6 +464,8 @@ int main(int argc, char **argv)
 		return cmd_runs(nargs - 1, args + 1);
 	if (!strcmp(args[0], "models"))
 		return cmd_models(nargs - 1, args + 1);
+	if (!strcmp(args[0], "infer"))
+		return cmd_infer(nargs - 1, args + 1);
 	if (!strcmp(args[0], "dev") && nargs >= 2) {
 		if (!strcmp(args[1], "up") && nargs == 2) {
 			char bindir[PATH_MAX];

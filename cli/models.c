@@ -21,6 +21,7 @@
 #include "cli.h"
 #include "file.h"
 #include "model.h"
+#include "registry.h"
 
 /* NAME, NAME:VERSION or NAME@ALIAS */
 struct model_ref {
@@ -269,65 +270,28 @@ static int alias_model(struct gp_db *db, const char *name, const char *alias, co
 		fprintf(stderr, "genpipe: alias \"%s\" is not a DNS label\n", alias);
 		return 2;
 	}
-	PGresult *r = NULL;
-	if (gp_db_begin(db, &err))
-		goto fail;
-	const char *p[] = {name, ver, alias};
-	if (gp_db_exec(db, "move alias",
-		       "WITH m AS (SELECT id FROM models WHERE name = $1), "
-		       "v AS (SELECT v.id, v.model_id FROM model_versions v JOIN m ON m.id = v.model_id "
-		       "WHERE v.version = $2::int), "
-		       "old AS (SELECT a.model_version_id, ov.version FROM model_aliases a JOIN m ON "
-		       "m.id = a.model_id JOIN model_versions ov ON ov.id = a.model_version_id "
-		       "WHERE a.alias = $3 FOR UPDATE OF a), "
-		       "up AS (INSERT INTO model_aliases (model_id, alias, model_version_id) "
-		       "SELECT model_id, $3, id FROM v ON CONFLICT (model_id, alias) DO UPDATE SET "
-		       "model_version_id = EXCLUDED.model_version_id, updated_at = now() RETURNING 1) "
-		       "SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM v), "
-		       "(SELECT version FROM old), (SELECT count(*) FROM up)",
-		       3, p, &r, &err))
-		goto fail;
-	if (atoi(PQgetvalue(r, 0, 0)) == 0 || atoi(PQgetvalue(r, 0, 1)) == 0) {
-		if (atoi(PQgetvalue(r, 0, 0)) == 0)
-			fprintf(stderr, "genpipe: no model \"%s\"\n", name);
-		else
-			fprintf(stderr, "genpipe: model \"%s\" has no version %s\n", name, ver);
-		PQclear(r);
-		gp_db_rollback(db);
+	long long from = 0;
+	gp_status st = gp_registry_move_alias(db, name, alias, v, actor(), NULL, &from, &err);
+	if (st) {
+		fprintf(stderr, "genpipe: %s\n", err.msg);
 		return 1;
 	}
-	const char *from = PQgetisnull(r, 0, 2) ? NULL : PQgetvalue(r, 0, 2);
-	char object[300], detail[512];
-	snprintf(object, sizeof(object), "%s@%s", name, alias);
-	snprintf(detail, sizeof(detail), "{\"from\": %s, \"to\": %ld}", from ? from : "null", v);
-	const char *ap[] = {actor(), object, detail};
-	if (gp_db_exec(db, "audit alias move",
-		       "INSERT INTO audit_log (actor, action, object, detail) "
-		       "VALUES ($1, 'model.alias', $2, $3::jsonb)",
-		       3, ap, NULL, &err) ||
-	    gp_db_commit(db, &err))
-		goto fail;
 	if (cli_json) {
 		cJSON *o = cJSON_CreateObject();
 		cJSON_AddStringToObject(o, "model", name);
 		cJSON_AddStringToObject(o, "alias", alias);
 		if (from)
-			cJSON_AddNumberToObject(o, "from", atoi(from));
+			cJSON_AddNumberToObject(o, "from", (double)from);
 		else
 			cJSON_AddNullToObject(o, "from");
 		cJSON_AddNumberToObject(o, "to", (double)v);
 		cli_print_json(o);
+	} else if (from) {
+		printf("%s@%s: version %lld -> %ld\n", name, alias, from, v);
 	} else {
-		printf("%s@%s: %s%s -> %ld\n", name, alias, from ? "version " : "(new)",
-		       from ? from : "", v);
+		printf("%s@%s: (new) -> %ld\n", name, alias, v);
 	}
-	PQclear(r);
 	return 0;
-fail:
-	fprintf(stderr, "genpipe: %s\n", err.msg);
-	PQclear(r);
-	gp_db_rollback(db);
-	return 1;
 }
 
 static int write_file(const char *dir, const char *name, const void *data, size_t len)

@@ -106,6 +106,15 @@ void gp_store_uri(const struct gp_store *s, const char *hash, char *out, size_t 
 	snprintf(out, len, "file://%s", p);
 }
 
+gp_status gp_store_local_path(const struct gp_store *s, const char *hash, char *out, size_t len,
+			      struct gp_err *err)
+{
+	if (!valid_hex(hash))
+		return gp_err_set(err, GP_ERR_INVALID, "\"%s\" is not a SHA-256 in hex", hash);
+	obj_path(s, hash, out, len);
+	return GP_OK;
+}
+
 int gp_store_has(struct gp_store *s, const char *hash)
 {
 	char p[PATHMAX];

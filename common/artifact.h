@@ -57,6 +57,11 @@ gp_status gp_store_get(struct gp_store *s, const char *hash, size_t max_len, uin
 /* The artifact's URI (file:///...). */
 void gp_store_uri(const struct gp_store *s, const char *hash, char *out, size_t len);
 
+/* The object's path on this machine, for readers that map files in place
+ * (serving). No verification: the caller checks what it maps. */
+gp_status gp_store_local_path(const struct gp_store *s, const char *hash, char *out, size_t len,
+			      struct gp_err *err);
+
 /* Whether an object with this hash is present (no verification). */
 int gp_store_has(struct gp_store *s, const char *hash);
 

@@ -283,6 +283,14 @@ static int unknown_fields_ok(const ProtobufCMessage *m, int depth)
 	return 1;
 }
 
+static int v_registry_change(const gp_registry_change *m, struct gp_err *e)
+{
+	const char *n = "registry change";
+	if (m->version <= 0 || m->from_version < 0)
+		return gp_err_set(e, GP_ERR_INVALID, "%s: version must be > 0", n), 0;
+	return check_token(n, "model", m->model, 1, e) && check_token(n, "alias", m->alias, 1, e);
+}
+
 #define GP_WIRE_DEFINE(name, pbname, label)                                                  \
 	gp_status gp_wire_decode_##name(gp_##name **out, const uint8_t *buf, size_t len,      \
 					struct gp_err *err)                                   \
@@ -328,6 +336,7 @@ GP_WIRE_DEFINE(telemetry, telemetry, "telemetry")
 GP_WIRE_DEFINE(feedback, feedback, "feedback")
 GP_WIRE_DEFINE(retrain_trigger, retrain_trigger, "retrain trigger")
 GP_WIRE_DEFINE(alert, alert, "alert")
+GP_WIRE_DEFINE(registry_change, registry_change, "registry change")
 
 gp_status gp_wire_encode(const ProtobufCMessage *msg, uint8_t **out, size_t *len,
 			 struct gp_err *err)

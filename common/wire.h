@@ -35,6 +35,7 @@ typedef Genpipe__V1__Telemetry gp_telemetry;
 typedef Genpipe__V1__Feedback gp_feedback;
 typedef Genpipe__V1__RetrainTrigger gp_retrain_trigger;
 typedef Genpipe__V1__Alert gp_alert;
+typedef Genpipe__V1__RegistryChange gp_registry_change;
 
 #define GP_WIRE_DECLARE(name)                                                              \
 	gp_status gp_wire_decode_##name(gp_##name **out, const uint8_t *buf, size_t len,    \
@@ -50,6 +51,7 @@ GP_WIRE_DECLARE(telemetry)
 GP_WIRE_DECLARE(feedback)
 GP_WIRE_DECLARE(retrain_trigger)
 GP_WIRE_DECLARE(alert)
+GP_WIRE_DECLARE(registry_change)
 
 /*
  * Serialize any generated message (sets schema_version to the current one

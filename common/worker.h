@@ -43,6 +43,10 @@ enum gp_job_outcome {
 /* Run one job. Check gp_job_should_stop() at safe points. */
 typedef void (*gp_job_fn)(struct gp_job *job, void *closure);
 
+/* The version a kind registers when its results depend on state outside
+ * its inputs (the registry, for deploy): the orchestrator never caches it. */
+#define GP_KIND_UNCACHED "uncached"
+
 struct gp_worker_config {
 	const char *kind;        /* stage kind: DNS label */
 	const char *worker_id;   /* unique per process; NULL: host-pid-random */

@@ -292,9 +292,11 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 	char key[65] = "";
 	/* A kind no worker has registered yet has no code version: its result
 	 * gets no cache key (a later run would compute another key once the
-	 * worker registers, and a key without a version must not match). */
+	 * worker registers, and a key without a version must not match). A
+	 * kind registered as uncached depends on more than its inputs. */
 	int cache = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(s->spec, "cache")) &&
-		    strcmp(kind_version, "unregistered") != 0;
+		    strcmp(kind_version, "unregistered") != 0 &&
+		    strcmp(kind_version, GP_KIND_UNCACHED) != 0;
 	size_t kl = strlen(s->kind) + strlen(kind_version) + strlen(wtext) + strlen(ntext) + 8;
 	keytext = malloc(kl);
 	if (!wtext || !ntext || !keytext) {

@@ -168,6 +168,9 @@ int main(int argc, char **argv)
 	gp_alert a = GENPIPE__V1__ALERT__INIT;
 	a.model = "tiny", a.metric = "psi", a.value = 0.3, a.threshold = 0.2;
 	bad |= put(d, "alert", &a.base);
+	gp_registry_change rc = GENPIPE__V1__REGISTRY_CHANGE__INIT;
+	rc.model = "tiny", rc.alias = "production", rc.version = 2, rc.from_version = 1;
+	bad |= put(d, "registry_change", &rc.base);
 	bad |= data_seeds(d);
 	if (bad)
 		fprintf(stderr, "fuzz_seeds: could not write seeds under %s\n", d);

@@ -177,6 +177,27 @@ static void test_others(void)
 	gp_wire_free_alert(ad);
 	free(b);
 
+	gp_registry_change rc = GENPIPE__V1__REGISTRY_CHANGE__INIT;
+	rc.model = "m";
+	rc.alias = "production";
+	rc.version = 3;
+	b = enc(&rc.base, &len);
+	gp_registry_change *rcd = NULL;
+	REQUIRE_OK(gp_wire_decode_registry_change(&rcd, b, len, &e), e);
+	CHECK(rcd->version == 3 && !strcmp(rcd->alias, "production"));
+	gp_wire_free_registry_change(rcd);
+	free(b);
+	rc.version = 0;
+	b = enc(&rc.base, &len);
+	CHECK(gp_wire_decode_registry_change(&rcd, b, len, &e) == GP_ERR_INVALID);
+	CHECK_CONTAINS(e.msg, "registry change: version");
+	free(b);
+	rc.version = 1;
+	rc.alias = "Prod!";
+	b = enc(&rc.base, &len);
+	CHECK(gp_wire_decode_registry_change(&rcd, b, len, &e) == GP_ERR_INVALID);
+	free(b);
+
 	gp_retrain_trigger rt = GENPIPE__V1__RETRAIN_TRIGGER__INIT;
 	rt.trigger_id = 3;
 	rt.pipeline = "demo";

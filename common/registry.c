@@ -1,0 +1,151 @@
+/*
+ * registry.c: alias moves and version lookups (see registry.h).
+ */
+#include "registry.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "artifact.h"
+#include "bus.h"
+#include "outbox.h"
+#include "subjects.h"
+#include "wire.h"
+
+gp_status gp_registry_move_alias(struct gp_db *db, const char *model, const char *alias,
+				 long long version, const char *actor, const char *extra_json,
+				 long long *from, struct gp_err *err)
+{
+	if (!gp_bus_token_ok(model) || !gp_bus_token_ok(alias))
+		return gp_err_set(err, GP_ERR_INVALID, "model \"%s\" and alias \"%s\" must be DNS labels",
+				  model, alias);
+	if (version <= 0)
+		return gp_err_set(err, GP_ERR_INVALID, "version %lld is not positive", version);
+	char ver[32];
+	snprintf(ver, sizeof(ver), "%lld", version);
+	PGresult *r = NULL;
+	uint8_t *msg = NULL;
+	size_t mlen = 0;
+	gp_status st = gp_db_begin(db, err);
+	if (st)
+		return st;
+	const char *p[] = {model, ver, alias};
+	st = gp_db_exec(db, "move alias",
+			"WITH m AS (SELECT id FROM models WHERE name = $1), "
+			"v AS (SELECT v.id, v.model_id FROM model_versions v JOIN m ON m.id = v.model_id "
+			"WHERE v.version = $2::int), "
+			"old AS (SELECT a.model_version_id, ov.version FROM model_aliases a JOIN m ON "
+			"m.id = a.model_id JOIN model_versions ov ON ov.id = a.model_version_id "
+			"WHERE a.alias = $3 FOR UPDATE OF a), "
+			"up AS (INSERT INTO model_aliases (model_id, alias, model_version_id) "
+			"SELECT model_id, $3, id FROM v ON CONFLICT (model_id, alias) DO UPDATE SET "
+			"model_version_id = EXCLUDED.model_version_id, updated_at = now() RETURNING 1) "
+			"SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM v), "
+			"(SELECT version FROM old), (SELECT count(*) FROM up)",
+			3, p, &r, err);
+	if (st)
+		goto fail;
+	if (atoi(PQgetvalue(r, 0, 0)) == 0) {
+		st = gp_err_set(err, GP_ERR_NOT_FOUND, "no model \"%s\"", model);
+		goto fail;
+	}
+	if (atoi(PQgetvalue(r, 0, 1)) == 0) {
+		st = gp_err_set(err, GP_ERR_NOT_FOUND, "model \"%s\" has no version %lld", model,
+				version);
+		goto fail;
+	}
+	long long old = PQgetisnull(r, 0, 2) ? 0 : atoll(PQgetvalue(r, 0, 2));
+	cJSON *d = extra_json ? cJSON_Parse(extra_json) : NULL;
+	if (!d || !cJSON_IsObject(d)) {
+		cJSON_Delete(d);
+		d = cJSON_CreateObject();
+	}
+	cJSON_DeleteItemFromObject(d, "from");
+	cJSON_DeleteItemFromObject(d, "to");
+	if (old)
+		cJSON_AddNumberToObject(d, "from", (double)old);
+	else
+		cJSON_AddNullToObject(d, "from");
+	cJSON_AddNumberToObject(d, "to", (double)version);
+	char *detail = cJSON_PrintUnformatted(d);
+	cJSON_Delete(d);
+	char object[300];
+	snprintf(object, sizeof(object), "%s@%s", model, alias);
+	const char *ap[] = {actor ? actor : "genpipe", object, detail};
+	st = detail ? gp_db_exec(db, "audit alias move",
+				 "INSERT INTO audit_log (actor, action, object, detail) "
+				 "VALUES ($1, 'model.alias', $2, $3::jsonb)",
+				 3, ap, NULL, err)
+		    : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	free(detail);
+	if (st)
+		goto fail;
+	gp_registry_change rc = GENPIPE__V1__REGISTRY_CHANGE__INIT;
+	rc.model = (char *)model;
+	rc.alias = (char *)alias;
+	rc.version = version;
+	rc.from_version = old;
+	rc.time_unix_ms = gp_now_ms();
+	char subject[128];
+	snprintf(subject, sizeof(subject), GP_SUBJ_REGISTRY "%s", model);
+	if ((st = gp_wire_encode(&rc.base, &msg, &mlen, err)) ||
+	    (st = gp_outbox_put(db, subject, msg, mlen, NULL, err)) || (st = gp_db_commit(db, err)))
+		goto fail;
+	free(msg);
+	PQclear(r);
+	if (from)
+		*from = old;
+	return GP_OK;
+fail:
+	free(msg);
+	PQclear(r);
+	gp_db_rollback(db);
+	return st;
+}
+
+gp_status gp_registry_resolve(struct gp_db *db, const char *model, const char *alias,
+			      long long version, struct gp_model_ref *out, struct gp_err *err)
+{
+	char ver[32];
+	snprintf(ver, sizeof(ver), "%lld", version);
+	const char *a = alias && *alias ? alias : "production";
+	const char *p[] = {model, version > 0 ? ver : NULL, version > 0 ? NULL : a};
+	PGresult *r = NULL;
+	gp_status st = gp_db_exec(
+		db, "resolve model",
+		"SELECT (SELECT count(*) FROM models WHERE name = $1), v.version, v.id, "
+		"coalesce(ar.content_hash, ''), coalesce(v.lineage->>'tokenizer', ''), "
+		"v.metrics->>'val_loss' "
+		"FROM (SELECT 1) one LEFT JOIN models m ON m.name = $1 "
+		"LEFT JOIN model_versions v ON v.model_id = m.id AND "
+		"(($2::int IS NOT NULL AND v.version = $2::int) OR ($2::int IS NULL AND v.id = "
+		"(SELECT model_version_id FROM model_aliases al WHERE al.model_id = m.id AND "
+		"al.alias = $3))) "
+		"LEFT JOIN artifacts ar ON ar.id = v.artifact_id",
+		3, p, &r, err);
+	if (st)
+		return st;
+	if (atoi(PQgetvalue(r, 0, 0)) == 0)
+		st = gp_err_set(err, GP_ERR_NOT_FOUND, "no model \"%s\"", model);
+	else if (PQgetisnull(r, 0, 1) && version > 0)
+		st = gp_err_set(err, GP_ERR_NOT_FOUND, "model \"%s\" has no version %lld", model,
+				version);
+	else if (PQgetisnull(r, 0, 1))
+		st = gp_err_set(err, GP_ERR_NOT_FOUND, "model \"%s\" has no alias \"%s\"", model, a);
+	else if (!*PQgetvalue(r, 0, 3) ||
+		 gp_artifact_ref_parse(PQgetvalue(r, 0, 4), out->tokenizer))
+		st = gp_err_set(err, GP_ERR_NOT_FOUND,
+				"model \"%s\" version %s has no checkpoint or tokenizer recorded",
+				model, PQgetvalue(r, 0, 1));
+	if (!st) {
+		out->version = atoll(PQgetvalue(r, 0, 1));
+		out->version_id = atoll(PQgetvalue(r, 0, 2));
+		snprintf(out->checkpoint, sizeof(out->checkpoint), "%s", PQgetvalue(r, 0, 3));
+		out->val_loss = PQgetisnull(r, 0, 5) ? NAN : atof(PQgetvalue(r, 0, 5));
+	}
+	PQclear(r);
+	return st;
+}

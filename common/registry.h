@@ -1,0 +1,44 @@
+/*
+ * registry.h: the model registry operations more than one process does:
+ * moving an alias (the CLI, the deploy stage) and resolving a model
+ * reference to a servable version (the infer service).
+ *
+ * An alias move is one transaction: the model_aliases row, an audit_log
+ * row (action model.alias, detail {from, to, ...}) and a RegistryChange
+ * message in the outbox for genpipe.registry.<model>, so that serving
+ * replicas hear of it exactly when it is committed.
+ */
+#ifndef GP_REGISTRY_H
+#define GP_REGISTRY_H
+
+#include "db.h"
+#include "status.h"
+
+/*
+ * Point model's alias at version. actor names who did it in the audit
+ * log; extra_json (may be NULL) is merged into the audit detail. *from
+ * (may be NULL) gets the version it named before, 0 when it is new.
+ * GP_ERR_NOT_FOUND with a message when the model or version is missing.
+ * Must not run inside the caller's transaction.
+ */
+gp_status gp_registry_move_alias(struct gp_db *db, const char *model, const char *alias,
+				 long long version, const char *actor, const char *extra_json,
+				 long long *from, struct gp_err *err);
+
+/* What a server needs to load one version. */
+struct gp_model_ref {
+	long long version;
+	long long version_id;
+	char checkpoint[65];   /* artifact hash of the checkpoint */
+	char tokenizer[65];    /* artifact hash of the tokenizer */
+	double val_loss;       /* NAN when not recorded */
+};
+
+/*
+ * Resolve model at version (> 0) or through alias (version 0).
+ * GP_ERR_NOT_FOUND naming what is missing (model, version or alias).
+ */
+gp_status gp_registry_resolve(struct gp_db *db, const char *model, const char *alias,
+			      long long version, struct gp_model_ref *out, struct gp_err *err);
+
+#endif

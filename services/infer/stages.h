@@ -1,0 +1,41 @@
+/*
+ * stages.h: the stage kinds the infer service runs beside serving.
+ *
+ * deploy: with.model, with.version (a train stage's model_version),
+ * with.alias (default production), with.promote_if (a gate, below). The
+ * alias moves to the version when the gate passes or the alias is new;
+ * either way the decision, its reason and figures are recorded in
+ * deploy_decisions (one per run and stage) and in the stage's outputs
+ * (promoted, version, previous, reason). Registered uncached: the decision
+ * depends on the registry, not only on the inputs.
+ *
+ * Gates: "always", or METRIC OP NUMBER, or METRIC OP ALIAS.METRIC, where
+ * METRIC is a number in the versions' metrics (val_loss, ...), OP one of
+ * < <= > >=, and ALIAS the alias being moved (its current version).
+ */
+#ifndef GP_INFER_STAGES_H
+#define GP_INFER_STAGES_H
+
+#include "worker.h"
+
+struct gp_gate {
+	int always;
+	char metric[64];
+	char op[3];
+	int against_alias;      /* compare with the alias's current version */
+	char alias[64];
+	char other_metric[64];
+	double number;
+};
+
+/* Parse a promote_if expression; the message names what is wrong. */
+gp_status gp_gate_parse(const char *text, struct gp_gate *g, struct gp_err *err);
+/* 1 when candidate passes against reference (NAN: missing metric -> 0). */
+int gp_gate_eval(const struct gp_gate *g, double candidate, double reference);
+
+struct gp_deploy_config {
+	int unused;
+};
+void gp_deploy_handle(struct gp_job *job, void *closure);
+
+#endif
