@@ -1,0 +1,515 @@
+/*
+ * genpipe-infer on real servers, with the orchestrator relaying the outbox:
+ *   1. answers, streaming, the response cache, and each request id in the
+ *      telemetry stream (failures too);
+ *   2. a table of abusive requests, each answered with a clear error within
+ *      its deadline, the service still up afterwards;
+ *   3. far more concurrent requests than slots + queue: the excess gets
+ *      "busy" at once, the rest complete;
+ *   4. moving the alias under load fails no request, and new requests
+ *      reach the new version within 2 s (the registry message; the
+ *      periodic backstop is set to a minute here);
+ *   5. the deploy stage: a worse candidate is kept out with its reason, a
+ *      better one is promoted, each decision recorded.
+ * Two versions of a small random model are made here and put in the store.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../check.h"
+#include "../harness.h"
+
+#include "artifact.h"
+#include "bpe.h"
+#include "model.h"
+#include "registry.h"
+#include "subjects.h"
+#include "wire.h"
+
+static const struct gp_test_env *ENV;
+static struct gp_db *db;
+static struct gp_bus *bus;
+
+#define q(...) gp_test_q(db, __VA_ARGS__)
+#define qs(...) gp_test_qs(db, __VA_ARGS__)
+
+static long long now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(long ms)
+{
+	struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+	nanosleep(&ts, NULL);
+}
+
+/* Put a checkpoint of a random model and register it as version v. */
+static void make_version(struct gp_store *st, const char *tok_hash, int vocab, int v,
+			 double val_loss)
+{
+	struct gp_err e = {0};
+	struct gp_model_config c = {.vocab = vocab, .padded_vocab = (vocab + 63) / 64 * 64,
+				    .context = 64, .layers = 2, .heads = 2, .width = 32};
+	struct gp_model *m = NULL;
+	REQUIRE_OK(gp_model_create(&m, &c, &e), e);
+	gp_model_init(m, (uint64_t)v * 77);
+	float *p = gp_model_params(m);
+	for (size_t i = 0; i < gp_model_num_params(m); i++)
+		p[i] *= 6.0f;
+	struct gp_ckpt_meta meta = {.step = 1};
+	uint8_t *img = NULL;
+	size_t len = 0;
+	REQUIRE_OK(gp_ckpt_encode(m, NULL, NULL, &meta, &img, &len, &e), e);
+	char h[65];
+	REQUIRE_OK(gp_store_put(st, img, len, h, &e), e);
+	REQUIRE_OK(gp_artifact_register(db, st, h, "checkpoint", len, 0, NULL, NULL, &e), e);
+	free(img);
+	gp_model_destroy(m);
+	char sql[1024];
+	snprintf(sql, sizeof sql,
+		 "INSERT INTO models (name) VALUES ('toy') ON CONFLICT DO NOTHING; "
+		 "INSERT INTO model_versions (model_id, version, artifact_id, metrics, lineage) "
+		 "SELECT m.id, %d, a.id, '{\"val_loss\": %g}', '{\"tokenizer\": \"sha256:%s\"}' "
+		 "FROM models m, artifacts a WHERE m.name = 'toy' AND a.content_hash = '%s'",
+		 v, val_loss, tok_hash, h);
+	REQUIRE_OK(gp_db_run(db, "register version", sql, &e), e);
+}
+
+struct answer {
+	int ok;                  /* a reply arrived and decoded */
+	char code[32];
+	char error[512];
+	char text[4096];
+	long long version;
+	int cache_hit;
+	int partials;
+	char streamed[4096];
+	long long ms;
+};
+
+static uint8_t *encode_req(const char *rid, const char *model, const char *prompt,
+			   int max_tokens, float temp, int stream, long long version,
+			   long long deadline_ms, size_t *len)
+{
+	Genpipe__V1__SamplingParams sp = GENPIPE__V1__SAMPLING_PARAMS__INIT;
+	sp.max_tokens = (uint32_t)max_tokens;
+	sp.temperature = temp;
+	sp.top_p = 1;
+	gp_infer_request r = GENPIPE__V1__INFER_REQUEST__INIT;
+	r.request_id = (char *)rid;
+	r.model = (char *)model;
+	r.prompt = (char *)prompt;
+	r.sampling = &sp;
+	r.stream = stream;
+	r.version = version;
+	r.deadline_ms = deadline_ms;
+	uint8_t *b = NULL;
+	struct gp_err e = {0};
+	/* encode without validation: abusive values must reach the service */
+	r.base.descriptor = &genpipe__v1__infer_request__descriptor;
+	r.schema_version = GP_WIRE_SCHEMA_VERSION;
+	*len = protobuf_c_message_get_packed_size(&r.base);
+	b = malloc(*len ? *len : 1);
+	protobuf_c_message_pack(&r.base, b);
+	(void)e;
+	return b;
+}
+
+/* Send raw bytes to genpipe.infer.<model>; collect partials and the final reply. */
+static struct answer send_raw(const char *model, const void *data, size_t len, long long wait_ms)
+{
+	struct answer a = {0};
+	natsConnection *nc = gp_bus_conn(bus);
+	natsInbox *inbox = NULL;
+	natsSubscription *sub = NULL;
+	char subject[128];
+	snprintf(subject, sizeof subject, GP_SUBJ_INFER "%s", model);
+	long long t0 = now_ms();
+	natsStatus s = natsInbox_Create(&inbox);
+	if (s == NATS_OK)
+		s = natsConnection_SubscribeSync(&sub, nc, inbox);
+	if (s == NATS_OK)
+		s = natsConnection_PublishRequest(nc, subject, inbox, data, (int)len);
+	if (s == NATS_OK)
+		s = natsConnection_Flush(nc);
+	while (s == NATS_OK) {
+		natsMsg *m = NULL;
+		long long left = wait_ms - (now_ms() - t0);
+		if (left <= 0 || natsSubscription_NextMsg(&m, sub, left) != NATS_OK)
+			break;
+		gp_infer_response *r = NULL;
+		struct gp_err e = {0};
+		if (gp_wire_decode_infer_response(&r, (const uint8_t *)natsMsg_GetData(m),
+						  (size_t)natsMsg_GetDataLength(m), &e)) {
+			snprintf(a.error, sizeof a.error, "undecodable reply: %s", e.msg);
+			natsMsg_Destroy(m);
+			break;
+		}
+		natsMsg_Destroy(m);
+		if (!r->final) {
+			a.partials++;
+			strncat(a.streamed, r->text, sizeof(a.streamed) - strlen(a.streamed) - 1);
+			gp_wire_free_infer_response(r);
+			continue;
+		}
+		a.ok = 1;
+		snprintf(a.code, sizeof a.code, "%s", r->error_code);
+		snprintf(a.error, sizeof a.error, "%s", r->error);
+		snprintf(a.text, sizeof a.text, "%s", r->text);
+		a.version = r->model_version;
+		a.cache_hit = r->cache_hit;
+		gp_wire_free_infer_response(r);
+		break;
+	}
+	if (s != NATS_OK)
+		snprintf(a.error, sizeof a.error, "nats: %s", natsStatus_GetText(s));
+	a.ms = now_ms() - t0;
+	natsSubscription_Destroy(sub);
+	natsInbox_Destroy(inbox);
+	return a;
+}
+
+static struct answer ask(const char *rid, const char *prompt, int max_tokens, float temp,
+			 int stream, long long version)
+{
+	size_t len = 0;
+	uint8_t *b = encode_req(rid, "toy", prompt, max_tokens, temp, stream, version, 0, &len);
+	struct answer a = send_raw("toy", b, len, 10000);
+	free(b);
+	return a;
+}
+
+/* Request ids in the telemetry stream so far (error code appended after ':'). */
+static char *telemetry_ids(void)
+{
+	struct gp_err e = {0};
+	static int n;
+	char durable[32];
+	snprintf(durable, sizeof durable, "t%d", ++n);
+	struct gp_consumer_def c = {GP_STREAM_TELEMETRY, durable, GP_SUBJ_TELEMETRY "toy", 30000,
+				    -1, 1000};
+	REQUIRE_OK(gp_bus_declare(bus, NULL, 0, &c, 1, &e), e);
+	natsSubscription *sub = NULL;
+	REQUIRE_OK(gp_bus_pull_subscribe(bus, &c, &sub, &e), e);
+	size_t cap = 1 << 16, len = 0;
+	char *out = calloc(1, cap);
+	for (;;) {
+		natsMsgList list = {0};
+		if (gp_bus_fetch(sub, 16, 300, &list, &e))
+			break;
+		for (int i = 0; i < list.Count; i++) {
+			gp_telemetry *t = NULL;
+			if (!gp_wire_decode_telemetry(&t, (const uint8_t *)natsMsg_GetData(list.Msgs[i]),
+						      (size_t)natsMsg_GetDataLength(list.Msgs[i]),
+						      &e)) {
+				char line[300];
+				int k = snprintf(line, sizeof line, "%s:%s;", t->request_id,
+						 t->error_code);
+				if (len + (size_t)k + 1 < cap) {
+					memcpy(out + len, line, (size_t)k + 1);
+					len += (size_t)k;
+				}
+				gp_wire_free_telemetry(t);
+			}
+			gp_bus_ack(list.Msgs[i], &e);
+		}
+		natsMsgList_Destroy(&list);
+	}
+	natsSubscription_Destroy(sub);
+	return out;
+}
+
+/* ---- load during an alias move ---- */
+
+static atomic_int stop_load, load_failures, load_count;
+static atomic_llong first_v2_ms;
+static long long move_ms;
+
+static void *load_main(void *arg)
+{
+	int id = (int)(long)arg, i = 0;
+	while (!atomic_load(&stop_load)) {
+		char rid[64], prompt[64];
+		snprintf(rid, sizeof rid, "load-%d-%d", id, i);
+		snprintf(prompt, sizeof prompt, "The quick %d", i++ % 50);
+		struct answer a = ask(rid, prompt, 8, 0.0f, 0, 0);
+		long long t = now_ms();
+		atomic_fetch_add(&load_count, 1);
+		if (!a.ok || a.code[0]) {
+			fprintf(stderr, "load request %s failed: %s %s\n", rid, a.code, a.error);
+			atomic_fetch_add(&load_failures, 1);
+			continue;
+		}
+		long long expect = 0;
+		if (a.version == 2)
+			atomic_compare_exchange_strong(&first_v2_ms, &expect, t);
+		/* after the switch has been seen, nothing goes back to version 1 */
+		if (a.version == 1 && atomic_load(&first_v2_ms) && t > atomic_load(&first_v2_ms) + 500) {
+			fprintf(stderr, "load request %s: version 1 after version 2 was served\n", rid);
+			atomic_fetch_add(&load_failures, 1);
+		}
+	}
+	return NULL;
+}
+
+static int body(struct gp_test_env *env)
+{
+	ENV = env;
+	db = gp_test_db(env);
+	bus = gp_test_bus(env, "test-infer");
+	struct gp_err e = {0};
+	char store_uri[600];
+	snprintf(store_uri, sizeof store_uri, "file://%s/artifacts", env->dir);
+	struct gp_store *st = NULL;
+	REQUIRE_OK(gp_store_open(&st, store_uri, &e), e);
+	struct gp_bpe_trainer *tr = NULL;
+	REQUIRE_OK(gp_bpe_trainer_new(&tr, &e), e);
+	const char *text = "The quick brown fox jumps over the lazy dog. A bird in the hand. ";
+	for (int i = 0; i < 30; i++)
+		REQUIRE_OK(gp_bpe_trainer_add(tr, text, strlen(text), &e), e);
+	struct gp_bpe *tok = NULL;
+	REQUIRE_OK(gp_bpe_train(tr, 300, 0, &tok, &e), e);
+	gp_bpe_trainer_free(tr);
+	uint8_t *tb = NULL;
+	size_t tl = 0;
+	REQUIRE_OK(gp_bpe_save(tok, &tb, &tl, &e), e);
+	char th[65];
+	REQUIRE_OK(gp_store_put(st, tb, tl, th, &e), e);
+	int vocab = gp_bpe_vocab_size(tok);
+	free(tb);
+	gp_bpe_free(tok);
+	make_version(st, th, vocab, 1, 5.0);
+	make_version(st, th, vocab, 2, 4.0);
+	gp_store_close(st);
+	REQUIRE_OK(gp_registry_move_alias(db, "toy", "production", 1, "test", NULL, NULL, &e), e);
+
+	gp_test_service(env, "genpipe-orchestrator", "--sweep-ms", "200", NULL);
+	pid_t infer = gp_test_service(env, "genpipe-infer", "--data-dir", env->dir, "--model", "toy",
+				      "--slots", "4", "--queue", "4", "--max-new-tokens", "64",
+				      "--registry-poll-ms", "60000", "--deadline-ms", "5000", NULL);
+	/* wait until it answers */
+	struct answer a = {0};
+	for (int i = 0; i < 200 && !(a.ok && !a.code[0]); i++) {
+		a = ask("warmup", "The quick", 4, 0, 0, 0);
+		if (!a.ok)
+			sleep_ms(100);
+	}
+	REQUIRE(a.ok);
+	CHECK_STR(a.code, "");
+	CHECK(a.version == 1);
+
+	/* 1. answers, cache, streaming */
+	struct answer b = ask("req-plain", "The quick brown", 20, 0, 0, 0);
+	CHECK(b.ok && !b.code[0] && !b.cache_hit);
+	struct answer c = ask("req-again", "The quick brown", 20, 0, 0, 0);
+	CHECK(c.ok && c.cache_hit);
+	CHECK_STR(c.text, b.text);
+	struct answer s = ask("req-stream", "A bird", 24, 0.7f, 1, 0);
+	CHECK(s.ok && !s.code[0]);
+	CHECK_STR(s.streamed, s.text);
+	printf("plain: \"%s\" (%lld ms); cached: %lld ms; streamed %d parts\n", b.text, b.ms, c.ms,
+	       s.partials);
+	struct answer v2 = ask("req-v2", "The quick brown", 20, 0, 0, 2);
+	CHECK(v2.ok && v2.version == 2 && !v2.cache_hit);
+
+	/* 2. abusive requests: a clear error within the deadline each */
+	struct {
+		const char *what, *code, *contains;
+		int max_tokens;
+		float temp;
+		long long version;
+		size_t prompt_bytes;
+		int garbage;
+	} table[] = {
+		{"max tokens 10^9", "bad_request", "max_tokens", 1000000000, 0, 0, 0, 0},
+		{"negative temperature", "bad_request", "temperature", 8, -1.0f, 0, 0, 0},
+		{"NaN temperature", "bad_request", "temperature", 8, NAN, 0, 0, 0},
+		{"unknown version", "not_found", "no version 99", 8, 0, 99, 0, 0},
+		{"600 KB prompt", "bad_request", "prompt", 8, 0, 0, 600000, 0},
+		{"prompt over the context", "bad_request", "the limit is", 8, 0, 0, 4000, 0},
+		{"malformed protobuf", "bad_request", "", 0, 0, 0, 0, 1},
+	};
+	char ids[16][32];
+	for (size_t i = 0; i < sizeof table / sizeof *table; i++) {
+		snprintf(ids[i], sizeof ids[i], "abuse-%zu", i);
+		char *prompt = calloc(1, table[i].prompt_bytes + 16);
+		for (size_t k = 0; k < table[i].prompt_bytes; k++)
+			prompt[k] = "abcdefgh "[k % 9];
+		if (!table[i].prompt_bytes)
+			strcpy(prompt, "The quick");
+		size_t len = 0;
+		uint8_t *req = table[i].garbage
+				       ? (uint8_t *)strdup("\x0a\xff\xff\xff\xff\x0f garbage")
+				       : encode_req(ids[i], "toy", prompt, table[i].max_tokens,
+						    table[i].temp, 0, table[i].version, 2000, &len);
+		if (table[i].garbage)
+			len = 16;
+		struct answer r = send_raw("toy", req, len, 3000);
+		printf("%-24s -> %s: %s (%lld ms)\n", table[i].what, r.code, r.error, r.ms);
+		CHECK(r.ok);
+		CHECK_STR(r.code, table[i].code);
+		CHECK_CONTAINS(r.error, table[i].contains);
+		CHECK(r.ms < 2000);
+		free(req);
+		free(prompt);
+	}
+	/* 10 MB does not even leave the client: NATS's payload limit */
+	{
+		size_t big = 10u << 20;
+		char *p = malloc(big);
+		memset(p, 'a', big);
+		long long t0 = now_ms();
+		natsStatus ns = natsConnection_Publish(gp_bus_conn(bus), GP_SUBJ_INFER "toy", p,
+						       (int)big);
+		printf("10 MB prompt -> %s (%lld ms)\n", natsStatus_GetText(ns), now_ms() - t0);
+		CHECK(ns == NATS_MAX_PAYLOAD);
+		free(p);
+	}
+	CHECK(kill(infer, 0) == 0);
+
+	/* 3. far more concurrent requests than slots + queue (8) */
+	{
+		natsConnection *nc = gp_bus_conn(bus);
+		natsSubscription *sub = NULL;
+		REQUIRE(natsConnection_SubscribeSync(&sub, nc, "test.replies.*") == NATS_OK);
+		enum { N = 40 };
+		long long t0 = now_ms();
+		for (int i = 0; i < N; i++) {
+			char rid[32], rep[64];
+			snprintf(rid, sizeof rid, "flood-%d", i);
+			snprintf(rep, sizeof rep, "test.replies.%d", i);
+			size_t len = 0;
+			uint8_t *req = encode_req(rid, "toy", "The quick", 64, 1.0f, 0, 0, 5000, &len);
+			natsConnection_PublishRequest(nc, GP_SUBJ_INFER "toy", rep, req, (int)len);
+			free(req);
+		}
+		natsConnection_Flush(nc);
+		int ok = 0, busy = 0, other = 0;
+		long long busy_ms = 0;
+		for (int i = 0; i < N; i++) {
+			natsMsg *m = NULL;
+			if (natsSubscription_NextMsg(&m, sub, 8000) != NATS_OK)
+				break;
+			gp_infer_response *r = NULL;
+			if (!gp_wire_decode_infer_response(&r, (const uint8_t *)natsMsg_GetData(m),
+							   (size_t)natsMsg_GetDataLength(m), &e)) {
+				if (!*r->error_code)
+					ok++;
+				else if (!strcmp(r->error_code, "busy")) {
+					busy++;
+					if (now_ms() - t0 > busy_ms)
+						busy_ms = now_ms() - t0;
+				} else {
+					other++;
+					fprintf(stderr, "flood: %s %s\n", r->error_code, r->error);
+				}
+				gp_wire_free_infer_response(r);
+			}
+			natsMsg_Destroy(m);
+		}
+		printf("flood of %d: %d answered, %d busy (the last busy after %lld ms), %d other\n",
+		       N, ok, busy, busy_ms, other);
+		CHECK(ok + busy == N && other == 0);
+		CHECK(ok >= 8 && busy >= 1);
+		natsSubscription_Destroy(sub);
+	}
+	a = ask("after-abuse", "The quick", 4, 0, 0, 0);
+	CHECK(a.ok && !a.code[0]);
+	CHECK(kill(infer, 0) == 0);
+
+	/* telemetry: every request id above, failures included */
+	sleep_ms(500);
+	char *tel = telemetry_ids();
+	CHECK_CONTAINS(tel, "req-plain:;");
+	CHECK_CONTAINS(tel, "req-again:;");
+	CHECK_CONTAINS(tel, "req-stream:;");
+	CHECK_CONTAINS(tel, "abuse-0:bad_request;");
+	CHECK_CONTAINS(tel, "abuse-3:not_found;");
+	CHECK_CONTAINS(tel, "flood-0:");
+	CHECK_CONTAINS(tel, "malformed-");
+	free(tel);
+
+	/* 4. move the alias under load */
+	pthread_t lt[3];
+	long long t_start = now_ms();
+	for (long i = 0; i < 3; i++)
+		pthread_create(&lt[i], NULL, load_main, (void *)i);
+	sleep_ms(1000);
+	move_ms = now_ms();
+	REQUIRE_OK(gp_registry_move_alias(db, "toy", "production", 2, "test", NULL, NULL, &e), e);
+	sleep_ms(3000);
+	atomic_store(&stop_load, 1);
+	for (int i = 0; i < 3; i++)
+		pthread_join(lt[i], NULL);
+	long long switched = atomic_load(&first_v2_ms) ? atomic_load(&first_v2_ms) - move_ms : -1;
+	printf("alias move under load: %d requests in %lld ms, %d failed; version 2 served %lld ms "
+	       "after the move\n", atomic_load(&load_count), now_ms() - t_start,
+	       atomic_load(&load_failures), switched);
+	CHECK(atomic_load(&load_count) > 20);
+	CHECK(atomic_load(&load_failures) == 0);
+	CHECK(switched >= 0 && switched <= 2000);
+	CHECK(q("SELECT count(*) FROM audit_log WHERE action = 'model.alias' AND object = "
+		"'toy@production'") == 2);
+
+	/* 5. the deploy stage */
+	const char *yaml =
+		"apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: ship}\nspec:\n"
+		"  params: {v: {type: int, default: 1}}\n"
+		"  stages:\n"
+		"    - name: deploy\n      kind: deploy\n"
+		"      with: {model: toy, version: \"${params.v}\", "
+		"promote_if: \"val_loss < production.val_loss\"}\n";
+	/* version 1 (val loss 5.0) against production's 2 (4.0): kept out */
+	const char *p1[] = {"v=1"};
+	long long r1 = gp_test_submit(db, yaml, p1, 1);
+	REQUIRE(gp_test_wait_run(db, r1, 60000) == 1);
+	CHECK(q("SELECT count(*) FROM deploy_decisions WHERE run_id = %lld AND NOT promoted", r1) == 1);
+	char *reason = qs("SELECT reason FROM deploy_decisions WHERE run_id = %lld", r1);
+	printf("deploy of version 1: %s\n", reason ? reason : "(none)");
+	CHECK_CONTAINS(reason ? reason : "", "failed");
+	free(reason);
+	CHECK(q("SELECT v.version FROM model_aliases a JOIN model_versions v ON v.id = "
+		"a.model_version_id WHERE a.alias = 'production'") == 2);
+	/* version 3, better: promoted, and served */
+	st = NULL;
+	REQUIRE_OK(gp_store_open(&st, store_uri, &e), e);
+	make_version(st, th, vocab, 3, 3.0);
+	gp_store_close(st);
+	const char *p3[] = {"v=3"};
+	long long r3 = gp_test_submit(db, yaml, p3, 1);
+	REQUIRE(gp_test_wait_run(db, r3, 60000) == 1);
+	CHECK(q("SELECT count(*) FROM deploy_decisions WHERE run_id = %lld AND promoted", r3) == 1);
+	CHECK(q("SELECT v.version FROM model_aliases a JOIN model_versions v ON v.id = "
+		"a.model_version_id WHERE a.alias = 'production'") == 3);
+	long long t0 = now_ms();
+	for (;;) {
+		a = ask("after-deploy", "A bird", 4, 0.5f, 0, 0);
+		if ((a.ok && a.version == 3) || now_ms() - t0 > 5000)
+			break;
+		sleep_ms(50);
+	}
+	CHECK(a.ok && a.version == 3);
+	/* the same deploy again is not taken from the cache: it decides again */
+	long long r4 = gp_test_submit(db, yaml, p3, 1);
+	REQUIRE(gp_test_wait_run(db, r4, 60000) == 1);
+	CHECK(q("SELECT count(*) FROM deploy_decisions WHERE run_id = %lld", r4) == 1);
+	CHECK(q("SELECT count(*) FROM audit_log WHERE action = 'model.alias'") == 3);
+	gp_bus_destroy(bus);
+	gp_db_destroy(db);
+	return CHECK_RESULT();
+}
+
+int main(void)
+{
+	return gp_test_run(body);
+}
