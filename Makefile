@@ -45,6 +45,7 @@ bench: build
 	$(BUILD)/bin/orchestrator_bench 1000 3 3
 	$(BUILD)/bin/tokenizer_bench
 	$(BUILD)/bin/model_bench all
+	$(BUILD)/bin/infer_bench 32 10 32
 
 down:
 	$(BUILD)/bin/genpipe dev down

@@ -575,15 +575,20 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 	double t0 = mono_ms();
 	gp_model_set_path(lm->model, e->cfg.path);
 	gp_status st = gp_model_step(lm->model, b, e->rows, n, &logits, &got, &err);
-	double dt = mono_ms() - t0;
 	e->steps++;
 	e->nrows += n;
 	metric_inc(e->m_steps, 1);
 	metric_inc(e->m_rows, n);
-	for (int s = 0; s < e->cfg.slots; s++)
+	/* everyone in the step is charged its time, sampling included */
+	struct req *part[1024];
+	int np = 0;
+	for (int s = 0; s < e->cfg.slots && np < 1024; s++)
 		if (e->slots[s].r && e->slots[s].r->lm == lm)
-			e->slots[s].r->compute_ms += dt;
+			part[np++] = e->slots[s].r;
 	if (st) {
+		double dt = mono_ms() - t0;
+		for (int i = 0; i < np; i++)
+			part[i]->compute_ms += dt;
 		/* a step that fails fails every sequence in it */
 		for (int s = 0; s < e->cfg.slots; s++) {
 			struct req *r = e->slots[s].r;
@@ -611,6 +616,9 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 			*done = r;
 		}
 	}
+	double dt = mono_ms() - t0;
+	for (int i = 0; i < np; i++)
+		part[i]->compute_ms += dt;
 }
 
 static gp_status ensure_scratch(struct gp_engine *e, int vocab, struct gp_err *err)

@@ -86,6 +86,7 @@ int main(int argc, char **argv)
 		.log_payloads = payloads,
 		.telemetry_queue = (int)tqueue,
 		.registry_poll_ms = poll_ms,
+		.telemetry_nats_url = svc.nats_url,
 	};
 	if (gp_store_open_in(&cfg.store, store_uri, data_dir, &err)) {
 		gp_error("could not open the artifact store: %s", err.msg);

@@ -20,6 +20,7 @@
 
 #define MAX_LOADED 16
 #define MAX_ALIASES 64
+#define TELEMETRY_LINGER_MS 20
 
 struct loaded {
 	struct gp_lm *lm;
@@ -41,6 +42,8 @@ struct tevent {
 struct gp_server {
 	struct gp_server_config cfg;
 	struct gp_bus *bus;
+	struct gp_bus *tbus;       /* telemetry: acks never queue behind replies */
+	struct gp_bus *tbus_own;
 	struct gp_metrics *metrics;
 	struct gp_engine *engine;
 	natsSubscription *sub, *reg_sub;
@@ -106,7 +109,8 @@ static void telemetry_put(struct gp_server *s, const char *model, const char *re
 	t->data = data;
 	t->len = len;
 	s->rcount++;
-	pthread_cond_signal(&s->tcv);
+	if (s->rcount == 1 || s->rcount >= 64)
+		pthread_cond_signal(&s->tcv);
 	pthread_mutex_unlock(&s->tmu);
 }
 
@@ -125,6 +129,20 @@ static void *telemetry_main(void *arg)
 			pthread_mutex_unlock(&s->tmu);
 			return NULL;
 		}
+		/* linger: the stream's work then happens beside the next request's
+		 * compute, not beside the reply just sent; batches grow under load */
+		if (s->rcount < BATCH && !s->tstop) {
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_nsec += TELEMETRY_LINGER_MS * 1000000L;
+			if (ts.tv_nsec >= 1000000000L) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000L;
+			}
+			while (s->rcount < BATCH && !s->tstop &&
+			       pthread_cond_timedwait(&s->tcv, &s->tmu, &ts) == 0)
+				;
+		}
 		int n = 0;
 		while (s->rcount && n < BATCH) {
 			batch[n++] = s->ring[s->rhead];
@@ -136,7 +154,7 @@ static void *telemetry_main(void *arg)
 			out[i] = (struct gp_bus_out){ batch[i].subject, batch[i].data,
 						      (int)batch[i].len, batch[i].msg_id };
 		struct gp_err err = {0};
-		if (gp_bus_publish_batch(s->bus, out, n, 5000, NULL, &err)) {
+		if (gp_bus_publish_batch(s->tbus, out, n, 5000, NULL, &err)) {
 			gp_metric_inc(s->m_dropped, n);
 			if (mono_ms() - last_warn > 10000) {
 				gp_warn("telemetry: %d events dropped: %s", n, err.msg);
@@ -681,10 +699,15 @@ gp_status gp_server_start(struct gp_server **out, const struct gp_server_config 
 		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	if (!st)
 		st = gp_db_connect(&s->db, database_url, 30000, err);
+	if (!st && s->cfg.telemetry_nats_url)
+		st = gp_bus_connect(&s->tbus_own, s->cfg.telemetry_nats_url, "genpipe-infer-telemetry",
+				    0, 30000, err);
+	s->tbus = s->tbus_own ? s->tbus_own : bus;
 	if (!st)
 		st = gp_engine_create(&s->engine, &s->cfg.engine, err);
 	if (st) {
 		gp_db_destroy(s->db);
+		gp_bus_destroy(s->tbus_own);
 		free(s->ring);
 		free(s);
 		return st;
@@ -747,6 +770,7 @@ void gp_server_stop(struct gp_server *s)
 	pthread_join(s->tthread, NULL);
 	for (int i = 0; i < s->nloaded; i++)
 		gp_lm_unref(s->loaded[i].lm);
+	gp_bus_destroy(s->tbus_own);
 	gp_db_destroy(s->db);
 	free(s->ring);
 	pthread_mutex_destroy(&s->db_mu);

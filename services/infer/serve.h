@@ -37,6 +37,7 @@ struct gp_server_config {
 	int log_payloads;           /* prompt and completion text in telemetry */
 	int telemetry_queue;        /* events buffered; default 8192 */
 	long long registry_poll_ms; /* backstop alias check; default 5000 */
+	const char *telemetry_nats_url; /* its own connection (NULL: share the service's) */
 };
 
 struct gp_server;
