@@ -51,5 +51,6 @@ int cmd_pipelines(int n, char **args);
 int cmd_runs(int n, char **args);
 int cmd_models(int n, char **args);
 int cmd_infer(int n, char **args);
+int cmd_telemetry(int n, char **args);
 
 #endif

@@ -61,7 +61,7 @@ static const struct gp_opt common_opts[] = {
 	  &cli_no_run },
 	{ "pipeline", NULL, GP_OPT_STR, NULL, "only runs of this pipeline (runs list)",
 	  &cli_pipeline },
-	{ "limit", NULL, GP_OPT_INT, "20", "how many runs to list (runs list)", &cli_limit },
+	{ "limit", NULL, GP_OPT_INT, "20", "how many runs (runs list) or requests (telemetry) to list", &cli_limit },
 	{ "format", NULL, GP_OPT_STR, "safetensors", "export format (models export)", &cli_format },
 	{ "artifacts", "GENPIPE_ARTIFACTS", GP_OPT_STR, "",
 	  "artifact store URI (default file://DATA_DIR/artifacts)", &cli_artifacts },
@@ -106,6 +106,7 @@ static const char usage_text[] =
 	"  runs list | show RUN | watch RUN | cancel RUN | retry RUN\n"
 	"  models list | show NAME[:V|@ALIAS] | alias NAME ALIAS V | export NAME:V DIR\n"
 	"  infer NAME --prompt TEXT  ask the model served as NAME (prints the request id)\n"
+	"  telemetry NAME    the latest served requests of NAME (--limit N)\n"
 	"  migrate           apply migrations to --database-url\n"
 	"  version           print the version";
 
@@ -466,6 +467,8 @@ int main(int argc, char **argv)
 		return cmd_models(nargs - 1, args + 1);
 	if (!strcmp(args[0], "infer"))
 		return cmd_infer(nargs - 1, args + 1);
+	if (!strcmp(args[0], "telemetry"))
+		return cmd_telemetry(nargs - 1, args + 1);
 	if (!strcmp(args[0], "dev") && nargs >= 2) {
 		if (!strcmp(args[1], "up") && nargs == 2) {
 			char bindir[PATH_MAX];

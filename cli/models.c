@@ -155,6 +155,23 @@ static PGresult *find_version(struct gp_db *db, const struct model_ref *ref)
 	return r;
 }
 
+/* The deploy decisions about a version, newest first (NULL on error). */
+static PGresult *decisions(struct gp_db *db, const char *version_id)
+{
+	PGresult *r = NULL;
+	struct gp_err err = {0};
+	const char *p[] = {version_id};
+	if (gp_db_exec(db, "read deploy decisions",
+		       "SELECT run_id, stage, alias, promoted, reason, "
+		       "to_char(created_at, 'YYYY-MM-DD HH24:MI:SS'), figures::text "
+		       "FROM deploy_decisions WHERE model_version_id = $1::bigint "
+		       "ORDER BY id DESC LIMIT 10", 1, p, &r, &err)) {
+		fprintf(stderr, "genpipe: %s\n", err.msg);
+		return NULL;
+	}
+	return r;
+}
+
 static int show_model(struct gp_db *db, const char *arg)
 {
 	struct model_ref ref;
@@ -190,6 +207,21 @@ static int show_model(struct gp_db *db, const char *arg)
 		}
 		cJSON_AddItemToObject(o, "metrics", metrics ? metrics : cJSON_CreateObject());
 		cJSON_AddItemToObject(o, "lineage", lineage ? lineage : cJSON_CreateObject());
+		PGresult *d = decisions(db, PQgetvalue(r, 0, 11));
+		cJSON *da = cJSON_AddArrayToObject(o, "deploy_decisions");
+		for (int i = 0; d && i < PQntuples(d); i++) {
+			cJSON *x = cJSON_CreateObject();
+			cJSON_AddNumberToObject(x, "run", atof(PQgetvalue(d, i, 0)));
+			cJSON_AddStringToObject(x, "stage", PQgetvalue(d, i, 1));
+			cJSON_AddStringToObject(x, "alias", PQgetvalue(d, i, 2));
+			cJSON_AddBoolToObject(x, "promoted", *PQgetvalue(d, i, 3) == 't');
+			cJSON_AddStringToObject(x, "reason", PQgetvalue(d, i, 4));
+			cJSON_AddStringToObject(x, "at", PQgetvalue(d, i, 5));
+			cJSON *f = cJSON_Parse(PQgetvalue(d, i, 6));
+			cJSON_AddItemToObject(x, "figures", f ? f : cJSON_CreateObject());
+			cJSON_AddItemToArray(da, x);
+		}
+		PQclear(d);
 		PQclear(r);
 		cli_print_json(o);
 		return 0;
@@ -242,6 +274,13 @@ static int show_model(struct gp_db *db, const char *arg)
 			}
 		}
 	}
+	PGresult *d = decisions(db, PQgetvalue(r, 0, 11));
+	for (int i = 0; d && i < PQntuples(d); i++)
+		printf("%s run %s stage %s: %s %s (%s)\n", i ? "          " : "deploys   ",
+		       PQgetvalue(d, i, 0), PQgetvalue(d, i, 1),
+		       *PQgetvalue(d, i, 3) == 't' ? "promoted to" : "kept out of", PQgetvalue(d, i, 2),
+		       PQgetvalue(d, i, 4));
+	PQclear(d);
 	cJSON_Delete(metrics);
 	cJSON_Delete(lineage);
 	PQclear(r);

@@ -88,7 +88,7 @@ gp_status gp_registry_move_alias(struct gp_db *db, const char *model, const char
 	rc.alias = (char *)alias;
 	rc.version = version;
 	rc.from_version = old;
-	rc.time_unix_ms = gp_now_ms();
+	rc.time_unix_ms = gp_wall_ms();
 	char subject[128];
 	snprintf(subject, sizeof(subject), GP_SUBJ_REGISTRY "%s", model);
 	if ((st = gp_wire_encode(&rc.base, &msg, &mlen, err)) ||

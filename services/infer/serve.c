@@ -208,7 +208,7 @@ static void telemetry(struct gp_server *s, const char *model, const char *reques
 	t.latency_ms = latency_ms;
 	t.cache_hit = cache_hit;
 	t.error_code = (char *)(error_code ? error_code : "");
-	t.time_unix_ms = gp_now_ms();
+	t.time_unix_ms = gp_wall_ms();
 	if (s->cfg.log_payloads) {
 		t.prompt = (char *)(prompt ? prompt : "");
 		t.completion = (char *)(completion ? completion : "");
