@@ -599,10 +599,11 @@ static const struct field f_eval[] = {
 };
 static const char *const o_eval[] = { "report", "val_loss", NULL };
 static const struct field f_deploy[] = {
-	{ "model", F_STR, 1 },	    { "version", F_STR, 0 }, { "alias", F_STR, 0 },
-	{ "promote_if", F_STR, 0 }, { "canary", F_FLOAT, 0 }, { NULL, F_ANY, 0 },
+	{ "model", F_STR, 1 },	    { "version", F_INT, 1 }, { "alias", F_STR, 0 },
+	{ "promote_if", F_STR, 0 }, { "canary", F_MAP, 0 }, { NULL, F_ANY, 0 },
 };
-static const char *const o_deploy[] = { "alias", "version", "promoted", NULL };
+static const char *const o_deploy[] = { "alias", "version", "promoted", "previous", "reason",
+					NULL };
 static const struct field f_monitor[] = {
 	{ "model", F_STR, 1 },	       { "window", F_INT, 0 },	     { "window_time", F_DURATION, 0 },
 	{ "psi_threshold", F_FLOAT, 0 }, { "js_threshold", F_FLOAT, 0 }, { "webhook", F_STR, 0 },
@@ -610,10 +611,12 @@ static const struct field f_monitor[] = {
 };
 static const char *const o_none[] = { NULL };
 static const struct field f_batch[] = {
-	{ "model", F_STR, 1 },	     { "prompts", F_STR, 1 },	    { "max_tokens", F_INT, 0 },
-	{ "temperature", F_FLOAT, 0 }, { "version", F_STR, 0 },	    { NULL, F_ANY, 0 },
+	{ "model", F_STR, 1 },	       { "dataset", F_STR, 1 },	   { "version", F_INT, 0 },
+	{ "alias", F_STR, 0 },	       { "max_tokens", F_INT, 0 }, { "temperature", F_FLOAT, 0 },
+	{ "top_k", F_INT, 0 },	       { "top_p", F_FLOAT, 0 },	   { "seed", F_INT, 0 },
+	{ "max_prompts", F_INT, 0 },   { NULL, F_ANY, 0 },
 };
-static const char *const o_batch[] = { "completions", NULL };
+static const char *const o_batch[] = { "completions", "count", "errors", "model_version", NULL };
 static const struct field f_noop[] = {
 	{ "duration", F_DURATION, 0 }, { "fail_attempts", F_INT, 0 }, { "crash_attempts", F_INT, 0 },
 	{ "outputs", F_MAP, 0 },       { "message", F_STR, 0 },	      { NULL, F_ANY, 0 },

@@ -1,7 +1,9 @@
 /*
  * genpipe-infer: online inference (serve.h) and, in the same process, the
- * deploy stage kind (stages.h).
+ * deploy and batch-infer stage kinds (stages.h), each on its own thread
+ * and database connection.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +14,25 @@
 #include "stages.h"
 
 #define NOPTS (GP_SERVICE_NOPTS + GP_WORKER_NOPTS + GP_STORE_NOPTS + 14)
+
+/* The batch-infer worker: its own thread and database connection. */
+struct bworker {
+	struct gp_worker *w;
+	struct gp_db *db;
+	pthread_t th;
+	int rc;
+};
+
+static void *bworker_main(void *arg)
+{
+	struct bworker *b = arg;
+	struct gp_err err = { 0 };
+	if (gp_worker_run(b->w, gp_service_stop_flag(), &err)) {
+		gp_error("batch-infer worker stopped: %s", err.msg);
+		b->rc = 1;
+	}
+	return NULL;
+}
 
 int main(int argc, char **argv)
 {
@@ -107,16 +128,36 @@ int main(int argc, char **argv)
 		.handler = gp_deploy_handle, .closure = &dc, .metrics = svc.metrics,
 		.version = GP_KIND_UNCACHED,
 	};
+	struct gp_batch_infer_config bc = { .store = cfg.store, .slots = (int)slots };
+	struct gp_worker_config bwc = {
+		.kind = "batch-infer", .lease_ms = lease, .heartbeat_ms = hb, .ack_wait_ms = lease,
+		.handler = gp_batch_infer_handle, .closure = &bc, .metrics = svc.metrics,
+	};
+	struct bworker bw = { 0 };
+	int bstarted = 0;
 	rc = 0;
 	if (gp_server_start(&srv, &cfg, svc.bus, svc.database_url, svc.metrics, &err) ||
-	    gp_worker_create(&w, &wc, svc.db, svc.bus, svc.database_url, &err)) {
+	    gp_worker_create(&w, &wc, svc.db, svc.bus, svc.database_url, &err) ||
+	    gp_db_connect(&bw.db, svc.database_url, 30000, &err) ||
+	    gp_worker_create(&bw.w, &bwc, bw.db, svc.bus, svc.database_url, &err)) {
 		gp_error("could not start: %s", err.msg);
 		rc = 1;
-	} else if (gp_worker_run(w, gp_service_stop_flag(), &err)) {
-		gp_error("deploy worker stopped: %s", err.msg);
-		rc = 1;
+	} else {
+		bstarted = pthread_create(&bw.th, NULL, bworker_main, &bw) == 0;
+		if (gp_worker_run(w, gp_service_stop_flag(), &err)) {
+			gp_error("deploy worker stopped: %s", err.msg);
+			rc = 1;
+		}
 	}
 	gp_info("stopping");
+	if (bstarted) {
+		/* the deploy loop also ends when it fails: stop the other one too */
+		*gp_service_stop_flag() = 1;
+		pthread_join(bw.th, NULL);
+		rc |= bw.rc;
+	}
+	gp_worker_destroy(bw.w);
+	gp_db_destroy(bw.db);
 	gp_worker_destroy(w);
 	gp_server_stop(srv);
 	gp_service_stop(&svc);

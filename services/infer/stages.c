@@ -6,11 +6,16 @@
 #include <cjson/cJSON.h>
 #include <ctype.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
+#include "artifact.h"
 #include "bus.h"
+#include "dataset.h"
+#include "engine.h"
 #include "log.h"
 #include "params.h"
 #include "registry.h"
@@ -244,4 +249,276 @@ done:
 	cJSON_Delete(figures);
 	free(outputs);
 	free(figures_text);
+}
+
+/* ---- batch-infer ---- */
+
+struct bslot {
+	char *text;
+	size_t len;
+	int output_tokens;
+	const char *finish;
+	char error[200];
+	int done;
+};
+
+struct bstate {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int finished;
+	long long tokens;
+};
+
+struct bctx {
+	struct bstate *b;
+	struct bslot *slot;
+};
+
+static void batch_done(void *cl, const struct gp_gen_result *r)
+{
+	struct bctx *c = cl;
+	struct bslot *s = c->slot;
+	s->text = malloc(r->len + 1);
+	if (s->text) {
+		memcpy(s->text, r->text, r->len);
+		s->text[r->len] = 0;
+		s->len = r->len;
+	}
+	s->output_tokens = r->output_tokens;
+	s->finish = r->error_code ? NULL : gp_finish_str(r->finish);
+	if (r->error_code)
+		snprintf(s->error, sizeof(s->error), "%s: %s", r->error_code, r->error ? r->error : "");
+	pthread_mutex_lock(&c->b->mu);
+	s->done = 1;
+	c->b->finished++;
+	c->b->tokens += r->output_tokens;
+	pthread_cond_signal(&c->b->cv);
+	pthread_mutex_unlock(&c->b->mu);
+}
+
+void gp_batch_infer_handle(struct gp_job *job, void *closure)
+{
+	struct gp_batch_infer_config *cfg = closure;
+	const gp_stage_job *msg = gp_job_msg(job);
+	struct gp_db *db = gp_job_db(job);
+	struct gp_err err = {0};
+	cJSON *params = cJSON_Parse(msg->params_json);
+	const char *model = NULL, *alias = NULL, *dataset = NULL;
+	long long version = 0, max_tokens = 0, top_k = 0, seed = 0, max_prompts = 0;
+	double temperature = 0, top_p = 1;
+	uint8_t *mtext = NULL, *data = NULL, *tok = NULL;
+	size_t mlen = 0, dlen = 0, tok_len = 0;
+	struct gp_manifest man = {0};
+	struct gp_lm *lm = NULL;
+	struct gp_engine *eng = NULL;
+	struct bslot *slots = NULL;
+	struct bctx *ctxs = NULL;
+	char **prompts = NULL;
+	size_t *plen = NULL;
+	long long n = 0;
+	struct gp_buf out = {0};
+	char *outputs = NULL;
+	struct bstate bs = {.finished = 0};
+	pthread_mutex_init(&bs.mu, NULL);
+	pthread_cond_init(&bs.cv, NULL);
+	if (!cJSON_IsObject(params)) {
+		gp_job_fail(job, 1, "params are not a JSON object");
+		goto done;
+	}
+	char dhash[65];
+	if (gp_param_string(params, "with", "model", NULL, 63, &model, &err) ||
+	    gp_param_int(params, "with", "version", 0, 0, 1LL << 31, &version, &err) ||
+	    gp_param_string(params, "with", "alias", "production", 63, &alias, &err) ||
+	    gp_param_string(params, "with", "dataset", NULL, 80, &dataset, &err) ||
+	    gp_param_int(params, "with", "max_tokens", 64, 1, 4096, &max_tokens, &err) ||
+	    gp_param_number(params, "with", "temperature", 0, 0, 100, &temperature, &err) ||
+	    gp_param_int(params, "with", "top_k", 0, 0, 1 << 20, &top_k, &err) ||
+	    gp_param_number(params, "with", "top_p", 1, 0, 1, &top_p, &err) ||
+	    gp_param_int(params, "with", "seed", 0, 0, 1LL << 53, &seed, &err) ||
+	    gp_param_int(params, "with", "max_prompts", 10000, 1, 1000000, &max_prompts, &err)) {
+		gp_job_fail(job, 1, err.msg);
+		goto done;
+	}
+	if (!gp_bus_token_ok(model) || !gp_bus_token_ok(alias) ||
+	    gp_artifact_ref_parse(dataset, dhash)) {
+		gp_job_fail(job, 1, "with.model and with.alias must be DNS labels, with.dataset an "
+				    "artifact reference (sha256:...)");
+		goto done;
+	}
+	struct gp_model_ref ref = {0};
+	char path[4096];
+	gp_status st = gp_registry_resolve(db, model, alias, version, &ref, &err);
+	if (!st)
+		st = gp_store_local_path(cfg->store, ref.checkpoint, path, sizeof(path), &err);
+	if (!st)
+		st = gp_store_get(cfg->store, ref.tokenizer, 64u << 20, &tok, &tok_len, &err);
+	if (!st)
+		st = gp_lm_open(&lm, model, ref.version, ref.version_id, path, tok, tok_len, &err);
+	if (st) {
+		gp_job_fail(job, st == GP_ERR_NOT_FOUND || st == GP_ERR_INVALID, err.msg);
+		goto done;
+	}
+	if ((st = gp_store_get(cfg->store, dhash, GP_MANIFEST_MAX, &mtext, &mlen, &err)) ||
+	    (st = gp_manifest_parse((const char *)mtext, mlen, &man, &err)) ||
+	    (st = gp_store_get(cfg->store, man.data, (size_t)1 << 30, &data, &dlen, &err))) {
+		gp_err_wrap(&err, "with.dataset");
+		gp_job_fail(job, st == GP_ERR_NOT_FOUND || st == GP_ERR_INVALID, err.msg);
+		goto done;
+	}
+	struct gp_dataset_reader rd;
+	if ((st = gp_dataset_open(&rd, data, dlen, &err))) {
+		gp_job_fail(job, 1, err.msg);
+		goto done;
+	}
+	long long cap = man.documents < max_prompts ? man.documents : max_prompts;
+	prompts = calloc((size_t)cap + 1, sizeof(*prompts));
+	plen = calloc((size_t)cap + 1, sizeof(*plen));
+	slots = calloc((size_t)cap + 1, sizeof(*slots));
+	ctxs = calloc((size_t)cap + 1, sizeof(*ctxs));
+	if (!prompts || !plen || !slots || !ctxs) {
+		gp_job_fail(job, 0, "out of memory");
+		goto done;
+	}
+	for (int more = 1; n < cap;) {
+		struct gp_doc d;
+		if ((st = gp_dataset_next(&rd, &d, &more, &err))) {
+			gp_job_fail(job, 1, err.msg);
+			goto done;
+		}
+		if (!more)
+			break;
+		prompts[n] = (char *)d.text;
+		plen[n] = d.len;
+		n++;
+	}
+	struct gp_engine_config ec = {.slots = cfg->slots > 0 ? cfg->slots : 32,
+				      .queue = (int)n + 1,
+				      .max_new_tokens = (int)max_tokens,
+				      .default_deadline_ms = 3600000,
+				      .max_deadline_ms = 3600000,
+				      .path = GP_MODEL_FAST};
+	if ((st = gp_engine_create(&eng, &ec, &err))) {
+		gp_job_fail(job, 0, err.msg);
+		goto done;
+	}
+	long long t0 = gp_now_ms(), last = t0;
+	for (long long i = 0; i < n; i++) {
+		struct gp_gen_params p = {
+			.prompt = prompts[i], .prompt_len = plen[i],
+			.sample = {.temperature = (float)temperature, .top_k = (int)top_k,
+				   .top_p = (float)top_p, .seed = (uint64_t)seed + (uint64_t)i},
+			.has_seed = 1, .max_tokens = (int)max_tokens, .no_cache = 1,
+		};
+		const char *code = NULL;
+		ctxs[i] = (struct bctx){&bs, &slots[i]};
+		if (gp_engine_submit(eng, lm, &p, NULL, batch_done, &ctxs[i], &code, &err)) {
+			/* a prompt the model cannot take is an entry, not a failed stage */
+			snprintf(slots[i].error, sizeof(slots[i].error), "%s: %s", code, err.msg);
+			pthread_mutex_lock(&bs.mu);
+			slots[i].done = 1;
+			bs.finished++;
+			pthread_mutex_unlock(&bs.mu);
+		}
+	}
+	for (;;) {
+		pthread_mutex_lock(&bs.mu);
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += 1;
+		if (bs.finished < n)
+			pthread_cond_timedwait(&bs.cv, &bs.mu, &ts);
+		int fin = bs.finished;
+		long long toks = bs.tokens;
+		pthread_mutex_unlock(&bs.mu);
+		if (fin >= n)
+			break;
+		int stop = gp_job_should_stop(job);
+		if (stop) {
+			gp_engine_destroy(eng); /* ends the rest: every callback has run */
+			eng = NULL;
+			if (stop == 2)
+				gp_job_release(job, "shutting down");
+			goto done;
+		}
+		if (gp_now_ms() - last >= 1000) {
+			last = gp_now_ms();
+			char m[160];
+			double secs = (double)(last - t0) / 1000;
+			snprintf(m, sizeof(m), "%d of %lld prompts, %.0f tokens/s", fin, n,
+				 secs > 0 ? (double)toks / secs : 0);
+			gp_job_progress(job, n ? (double)fin / (double)n : 1, m, NULL);
+		}
+	}
+	gp_engine_destroy(eng);
+	eng = NULL;
+	double secs = (double)(gp_now_ms() - t0) / 1000;
+	long long errors = 0;
+	for (long long i = 0; i < n; i++) {
+		cJSON *o = cJSON_CreateObject();
+		cJSON_AddNumberToObject(o, "index", (double)i);
+		char *pclean = NULL, *line = NULL;
+		size_t pl = 0;
+		if (!gp_utf8_sanitize(prompts[i], plen[i], &pclean, &pl, &err))
+			cJSON_AddStringToObject(o, "prompt", pclean);
+		free(pclean);
+		cJSON_AddStringToObject(o, "completion", slots[i].text ? slots[i].text : "");
+		cJSON_AddNumberToObject(o, "output_tokens", slots[i].output_tokens);
+		if (slots[i].error[0]) {
+			cJSON_AddStringToObject(o, "error", slots[i].error);
+			errors++;
+		} else {
+			cJSON_AddStringToObject(o, "finish", slots[i].finish ? slots[i].finish : "");
+		}
+		line = cJSON_PrintUnformatted(o);
+		cJSON_Delete(o);
+		if (!line || gp_buf_append(&out, line, strlen(line), &err) ||
+		    gp_buf_append(&out, "\n", 1, &err)) {
+			free(line);
+			gp_job_fail(job, 0, "out of memory");
+			goto done;
+		}
+		free(line);
+	}
+	char oh[65];
+	char meta[200];
+	snprintf(meta, sizeof(meta), "{\"format\": \"jsonl\", \"records\": %lld, \"model\": \"%s\", "
+		 "\"version\": %lld}", n, model, ref.version);
+	if ((st = gp_store_put(cfg->store, out.p ? out.p : (uint8_t *)"", out.len, oh, &err)) ||
+	    (st = gp_artifact_register(db, cfg->store, oh, "completions", out.len, msg->run_id,
+				       msg->stage, meta, &err))) {
+		gp_job_fail(job, 0, err.msg);
+		goto done;
+	}
+	cJSON *oj = cJSON_CreateObject();
+	char refb[80];
+	snprintf(refb, sizeof(refb), "sha256:%s", oh);
+	cJSON_AddStringToObject(oj, "completions", refb);
+	cJSON_AddNumberToObject(oj, "count", (double)n);
+	cJSON_AddNumberToObject(oj, "errors", (double)errors);
+	cJSON_AddNumberToObject(oj, "model_version", (double)ref.version);
+	outputs = cJSON_PrintUnformatted(oj);
+	cJSON_Delete(oj);
+	char mj[200];
+	snprintf(mj, sizeof(mj), "{\"prompts\": %lld, \"errors\": %lld, \"tokens\": %lld, "
+		 "\"tokens_per_second\": %.1f, \"seconds\": %.2f}", n, errors, bs.tokens,
+		 secs > 0 ? (double)bs.tokens / secs : 0, secs);
+	gp_job_succeed(job, outputs, mj);
+done:
+	gp_engine_destroy(eng);
+	for (long long i = 0; slots && i < n; i++)
+		free(slots[i].text);
+	free(slots);
+	free(ctxs);
+	free(prompts);
+	free(plen);
+	free(out.p);
+	free(outputs);
+	free(mtext);
+	free(data);
+	free(tok);
+	gp_manifest_free(&man);
+	gp_lm_unref(lm);
+	cJSON_Delete(params);
+	pthread_mutex_destroy(&bs.mu);
+	pthread_cond_destroy(&bs.cv);
 }

@@ -38,4 +38,21 @@ struct gp_deploy_config {
 };
 void gp_deploy_handle(struct gp_job *job, void *closure);
 
+/*
+ * batch-infer: with.dataset (an ingest dataset manifest: each document is a
+ * prompt, at most with.max_prompts), with.model and with.version (0:
+ * through with.alias, default production), sampling (max_tokens,
+ * temperature, top_k, top_p, seed; prompt i uses seed + i, so the output
+ * is reproducible). Generates with the batching engine in this process and
+ * writes a JSON-lines artifact (kind completions: index, prompt,
+ * completion, output_tokens, finish or error). A prompt the model cannot
+ * take (too long) is an entry with its error, not a failed stage.
+ */
+struct gp_store;
+struct gp_batch_infer_config {
+	struct gp_store *store;
+	int slots;
+};
+void gp_batch_infer_handle(struct gp_job *job, void *closure);
+
 #endif

@@ -10,10 +10,14 @@
  *      reach the new version within 2 s (the registry message; the
  *      periodic backstop is set to a minute here);
  *   5. the deploy stage: a worse candidate is kept out with its reason, a
- *      better one is promoted, each decision recorded.
+ *      better one is promoted, each decision recorded;
+ *   6. the batch-infer stage: a dataset of prompts in, a completions
+ *      artifact out, an over-long prompt an entry with its error.
  * Two versions of a small random model are made here and put in the store.
  */
+#include <cjson/cJSON.h>
 #include <math.h>
+#include <openssl/sha.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -28,6 +32,7 @@
 
 #include "artifact.h"
 #include "bpe.h"
+#include "dataset.h"
 #include "model.h"
 #include "registry.h"
 #include "subjects.h"
@@ -504,6 +509,83 @@ static int body(struct gp_test_env *env)
 	REQUIRE(gp_test_wait_run(db, r4, 60000) == 1);
 	CHECK(q("SELECT count(*) FROM deploy_decisions WHERE run_id = %lld", r4) == 1);
 	CHECK(q("SELECT count(*) FROM audit_log WHERE action = 'model.alias'") == 3);
+
+	/* 6. batch-infer over a dataset of prompts */
+	{
+		const char *docs[] = {"The quick", "A bird in the hand", "lazy dog", NULL};
+		struct gp_buf dsb = {0};
+		uint8_t hdr[8], trl[12], sha[32] = {0};
+		gp_dataset_header(hdr);
+		REQUIRE_OK(gp_buf_append(&dsb, hdr, 8, &e), e);
+		int nd = 0;
+		for (; docs[nd]; nd++) {
+			SHA256((const unsigned char *)docs[nd], strlen(docs[nd]), sha);
+			REQUIRE_OK(gp_dataset_record(&dsb, "test", sha, docs[nd], strlen(docs[nd]), &e), e);
+		}
+		char longdoc[3000];
+		for (int i = 0; i < 2999; i++)
+			longdoc[i] = "abcdefg "[i % 8];
+		longdoc[2999] = 0;
+		SHA256((const unsigned char *)longdoc, strlen(longdoc), sha);
+		REQUIRE_OK(gp_dataset_record(&dsb, "test", sha, longdoc, strlen(longdoc), &e), e);
+		nd++;
+		gp_dataset_trailer((uint64_t)nd, trl);
+		REQUIRE_OK(gp_buf_append(&dsb, trl, 12, &e), e);
+		st = NULL;
+		REQUIRE_OK(gp_store_open(&st, store_uri, &e), e);
+		char dh[65], mh[65], man[512];
+		REQUIRE_OK(gp_store_put(st, dsb.p, dsb.len, dh, &e), e);
+		snprintf(man, sizeof man,
+			 "{\"format\": \"genpipe-dataset/1\", \"data\": \"sha256:%s\", "
+			 "\"documents\": %d, \"bytes\": %zu, \"dropped\": {}, \"utf8_replaced\": 0, "
+			 "\"sources\": []}", dh, nd, dsb.len);
+		REQUIRE_OK(gp_store_put(st, man, strlen(man), mh, &e), e);
+		free(dsb.p);
+		char by[1024];
+		snprintf(by, sizeof by,
+			 "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: score}\nspec:\n"
+			 "  stages:\n"
+			 "    - name: complete\n      kind: batch-infer\n"
+			 "      with: {model: toy, version: 3, dataset: \"sha256:%s\", max_tokens: 6}\n",
+			 mh);
+		long long rb = gp_test_submit(db, by, NULL, 0);
+		REQUIRE(gp_test_wait_run(db, rb, 60000) == 1);
+		char *ref = qs("SELECT outputs->>'completions' FROM stage_attempts WHERE run_id = %lld "
+			       "AND state = 'succeeded'", rb);
+		REQUIRE(ref);
+		CHECK(q("SELECT (outputs->>'count')::int FROM stage_attempts WHERE run_id = %lld AND "
+			"state = 'succeeded'", rb) == nd);
+		CHECK(q("SELECT (outputs->>'errors')::int FROM stage_attempts WHERE run_id = %lld AND "
+			"state = 'succeeded'", rb) == 1);
+		char hh[65];
+		REQUIRE(gp_artifact_ref_parse(ref, hh) == 0);
+		uint8_t *jl = NULL;
+		size_t jlen = 0;
+		REQUIRE_OK(gp_store_get(st, hh, 1 << 20, &jl, &jlen, &e), e);
+		int lines = 0, good = 0;
+		for (char *line = strtok((char *)jl, "\n"); line; line = strtok(NULL, "\n")) {
+			cJSON *o = cJSON_Parse(line);
+			lines++;
+			cJSON *idx = cJSON_GetObjectItem(o, "index");
+			cJSON *pr = cJSON_GetObjectItem(o, "prompt");
+			if (idx && idx->valueint < 3 && cJSON_IsString(pr) &&
+			    !strcmp(pr->valuestring, docs[idx->valueint]) &&
+			    cJSON_GetObjectItem(o, "finish") &&
+			    cJSON_GetObjectItem(o, "output_tokens")->valueint >= 1)
+				good++;
+			if (idx && idx->valueint == 3)
+				CHECK_CONTAINS(cJSON_GetStringValue(cJSON_GetObjectItem(o, "error")),
+					       "the limit is");
+			cJSON_Delete(o);
+		}
+		printf("batch-infer: %d lines, %d completed\n", lines, good);
+		CHECK(lines == nd && good == 3);
+		CHECK(q("SELECT count(*) FROM artifacts WHERE content_hash = '%s' AND kind = "
+			"'completions' AND run_id = %lld", hh, rb) == 1);
+		free(jl);
+		free(ref);
+		gp_store_close(st);
+	}
 	gp_bus_destroy(bus);
 	gp_db_destroy(db);
 	return CHECK_RESULT();
