@@ -10,8 +10,42 @@
 #include <time.h>
 
 #include "cli.h"
-#include "subjects.h"
-#include "wire.h"
+#include "telemetry.h"
+
+struct show {
+	cJSON *arr;
+	long long found;
+};
+
+static int show_one(const gp_telemetry *t, unsigned long long seq, void *closure)
+{
+	struct show *sh = closure;
+	sh->found++;
+	if (sh->arr) {
+		cJSON *o = cJSON_CreateObject();
+		cJSON_AddNumberToObject(o, "seq", (double)seq);
+		cJSON_AddStringToObject(o, "request_id", t->request_id);
+		cJSON_AddNumberToObject(o, "model_version", (double)t->model_version);
+		cJSON_AddNumberToObject(o, "prompt_tokens", (double)t->n_prompt_tokens);
+		cJSON_AddNumberToObject(o, "output_tokens", t->output_tokens);
+		cJSON_AddNumberToObject(o, "latency_ms", t->latency_ms);
+		cJSON_AddBoolToObject(o, "cache_hit", t->cache_hit);
+		cJSON_AddStringToObject(o, "error_code", t->error_code);
+		cJSON_AddNumberToObject(o, "time_unix_ms", (double)t->time_unix_ms);
+		cJSON_AddStringToObject(o, "prompt", t->prompt);
+		cJSON_AddStringToObject(o, "completion", t->completion);
+		cJSON_AddItemToArray(sh->arr, o);
+	} else {
+		time_t ts = (time_t)(t->time_unix_ms / 1000);
+		struct tm tm;
+		char when[32];
+		strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", gmtime_r(&ts, &tm));
+		printf("%-19s  %-26s  %7lld  %6zu  %6u  %7.1fms  %-5s  %s\n", when, t->request_id,
+		       (long long)t->model_version, t->n_prompt_tokens, t->output_tokens,
+		       t->latency_ms, t->cache_hit ? "hit" : "-", t->error_code);
+	}
+	return sh->found >= cli_limit;
+}
 
 int cmd_telemetry(int n, char **args)
 {
@@ -19,76 +53,24 @@ int cmd_telemetry(int n, char **args)
 		fprintf(stderr, "genpipe: telemetry NAME [--limit N] [--json]\n");
 		return 2;
 	}
-	const char *model = args[0];
 	struct gp_bus *bus = cli_bus();
 	if (!bus)
 		return 1;
-	jsCtx *js = gp_bus_js(bus);
-	jsStreamInfo *si = NULL;
-	jsErrCode jerr = 0;
-	natsStatus s = js_GetStreamInfo(&si, js, GP_STREAM_TELEMETRY, NULL, &jerr);
-	if (s != NATS_OK) {
-		fprintf(stderr, "genpipe: telemetry: %s\n", natsStatus_GetText(s));
-		gp_bus_destroy(bus);
-		return 1;
-	}
-	uint64_t first = si->State.FirstSeq, last = si->State.LastSeq;
-	jsStreamInfo_Destroy(si);
-	char subject[128];
-	snprintf(subject, sizeof subject, GP_SUBJ_TELEMETRY "%s", model);
-	cJSON *arr = cli_json ? cJSON_CreateArray() : NULL;
+	struct show sh = {cli_json ? cJSON_CreateArray() : NULL, 0};
 	if (!cli_json)
 		printf("%-19s  %-26s  %7s  %6s  %6s  %9s  %-5s  %s\n", "time", "request", "version",
 		       "prompt", "output", "latency", "cache", "error");
-	long long found = 0;
-	for (uint64_t seq = last, seen = 0; seq >= first && seq > 0 && found < cli_limit &&
-					    seen < 20000; seq--, seen++) {
-		natsMsg *m = NULL;
-		if (js_GetMsg(&m, js, GP_STREAM_TELEMETRY, seq, NULL, &jerr) != NATS_OK)
-			continue;
-		if (strcmp(natsMsg_GetSubject(m), subject)) {
-			natsMsg_Destroy(m);
-			continue;
-		}
-		gp_telemetry *t = NULL;
-		struct gp_err err = {0};
-		if (gp_wire_decode_telemetry(&t, (const uint8_t *)natsMsg_GetData(m),
-					     (size_t)natsMsg_GetDataLength(m), &err)) {
-			natsMsg_Destroy(m);
-			continue;
-		}
-		found++;
-		if (cli_json) {
-			cJSON *o = cJSON_CreateObject();
-			cJSON_AddNumberToObject(o, "seq", (double)seq);
-			cJSON_AddStringToObject(o, "request_id", t->request_id);
-			cJSON_AddNumberToObject(o, "model_version", (double)t->model_version);
-			cJSON_AddNumberToObject(o, "prompt_tokens", (double)t->n_prompt_tokens);
-			cJSON_AddNumberToObject(o, "output_tokens", t->output_tokens);
-			cJSON_AddNumberToObject(o, "latency_ms", t->latency_ms);
-			cJSON_AddBoolToObject(o, "cache_hit", t->cache_hit);
-			cJSON_AddStringToObject(o, "error_code", t->error_code);
-			cJSON_AddNumberToObject(o, "time_unix_ms", (double)t->time_unix_ms);
-			cJSON_AddStringToObject(o, "prompt", t->prompt);
-			cJSON_AddStringToObject(o, "completion", t->completion);
-			cJSON_AddItemToArray(arr, o);
-		} else {
-			time_t ts = (time_t)(t->time_unix_ms / 1000);
-			struct tm tm;
-			char when[32];
-			strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", gmtime_r(&ts, &tm));
-			printf("%-19s  %-26s  %7lld  %6zu  %6u  %7.1fms  %-5s  %s\n", when,
-			       t->request_id, (long long)t->model_version, t->n_prompt_tokens,
-			       t->output_tokens, t->latency_ms, t->cache_hit ? "hit" : "-",
-			       t->error_code);
-		}
-		gp_wire_free_telemetry(t);
-		natsMsg_Destroy(m);
+	struct gp_err err = {0};
+	gp_status st = gp_telemetry_scan(bus, args[0], 0, 20000, show_one, &sh, &err);
+	gp_bus_destroy(bus);
+	if (st) {
+		cJSON_Delete(sh.arr);
+		fprintf(stderr, "genpipe: telemetry: %s\n", err.msg);
+		return 1;
 	}
 	if (cli_json)
-		cli_print_json(arr);
-	else if (!found)
-		printf("(no requests of %s in the stream)\n", model);
-	gp_bus_destroy(bus);
+		cli_print_json(sh.arr);
+	else if (!sh.found)
+		printf("(no requests of %s in the stream)\n", args[0]);
 	return 0;
 }

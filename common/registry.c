@@ -118,13 +118,15 @@ gp_status gp_registry_resolve(struct gp_db *db, const char *model, const char *a
 		db, "resolve model",
 		"SELECT (SELECT count(*) FROM models WHERE name = $1), v.version, v.id, "
 		"coalesce(ar.content_hash, ''), coalesce(v.lineage->>'tokenizer', ''), "
-		"v.metrics->>'val_loss' "
+		"v.metrics->>'val_loss', cv.version, c.fraction "
 		"FROM (SELECT 1) one LEFT JOIN models m ON m.name = $1 "
 		"LEFT JOIN model_versions v ON v.model_id = m.id AND "
 		"(($2::int IS NOT NULL AND v.version = $2::int) OR ($2::int IS NULL AND v.id = "
 		"(SELECT model_version_id FROM model_aliases al WHERE al.model_id = m.id AND "
 		"al.alias = $3))) "
-		"LEFT JOIN artifacts ar ON ar.id = v.artifact_id",
+		"LEFT JOIN artifacts ar ON ar.id = v.artifact_id "
+		"LEFT JOIN model_canaries c ON $2::int IS NULL AND c.model_id = m.id AND c.alias = $3 "
+		"LEFT JOIN model_versions cv ON cv.id = c.model_version_id",
 		3, p, &r, err);
 	if (st)
 		return st;
@@ -145,7 +147,132 @@ gp_status gp_registry_resolve(struct gp_db *db, const char *model, const char *a
 		out->version_id = atoll(PQgetvalue(r, 0, 2));
 		snprintf(out->checkpoint, sizeof(out->checkpoint), "%s", PQgetvalue(r, 0, 3));
 		out->val_loss = PQgetisnull(r, 0, 5) ? NAN : atof(PQgetvalue(r, 0, 5));
+		out->canary_version = PQgetisnull(r, 0, 6) ? 0 : atoll(PQgetvalue(r, 0, 6));
+		out->canary_fraction = PQgetisnull(r, 0, 7) ? 0 : atof(PQgetvalue(r, 0, 7));
 	}
 	PQclear(r);
+	return st;
+}
+
+/* The alias's current version (for the RegistryChange), in the open transaction. */
+static gp_status notify(struct gp_db *db, const char *model, const char *alias,
+			struct gp_err *err)
+{
+	PGresult *r = NULL;
+	const char *p[] = {model, alias};
+	gp_status st = gp_db_exec(db, "read alias",
+				  "SELECT v.version FROM models m JOIN model_aliases a ON "
+				  "a.model_id = m.id AND a.alias = $2 JOIN model_versions v ON "
+				  "v.id = a.model_version_id WHERE m.name = $1", 2, p, &r, err);
+	if (st)
+		return st;
+	long long v = PQntuples(r) ? atoll(PQgetvalue(r, 0, 0)) : 0;
+	PQclear(r);
+	if (!v)
+		return gp_err_set(err, GP_ERR_NOT_FOUND, "model \"%s\" has no alias \"%s\"", model,
+				  alias);
+	gp_registry_change rc = GENPIPE__V1__REGISTRY_CHANGE__INIT;
+	rc.model = (char *)model;
+	rc.alias = (char *)alias;
+	rc.version = v;
+	rc.from_version = v;
+	rc.time_unix_ms = gp_wall_ms();
+	char subject[128];
+	uint8_t *msg = NULL;
+	size_t mlen = 0;
+	snprintf(subject, sizeof(subject), GP_SUBJ_REGISTRY "%s", model);
+	if (!(st = gp_wire_encode(&rc.base, &msg, &mlen, err)))
+		st = gp_outbox_put(db, subject, msg, mlen, NULL, err);
+	free(msg);
+	return st;
+}
+
+static gp_status audit(struct gp_db *db, const char *model, const char *alias,
+		       const char *detail, struct gp_err *err)
+{
+	char object[300];
+	snprintf(object, sizeof(object), "%s@%s", model, alias);
+	const char *ap[] = {"deploy", object, detail};
+	return gp_db_exec(db, "audit canary",
+			  "INSERT INTO audit_log (actor, action, object, detail) "
+			  "VALUES ($1, 'model.canary', $2, $3::jsonb)", 3, ap, NULL, err);
+}
+
+gp_status gp_registry_set_canary(struct gp_db *db, const char *model, const char *alias,
+				 long long version, double fraction, long long run_id,
+				 const char *stage, long long *started_ms, struct gp_err *err)
+{
+	if (!(fraction > 0 && fraction < 1))
+		return gp_err_set(err, GP_ERR_INVALID, "canary fraction %g is not in (0, 1)", fraction);
+	char ver[32], frac[32], run[32], detail[300];
+	snprintf(ver, sizeof(ver), "%lld", version);
+	snprintf(frac, sizeof(frac), "%.17g", fraction);
+	snprintf(run, sizeof(run), "%lld", run_id);
+	snprintf(detail, sizeof(detail),
+		 "{\"version\": %lld, \"fraction\": %g, \"run_id\": %lld, \"stage\": \"%s\"}",
+		 version, fraction, run_id, stage);
+	PGresult *r = NULL;
+	gp_status st = gp_db_begin(db, err);
+	if (st)
+		return st;
+	const char *p[] = {model, alias, ver, frac, run, stage};
+	st = gp_db_exec(db, "set canary",
+			"INSERT INTO model_canaries (model_id, alias, model_version_id, fraction, "
+			"run_id, stage) SELECT m.id, $2, v.id, $4::float8, $5::bigint, $6 FROM models m "
+			"JOIN model_versions v ON v.model_id = m.id AND v.version = $3::int "
+			"WHERE m.name = $1 ON CONFLICT (model_id, alias) DO UPDATE SET "
+			"model_version_id = EXCLUDED.model_version_id, fraction = EXCLUDED.fraction, "
+			"started_at = CASE WHEN model_canaries.run_id IS NOT DISTINCT FROM "
+			"EXCLUDED.run_id AND model_canaries.stage IS NOT DISTINCT FROM EXCLUDED.stage "
+			"AND model_canaries.model_version_id = EXCLUDED.model_version_id "
+			"THEN model_canaries.started_at ELSE now() END, "
+			"run_id = EXCLUDED.run_id, stage = EXCLUDED.stage "
+			"RETURNING (extract(epoch FROM started_at) * 1000)::bigint",
+			6, p, &r, err);
+	if (!st && PQntuples(r) == 0)
+		st = gp_err_set(err, GP_ERR_NOT_FOUND, "model \"%s\" has no version %lld", model,
+				version);
+	if (!st && started_ms)
+		*started_ms = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	if (!st)
+		st = audit(db, model, alias, detail, err);
+	if (!st)
+		st = notify(db, model, alias, err);
+	if (!st)
+		st = gp_db_commit(db, err);
+	if (st)
+		gp_db_rollback(db);
+	return st;
+}
+
+gp_status gp_registry_clear_canary(struct gp_db *db, const char *model, const char *alias,
+				   const char *why, struct gp_err *err)
+{
+	PGresult *r = NULL;
+	gp_status st = gp_db_begin(db, err);
+	if (st)
+		return st;
+	const char *p[] = {model, alias};
+	st = gp_db_exec(db, "clear canary",
+			"DELETE FROM model_canaries c USING models m WHERE m.id = c.model_id AND "
+			"m.name = $1 AND c.alias = $2 RETURNING 1", 2, p, &r, err);
+	int had = !st && PQntuples(r) > 0;
+	PQclear(r);
+	if (had) {
+		cJSON *d = cJSON_CreateObject();
+		cJSON_AddBoolToObject(d, "cleared", 1);
+		cJSON_AddStringToObject(d, "why", why ? why : "");
+		char *dt = cJSON_PrintUnformatted(d);
+		cJSON_Delete(d);
+		st = dt ? audit(db, model, alias, dt, err) : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		free(dt);
+		if (!st)
+			st = notify(db, model, alias, err);
+	}
+	if (!st)
+		st = gp_db_commit(db, err);
+	if (st)
+		gp_db_rollback(db);
 	return st;
 }

@@ -32,6 +32,8 @@ struct gp_model_ref {
 	char checkpoint[65];   /* artifact hash of the checkpoint */
 	char tokenizer[65];    /* artifact hash of the tokenizer */
 	double val_loss;       /* NAN when not recorded */
+	long long canary_version;  /* through an alias with a canary: its version, else 0 */
+	double canary_fraction;
 };
 
 /*
@@ -40,5 +42,19 @@ struct gp_model_ref {
  */
 gp_status gp_registry_resolve(struct gp_db *db, const char *model, const char *alias,
 			      long long version, struct gp_model_ref *out, struct gp_err *err);
+
+/*
+ * Send fraction (0 < f < 1) of alias's requests to version as a canary, for
+ * the deploy stage (run_id, stage) that watches it; replaces any canary of
+ * that alias. *started_ms (may be NULL) gets when the canary began (kept
+ * when the same run and stage set it again, so a retried stage resumes its
+ * window). Clearing removes it (no row: nothing happens). Each change is
+ * one transaction with an audit row (model.canary) and a RegistryChange.
+ */
+gp_status gp_registry_set_canary(struct gp_db *db, const char *model, const char *alias,
+				 long long version, double fraction, long long run_id,
+				 const char *stage, long long *started_ms, struct gp_err *err);
+gp_status gp_registry_clear_canary(struct gp_db *db, const char *model, const char *alias,
+				   const char *why, struct gp_err *err);
 
 #endif

@@ -30,6 +30,8 @@ struct loaded {
 struct alias_entry {
 	char model[64], alias[64];
 	long long version;
+	long long canary;     /* 0: none */
+	double fraction;      /* of requests through the alias that go to the canary */
 };
 
 struct tevent {
@@ -168,17 +170,29 @@ static void *telemetry_main(void *arg)
 	}
 }
 
-/* Successes are sampled by request id (the same id, the same decision). */
+/* A uniform number in [0, 1) from a request id and a salt: the same id,
+ * the same decision (telemetry sampling, canary routing). */
+static double id_unit(const char *salt, const char *request_id)
+{
+	uint64_t h = 1469598103934665603ULL;
+	for (const char *p = salt; *p; p++)
+		h = (h ^ (uint8_t)*p) * 1099511628211ULL;
+	for (const char *p = request_id; *p; p++)
+		h = (h ^ (uint8_t)*p) * 1099511628211ULL;
+	h ^= h >> 33;
+	h *= 0xff51afd7ed558ccdULL;
+	h ^= h >> 33;
+	return (double)(h >> 11) / 9007199254740992.0;
+}
+
+/* Successes are sampled by request id. */
 static int sampled(const struct gp_server *s, const char *request_id)
 {
 	if (s->cfg.telemetry_sample >= 1.0)
 		return 1;
 	if (s->cfg.telemetry_sample <= 0)
 		return 0;
-	uint64_t h = 1469598103934665603ULL;
-	for (const char *p = request_id; *p; p++)
-		h = (h ^ (uint8_t)*p) * 1099511628211ULL;
-	return (double)(h >> 11) / 9007199254740992.0 < s->cfg.telemetry_sample;
+	return id_unit("telemetry", request_id) < s->cfg.telemetry_sample;
 }
 
 static void telemetry(struct gp_server *s, const char *model, const char *request_id,
@@ -313,7 +327,8 @@ static void on_done(void *cl, const struct gp_gen_result *r)
 static int alias_named(const struct gp_server *s, const struct gp_lm *lm)
 {
 	for (int i = 0; i < s->naliases; i++)
-		if (!strcmp(s->aliases[i].model, lm->name) && s->aliases[i].version == lm->version)
+		if (!strcmp(s->aliases[i].model, lm->name) &&
+		    (s->aliases[i].version == lm->version || s->aliases[i].canary == lm->version))
 			return 1;
 	return 0;
 }
@@ -413,7 +428,8 @@ static gp_status resolve(struct gp_server *s, const char *model, const char *ali
 }
 
 /* Record what an alias names now (load first, so requests never wait). */
-static void alias_set(struct gp_server *s, const char *model, const char *alias, long long version)
+static void alias_set(struct gp_server *s, const char *model, const char *alias, long long version,
+		      long long canary, double fraction)
 {
 	pthread_mutex_lock(&s->mu);
 	int i;
@@ -428,40 +444,56 @@ static void alias_set(struct gp_server *s, const char *model, const char *alias,
 		snprintf(s->aliases[i].model, sizeof(s->aliases[i].model), "%s", model);
 		snprintf(s->aliases[i].alias, sizeof(s->aliases[i].alias), "%s", alias);
 	}
-	long long old = s->aliases[i].version;
+	long long old = s->aliases[i].version, oldc = s->aliases[i].canary;
 	s->aliases[i].version = version;
+	s->aliases[i].canary = canary;
+	s->aliases[i].fraction = fraction;
 	pthread_mutex_unlock(&s->mu);
 	if (old && old != version)
 		gp_info("%s@%s: version %lld -> %lld", model, alias, old, version);
+	if (canary != oldc)
+		gp_info("%s@%s: canary %lld (%.0f%% of requests)", model, alias, canary,
+			100 * fraction);
 }
 
-static long long alias_get(struct gp_server *s, const char *model, const char *alias)
+/* What the alias names; with request_id, the version this request goes to
+ * (the canary for its share of ids). 0: not cached. */
+static long long alias_get(struct gp_server *s, const char *model, const char *alias,
+			   const char *request_id)
 {
-	long long v = 0;
+	long long v = 0, c = 0;
+	double f = 0;
 	pthread_mutex_lock(&s->mu);
 	for (int i = 0; i < s->naliases; i++)
-		if (!strcmp(s->aliases[i].model, model) && !strcmp(s->aliases[i].alias, alias))
+		if (!strcmp(s->aliases[i].model, model) && !strcmp(s->aliases[i].alias, alias)) {
 			v = s->aliases[i].version;
+			c = s->aliases[i].canary;
+			f = s->aliases[i].fraction;
+		}
 	pthread_mutex_unlock(&s->mu);
+	if (v && c && request_id && id_unit("canary", request_id) < f)
+		return c;
 	return v;
 }
 
 /* Resolve (through the alias cache) and load. */
 static gp_status lookup(struct gp_server *s, const char *model, const char *alias,
-			long long version, struct gp_lm **out, struct gp_err *err)
+			long long version, const char *request_id, struct gp_lm **out,
+			long long *chosen, struct gp_err *err)
 {
 	struct gp_model_ref ref = {0};
+	*chosen = version;
 	if (!version) {
-		version = alias_get(s, model, alias);
+		version = alias_get(s, model, alias, request_id);
 		if (!version) {
 			gp_status st = resolve(s, model, alias, 0, &ref, err);
 			if (st)
 				return st;
-			if ((st = get_version(s, model, &ref, out, err)))
-				return st;
-			alias_set(s, model, alias, ref.version);
-			return GP_OK;
+			alias_set(s, model, alias, ref.version, ref.canary_version,
+				  ref.canary_fraction);
+			version = alias_get(s, model, alias, request_id);
 		}
+		*chosen = version; /* failures are the version's, in telemetry too */
 	}
 	/* a loaded version needs no database round trip */
 	pthread_mutex_lock(&s->mu);
@@ -480,15 +512,22 @@ static gp_status lookup(struct gp_server *s, const char *model, const char *alia
 /* Move our view of an alias: load the new version, then switch. */
 static void alias_moved(struct gp_server *s, const char *model, const char *alias)
 {
-	struct gp_model_ref ref = {0};
+	struct gp_model_ref ref = {0}, cref = {0};
 	struct gp_err err = {0};
-	struct gp_lm *lm = NULL;
+	struct gp_lm *lm = NULL, *clm = NULL;
 	if (resolve(s, model, alias, 0, &ref, &err) || get_version(s, model, &ref, &lm, &err)) {
 		gp_warn("%s@%s: %s", model, alias, err.msg);
 		return;
 	}
-	alias_set(s, model, alias, ref.version);
+	/* a canary that cannot load still gets its share: its requests fail,
+	 * and the deploy stage watching it sees them fail */
+	if (ref.canary_version &&
+	    (resolve(s, model, NULL, ref.canary_version, &cref, &err) ||
+	     get_version(s, model, &cref, &clm, &err)))
+		gp_warn("%s@%s canary %lld: %s", model, alias, ref.canary_version, err.msg);
+	alias_set(s, model, alias, ref.version, ref.canary_version, ref.canary_fraction);
 	gp_lm_unref(lm);
+	gp_lm_unref(clm);
 }
 
 static void on_registry(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *cl)
@@ -503,7 +542,7 @@ static void on_registry(natsConnection *nc, natsSubscription *sub, natsMsg *msg,
 		gp_warn("registry change: %s", err.msg);
 	} else if (!strcmp(s->cfg.model, "*") || !strcmp(s->cfg.model, rc->model)) {
 		/* only aliases someone asked for (or the default one) are kept */
-		if (alias_get(s, rc->model, rc->alias) || !strcmp(rc->alias, s->cfg.alias))
+		if (alias_get(s, rc->model, rc->alias, NULL) || !strcmp(rc->alias, s->cfg.alias))
 			alias_moved(s, rc->model, rc->alias);
 	}
 	gp_wire_free_registry_change(rc);
@@ -535,7 +574,8 @@ static void *poll_main(void *arg)
 			struct gp_model_ref ref = {0};
 			struct gp_err err = {0};
 			if (!resolve(s, copy[i].model, copy[i].alias, 0, &ref, &err) &&
-			    ref.version != copy[i].version)
+			    (ref.version != copy[i].version || ref.canary_version != copy[i].canary ||
+			     ref.canary_fraction != copy[i].fraction))
 				alias_moved(s, copy[i].model, copy[i].alias);
 		}
 	}
@@ -578,9 +618,10 @@ static void on_request(natsConnection *nc, natsSubscription *sub, natsMsg *msg, 
 		       "the request names another model than its subject", NULL, t0);
 		goto out;
 	}
-	gp_status st = lookup(s, q->model, alias, q->version, &lm, &err);
+	long long chosen = 0;
+	gp_status st = lookup(s, q->model, alias, q->version, q->request_id, &lm, &chosen, &err);
 	if (st) {
-		refuse(s, rsubj, q->model, q->request_id, q->version,
+		refuse(s, rsubj, q->model, q->request_id, chosen,
 		       st == GP_ERR_NOT_FOUND ? "not_found" : "unavailable", err.msg,
 		       s->cfg.log_payloads ? q->prompt : NULL, t0);
 		goto out;
@@ -732,7 +773,8 @@ gp_status gp_server_start(struct gp_server **out, const struct gp_server_config 
 	if (strcmp(s->cfg.model, "*")) {
 		struct gp_lm *lm = NULL;
 		struct gp_err e2 = {0};
-		if (lookup(s, s->cfg.model, s->cfg.alias, 0, &lm, &e2))
+		long long chosen = 0;
+		if (lookup(s, s->cfg.model, s->cfg.alias, 0, NULL, &lm, &chosen, &e2))
 			gp_info("%s@%s not served yet: %s", s->cfg.model, s->cfg.alias, e2.msg);
 		gp_lm_unref(lm);
 	}

@@ -19,6 +19,8 @@
 #include "log.h"
 #include "params.h"
 #include "registry.h"
+#include "spec.h"
+#include "telemetry.h"
 
 static const char *skip(const char *p)
 {
@@ -110,9 +112,180 @@ static double metric_of(const char *json, const char *name)
 	return d;
 }
 
+/* ---- canary ---- */
+
+struct canary_opts {
+	double fraction;
+	long long duration_ms;
+	double max_error_rate;
+	long long min_requests;
+	double max_latency_ratio;
+};
+
+static gp_status canary_parse(const cJSON *c, struct canary_opts *o, struct gp_err *err)
+{
+	const char *dur = NULL;
+	if (!cJSON_IsObject(c))
+		return gp_err_set(err, GP_ERR_INVALID, "with.canary must be a map (fraction, duration, "
+				  "max_error_rate, min_requests, max_latency_ratio)");
+	gp_status st;
+	if ((st = gp_param_number(c, "with.canary", "fraction", 0.1, 1e-6, 0.999999, &o->fraction,
+				  err)) ||
+	    (st = gp_param_string(c, "with.canary", "duration", "60s", 32, &dur, err)) ||
+	    (st = gp_param_number(c, "with.canary", "max_error_rate", 0.01, 0, 1, &o->max_error_rate,
+				  err)) ||
+	    (st = gp_param_int(c, "with.canary", "min_requests", 1, 0, 1LL << 40, &o->min_requests,
+			       err)) ||
+	    (st = gp_param_number(c, "with.canary", "max_latency_ratio", 2.0, 1, 1e6,
+				  &o->max_latency_ratio, err)))
+		return st;
+	o->duration_ms = gp_spec_parse_duration(dur);
+	if (o->duration_ms < 0 || o->duration_ms > 24LL * 3600 * 1000)
+		return gp_err_set(err, GP_ERR_INVALID, "with.canary.duration \"%s\" is not a duration "
+				  "up to 24h", dur);
+	return GP_OK;
+}
+
+#define CANARY_LAT_MAX 20000
+struct version_stats {
+	long long version, requests, errors;
+	double lat[CANARY_LAT_MAX];
+	int nlat;
+};
+
+struct canary_count {
+	struct version_stats *cand, *stable;
+};
+
+static int canary_event(const gp_telemetry *t, unsigned long long seq, void *closure)
+{
+	(void)seq;
+	struct canary_count *c = closure;
+	struct version_stats *v = t->model_version == c->cand->version     ? c->cand
+				  : t->model_version == c->stable->version ? c->stable
+									   : NULL;
+	if (!v)
+		return 0;
+	v->requests++;
+	/* refusals for load (busy) are not the version's fault; anything else is */
+	if (t->error_code && *t->error_code && strcmp(t->error_code, "busy") &&
+	    strcmp(t->error_code, "bad_request"))
+		v->errors++;
+	else if (!t->cache_hit && v->nlat < CANARY_LAT_MAX && t->output_tokens > 0)
+		v->lat[v->nlat++] = t->latency_ms / t->output_tokens;
+	return 0;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+	if (!n)
+		return NAN;
+	qsort(v, (size_t)n, sizeof(double), cmp_d);
+	return v[n / 2];
+}
+
+/*
+ * Run the canary: route o->fraction of the alias's requests to version,
+ * wait o->duration_ms (heartbeats go on), then judge from the telemetry
+ * stream. *promote and reason/figures get the verdict; 1 is returned when
+ * the job must stop (lease lost or shutdown; the canary stays for the next
+ * attempt, which resumes its window).
+ */
+static int canary_run(struct gp_job *job, struct gp_db *db, struct gp_bus *bus, const char *model,
+		      const char *alias, long long version, long long current,
+		      const struct canary_opts *o, int *promote, char *reason, size_t rlen,
+		      cJSON *figures, struct gp_err *err)
+{
+	const gp_stage_job *msg = gp_job_msg(job);
+	long long started = 0;
+	if (gp_registry_set_canary(db, model, alias, version, o->fraction, msg->run_id, msg->stage,
+				   &started, err))
+		return -1;
+	gp_info("canary %s:%lld on %.0f%% of %s@%s for %lld ms", model, version, 100 * o->fraction,
+		model, alias, o->duration_ms);
+	for (;;) {
+		long long left = started + o->duration_ms - gp_wall_ms();
+		if (left <= 0)
+			break;
+		int stop = gp_job_should_stop(job);
+		if (stop) {
+			if (stop == 2)
+				gp_job_release(job, "shutting down during the canary");
+			return 1;
+		}
+		char m[160];
+		snprintf(m, sizeof(m), "canary %s:%lld on %.0f%% of requests, %lld s left", model,
+			 version, 100 * o->fraction, (left + 999) / 1000);
+		gp_job_progress(job, 1.0 - (double)left / (double)(o->duration_ms ? o->duration_ms : 1),
+				m, NULL);
+		gp_sleep_ms(left < 500 ? left : 500);
+	}
+	/* events of the window's last moments are still lingering in the service */
+	gp_sleep_ms(300);
+	struct version_stats *cand = calloc(1, sizeof(*cand)), *stable = calloc(1, sizeof(*stable));
+	if (!cand || !stable) {
+		free(cand);
+		free(stable);
+		gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		return -1;
+	}
+	cand->version = version;
+	stable->version = current;
+	struct canary_count cc = {cand, stable};
+	if (gp_telemetry_scan(bus, model, started, 2000000, canary_event, &cc, err)) {
+		free(cand);
+		free(stable);
+		return -1;
+	}
+	double cer = cand->requests ? (double)cand->errors / (double)cand->requests : 0;
+	double ser = stable->requests ? (double)stable->errors / (double)stable->requests : 0;
+	double cl = median(cand->lat, cand->nlat), sl = median(stable->lat, stable->nlat);
+	cJSON *cj = cJSON_AddObjectToObject(figures, "canary");
+	cJSON_AddNumberToObject(cj, "fraction", o->fraction);
+	cJSON_AddNumberToObject(cj, "duration_ms", (double)o->duration_ms);
+	cJSON_AddNumberToObject(cj, "candidate_requests", (double)cand->requests);
+	cJSON_AddNumberToObject(cj, "candidate_errors", (double)cand->errors);
+	cJSON_AddNumberToObject(cj, "stable_requests", (double)stable->requests);
+	cJSON_AddNumberToObject(cj, "stable_errors", (double)stable->errors);
+	if (isfinite(cl))
+		cJSON_AddNumberToObject(cj, "candidate_ms_per_token_p50", cl);
+	if (isfinite(sl))
+		cJSON_AddNumberToObject(cj, "stable_ms_per_token_p50", sl);
+	if (cand->requests < o->min_requests) {
+		*promote = 0;
+		snprintf(reason, rlen, "canary rolled back: %lld requests reached version %lld, fewer "
+			 "than min_requests %lld", cand->requests, version, o->min_requests);
+	} else if (cer > o->max_error_rate) {
+		*promote = 0;
+		snprintf(reason, rlen, "canary rolled back: error rate %.3f on version %lld (%lld of "
+			 "%lld) over max_error_rate %.3f (stable version %lld: %.3f)", cer, version,
+			 cand->errors, cand->requests, o->max_error_rate, current, ser);
+	} else if (isfinite(cl) && isfinite(sl) && cand->nlat >= 5 && stable->nlat >= 5 &&
+		   cl > o->max_latency_ratio * sl) {
+		*promote = 0;
+		snprintf(reason, rlen, "canary rolled back: %.2f ms a token on version %lld against "
+			 "%.2f on version %lld, over max_latency_ratio %.2f", cl, version, sl, current,
+			 o->max_latency_ratio);
+	} else {
+		*promote = 1;
+		snprintf(reason, rlen, "canary passed: %lld requests to version %lld, error rate %.3f "
+			 "(max %.3f), stable version %lld %lld requests, error rate %.3f",
+			 cand->requests, version, cer, o->max_error_rate, current, stable->requests, ser);
+	}
+	free(cand);
+	free(stable);
+	return 0;
+}
+
 void gp_deploy_handle(struct gp_job *job, void *closure)
 {
-	(void)closure;
+	struct gp_deploy_config *dc = closure;
 	const gp_stage_job *msg = gp_job_msg(job);
 	struct gp_db *db = gp_job_db(job);
 	struct gp_err err = {0};
@@ -137,6 +310,12 @@ void gp_deploy_handle(struct gp_job *job, void *closure)
 	}
 	if (!gp_bus_token_ok(model) || !gp_bus_token_ok(alias)) {
 		gp_job_fail(job, 1, "with.model and with.alias must be DNS labels");
+		goto done;
+	}
+	struct canary_opts copts = {0};
+	const cJSON *cjs = cJSON_GetObjectItemCaseSensitive(params, "canary");
+	if (cjs && canary_parse(cjs, &copts, &err)) {
+		gp_job_fail(job, 1, err.msg);
 		goto done;
 	}
 	if (gate.against_alias && strcmp(gate.alias, alias)) {
@@ -209,13 +388,28 @@ void gp_deploy_handle(struct gp_job *job, void *closure)
 	if (isfinite(ref))
 		cJSON_AddNumberToObject(figures, "current", ref);
 	cJSON_AddStringToObject(figures, "gate", gate_text);
+	if (promote && cjs && current && current != version && !have) {
+		int rc = canary_run(job, db, dc->bus, model, alias, version, current, &copts, &promote,
+				    reason, sizeof(reason), figures, &err);
+		if (rc > 0)
+			goto done;
+		if (rc < 0) {
+			gp_job_fail(job, err.status == GP_ERR_NOT_FOUND, err.msg);
+			goto done;
+		}
+		if (!promote && gp_registry_clear_canary(db, model, alias, reason, &err)) {
+			gp_job_fail(job, 0, err.msg);
+			goto done;
+		}
+	}
 	figures_text = cJSON_PrintUnformatted(figures);
 	if (promote && current != version && !have) {
 		char extra[700];
 		snprintf(extra, sizeof(extra), "{\"run_id\": %lld, \"stage\": \"%s\"}",
 			 (long long)msg->run_id, msg->stage);
 		long long from = 0;
-		if (gp_registry_move_alias(db, model, alias, version, "deploy", extra, &from, &err)) {
+		if (gp_registry_move_alias(db, model, alias, version, "deploy", extra, &from, &err) ||
+		    (cjs && gp_registry_clear_canary(db, model, alias, "promoted", &err))) {
 			gp_job_fail(job, err.status != GP_ERR_NOT_FOUND ? 0 : 1, err.msg);
 			goto done;
 		}

@@ -9,6 +9,18 @@
  * (promoted, version, previous, reason). Registered uncached: the decision
  * depends on the registry, not only on the inputs.
  *
+ * Canary (with.canary: fraction (0.1), duration ("60s"), max_error_rate
+ * (0.01), min_requests (1), max_latency_ratio (2.0)): when the gate passes
+ * and the alias names another version, the candidate first takes fraction
+ * of the alias's requests for duration (model_canaries; the serving
+ * replicas hear of it through a RegistryChange); then the telemetry of the
+ * window decides: promoted when it got at least min_requests, its error
+ * rate (busy and bad requests aside) is at most max_error_rate and its
+ * median latency a token at most max_latency_ratio times the stable
+ * version's; otherwise rolled back. Streaming and plain requests are
+ * routed alike (by request id, at admission). A retried stage resumes the
+ * same window.
+ *
  * Gates: "always", or METRIC OP NUMBER, or METRIC OP ALIAS.METRIC, where
  * METRIC is a number in the versions' metrics (val_loss, ...), OP one of
  * < <= > >=, and ALIAS the alias being moved (its current version).
@@ -33,8 +45,9 @@ gp_status gp_gate_parse(const char *text, struct gp_gate *g, struct gp_err *err)
 /* 1 when candidate passes against reference (NAN: missing metric -> 0). */
 int gp_gate_eval(const struct gp_gate *g, double candidate, double reference);
 
+struct gp_bus;
 struct gp_deploy_config {
-	int unused;
+	struct gp_bus *bus;      /* reads the telemetry stream during a canary */
 };
 void gp_deploy_handle(struct gp_job *job, void *closure);
 

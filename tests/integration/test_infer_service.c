@@ -12,7 +12,10 @@
  *   5. the deploy stage: a worse candidate is kept out with its reason, a
  *      better one is promoted, each decision recorded;
  *   6. the batch-infer stage: a dataset of prompts in, a completions
- *      artifact out, an over-long prompt an entry with its error.
+ *      artifact out, an over-long prompt an entry with its error;
+ *   7. canaries: a sound candidate takes its share of live requests and is
+ *      promoted; one whose checkpoint is gone fails its share and is rolled
+ *      back, the stable version untouched.
  * Two versions of a small random model are made here and put in the store.
  */
 #include <cjson/cJSON.h>
@@ -585,6 +588,85 @@ static int body(struct gp_test_env *env)
 		free(jl);
 		free(ref);
 		gp_store_close(st);
+	}
+
+	/* 7. canaries under live traffic */
+	{
+		st = NULL;
+		REQUIRE_OK(gp_store_open(&st, store_uri, &e), e);
+		make_version(st, th, vocab, 4, 2.5);
+		make_version(st, th, vocab, 5, 2.0);
+		/* version 5's checkpoint disappears from the store: it cannot load */
+		char *h5 = qs("SELECT a.content_hash FROM artifacts a JOIN model_versions v ON "
+			      "v.artifact_id = a.id WHERE v.version = 5");
+		char p5[4096];
+		REQUIRE(h5);
+		REQUIRE_OK(gp_store_local_path(st, h5, p5, sizeof p5, &e), e);
+		REQUIRE(unlink(p5) == 0);
+		free(h5);
+		gp_store_close(st);
+		const char *cy =
+			"apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: careful}\nspec:\n"
+			"  params: {v: {type: int, default: 4}}\n"
+			"  stages:\n"
+			"    - name: deploy\n      kind: deploy\n"
+			"      with: {model: toy, version: \"${params.v}\", "
+			"promote_if: \"val_loss < production.val_loss\", "
+			"canary: {fraction: 0.5, duration: 3s, min_requests: 5}}\n";
+		for (int round = 0; round < 2; round++) {
+			const char *pv[] = {round ? "v=5" : "v=4"};
+			long long cand = round ? 5 : 4, stable = round ? 4 : 3;
+			long long run = gp_test_submit(db, cy, pv, 1);
+			int seen_cand = 0, seen_stable = 0, failed = 0, i = 0;
+			long long tc = now_ms();
+			while (now_ms() - tc < 30000) {
+				char *state = qs("SELECT state FROM runs WHERE id = %lld", run);
+				int over = state && (!strcmp(state, "succeeded") || !strcmp(state, "failed"));
+				free(state);
+				if (over)
+					break;
+				char rid[64];
+				snprintf(rid, sizeof rid, "canary-%d-%d", round, i++);
+				struct answer r = ask(rid, "The quick", 4, 0.5f, i % 2, 0);
+				if (r.ok && !r.code[0] && r.version == cand)
+					seen_cand++;
+				else if (r.ok && !r.code[0] && r.version == stable)
+					seen_stable++;
+				else
+					failed++;
+				sleep_ms(10);
+			}
+			REQUIRE(gp_test_wait_run(db, run, 10000) == 1);
+			char *why = qs("SELECT reason FROM deploy_decisions WHERE run_id = %lld", run);
+			printf("canary of version %lld: %d requests to it, %d to version %lld, %d failed: "
+			       "%s\n", cand, seen_cand, seen_stable, stable, failed, why ? why : "-");
+			long long now_v = q("SELECT v.version FROM model_aliases a JOIN model_versions v "
+					    "ON v.id = a.model_version_id WHERE a.alias = 'production'");
+			if (round == 0) {
+				CHECK(seen_cand >= 5 && seen_stable >= 5 && failed == 0);
+				CHECK_CONTAINS(why ? why : "", "canary passed");
+				CHECK(now_v == 4);
+			} else {
+				CHECK(failed >= 5 && seen_stable >= 5 && seen_cand == 0);
+				CHECK_CONTAINS(why ? why : "", "rolled back: error rate");
+				CHECK(now_v == 4);
+			}
+			free(why);
+			CHECK(q("SELECT count(*) FROM model_canaries") == 0);
+		}
+		CHECK(q("SELECT count(*) FROM audit_log WHERE action = 'model.canary'") == 4);
+		/* after the rollback every request is served by the stable version again */
+		long long t1 = now_ms();
+		int bad = 0;
+		for (int i = 0; i < 40; i++) {
+			char rid[64];
+			snprintf(rid, sizeof rid, "after-canary-%d", i);
+			struct answer r = ask(rid, "The quick", 4, 0.5f, 0, 0);
+			bad += !(r.ok && !r.code[0] && r.version == 4);
+		}
+		printf("after the rollback: %d of 40 requests not served by version 4 (%lld ms)\n", bad,
+		       now_ms() - t1);
+		CHECK(bad == 0);
 	}
 	gp_bus_destroy(bus);
 	gp_db_destroy(db);
