@@ -172,6 +172,8 @@ int main(int argc, char **argv)
 	rc.model = "tiny", rc.alias = "production", rc.version = 2, rc.from_version = 1;
 	bad |= put(d, "registry_change", &rc.base);
 	bad |= data_seeds(d);
+	const char *gate = "val_loss < production.val_loss";
+	bad |= put_bytes(d, "gate", gate, strlen(gate));
 	if (bad)
 		fprintf(stderr, "fuzz_seeds: could not write seeds under %s\n", d);
 	return bad;

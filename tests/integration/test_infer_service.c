@@ -15,7 +15,10 @@
  *      artifact out, an over-long prompt an entry with its error;
  *   7. canaries: a sound candidate takes its share of live requests and is
  *      promoted; one whose checkpoint is gone fails its share and is rolled
- *      back, the stable version untouched.
+ *      back, the stable version untouched;
+ *   8. SIGTERM: the service exits 0; a replacement with a telemetry queue of
+ *      one event serves a burst in full, drops telemetry and says so in
+ *      /metrics.
  * Two versions of a small random model are made here and put in the store.
  */
 #include <cjson/cJSON.h>
@@ -28,12 +31,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "../check.h"
 #include "../harness.h"
 
 #include "artifact.h"
+#include "http.h"
+#include "stack.h"
 #include "bpe.h"
 #include "dataset.h"
 #include "model.h"
@@ -612,7 +618,8 @@ static int body(struct gp_test_env *env)
 			"    - name: deploy\n      kind: deploy\n"
 			"      with: {model: toy, version: \"${params.v}\", "
 			"promote_if: \"val_loss < production.val_loss\", "
-			"canary: {fraction: 0.5, duration: 3s, min_requests: 5}}\n";
+			/* latency is not judged here (shared machines): errors are */
+			"canary: {fraction: 0.5, duration: 3s, min_requests: 5, max_latency_ratio: 50}}\n";
 		for (int round = 0; round < 2; round++) {
 			const char *pv[] = {round ? "v=5" : "v=4"};
 			long long cand = round ? 5 : 4, stable = round ? 4 : 3;
@@ -667,6 +674,70 @@ static int body(struct gp_test_env *env)
 		printf("after the rollback: %d of 40 requests not served by version 4 (%lld ms)\n", bad,
 		       now_ms() - t1);
 		CHECK(bad == 0);
+	}
+
+	/* 8. shutdown, and telemetry that cannot keep up is dropped and counted */
+	{
+		CHECK(kill(infer, SIGTERM) == 0);
+		int ws = 0;
+		CHECK(waitpid(infer, &ws, 0) == infer);
+		CHECK(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
+		int port = gp_stack_free_port();
+		char ports[16];
+		snprintf(ports, sizeof ports, "%d", port);
+		infer = gp_test_service(env, "genpipe-infer", "--data-dir", env->dir, "--model", "toy",
+					"--slots", "8", "--queue", "64", "--telemetry-queue", "1",
+					"--http-port", ports, NULL);
+		a.ok = 0;
+		for (int i = 0; i < 200 && !(a.ok && !a.code[0]); i++) {
+			a = ask("warmup-2", "The quick", 4, 0, 0, 0);
+			if (!a.ok)
+				sleep_ms(100);
+		}
+		REQUIRE(a.ok && !a.code[0]);
+		natsConnection *nc = gp_bus_conn(bus);
+		natsSubscription *sub = NULL;
+		REQUIRE(natsConnection_SubscribeSync(&sub, nc, "test.burst.*") == NATS_OK);
+		for (int i = 0; i < 40; i++) {
+			char rid[32], rep[64];
+			snprintf(rid, sizeof rid, "burst-%d", i);
+			snprintf(rep, sizeof rep, "test.burst.%d", i);
+			size_t len = 0;
+			uint8_t *req = encode_req(rid, "toy", "The quick", 8, 1.0f, 0, 0, 10000, &len);
+			natsConnection_PublishRequest(nc, GP_SUBJ_INFER "toy", rep, req, (int)len);
+			free(req);
+		}
+		natsConnection_Flush(nc);
+		int answered = 0;
+		for (int i = 0; i < 40; i++) {
+			natsMsg *m = NULL;
+			if (natsSubscription_NextMsg(&m, sub, 10000) != NATS_OK)
+				break;
+			gp_infer_response *r = NULL;
+			if (!gp_wire_decode_infer_response(&r, (const uint8_t *)natsMsg_GetData(m),
+							   (size_t)natsMsg_GetDataLength(m), &e)) {
+				answered += !*r->error_code;
+				gp_wire_free_infer_response(r);
+			}
+			natsMsg_Destroy(m);
+		}
+		natsSubscription_Destroy(sub);
+		sleep_ms(300);
+		char url[128];
+		snprintf(url, sizeof url, "http://127.0.0.1:%d/metrics", port);
+		long code = 0;
+		char *body = NULL;
+		REQUIRE_OK(gp_http_get(url, 5000, &code, &body, &e), e);
+		const char *d = strstr(body, "\ngenpipe_infer_telemetry_dropped_total ");
+		const char *sent = strstr(body, "\ngenpipe_infer_telemetry_sent_total ");
+		double dropped = d ? atof(d + strlen("\ngenpipe_infer_telemetry_dropped_total ")) : -1;
+		double nsent = sent ? atof(sent + strlen("\ngenpipe_infer_telemetry_sent_total ")) : -1;
+		printf("burst of 40 with a telemetry queue of 1: %d answered, telemetry %g sent, %g "
+		       "dropped\n", answered, nsent, dropped);
+		CHECK(answered == 40);
+		CHECK(dropped > 0 && nsent >= 1);
+		CHECK(code == 200);
+		free(body);
 	}
 	gp_bus_destroy(bus);
 	gp_db_destroy(db);
