@@ -24,7 +24,7 @@
 
 struct loaded {
 	struct gp_lm *lm;
-	long long used_ms;
+	double used_ms;
 };
 
 struct alias_entry {
@@ -83,14 +83,14 @@ struct rctx {
 	char model[64];
 	long long version;
 	char *prompt;
-	long long t0_ms;
+	double t0_ms;
 };
 
-static long long mono_ms(void)
+static double mono_ms(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
 /* ---- telemetry ---- */
@@ -122,7 +122,7 @@ static void *telemetry_main(void *arg)
 	enum { BATCH = 64 };
 	struct tevent batch[BATCH];
 	struct gp_bus_out out[BATCH];
-	long long last_warn = 0;
+	double last_warn = 0;
 	for (;;) {
 		pthread_mutex_lock(&s->tmu);
 		while (!s->rcount && !s->tstop)
@@ -292,11 +292,11 @@ static void count(struct gp_server *s, const char *model, long long version, con
 
 static void refuse(struct gp_server *s, const char *subject, const char *model,
 		   const char *request_id, long long version, const char *code, const char *msg,
-		   const char *prompt, long long t0)
+		   const char *prompt, double t0)
 {
 	reply(s, subject, request_id, version, NULL, code, msg, 1, NULL, 0);
 	count(s, model, version, code);
-	telemetry(s, model, request_id, version, NULL, 0, 0, (double)(mono_ms() - t0), 0, code,
+	telemetry(s, model, request_id, version, NULL, 0, 0, mono_ms() - t0, 0, code,
 		  prompt, NULL);
 }
 
@@ -314,7 +314,7 @@ static void on_done(void *cl, const struct gp_gen_result *r)
 	count(s, c->model, c->version, r->error_code ? r->error_code : "ok");
 	gp_metric_observe(s->m_latency, r->latency_ms / 1000.0);
 	telemetry(s, c->model, c->request_id, c->version, r->prompt_ids, r->prompt_tokens,
-		  r->output_tokens, (double)(mono_ms() - c->t0_ms), r->cache_hit, r->error_code,
+		  r->output_tokens, mono_ms() - c->t0_ms, r->cache_hit, r->error_code,
 		  c->prompt, r->text);
 	free(c->reply);
 	free(c->prompt);
@@ -362,7 +362,7 @@ static gp_status get_version(struct gp_server *s, const char *model,
 	uint8_t *tok = NULL;
 	size_t tok_len = 0;
 	struct gp_lm *lm = NULL;
-	long long t0 = mono_ms();
+	double t0 = mono_ms();
 	gp_status st = gp_store_local_path(s->cfg.store, ref->checkpoint, path, sizeof(path), err);
 	if (!st && (st = gp_store_get(s->cfg.store, ref->tokenizer, 64u << 20, &tok, &tok_len, err)))
 		gp_err_wrap(err, "tokenizer of %s version %lld", model, ref->version);
@@ -412,7 +412,7 @@ static gp_status get_version(struct gp_server *s, const char *model,
 	pthread_mutex_unlock(&s->mu);
 	pthread_mutex_unlock(&s->load_mu);
 	gp_metric_inc(s->m_loads, 1);
-	gp_info("loaded %s version %lld (%zu MiB mapped) in %lld ms", model, ref->version,
+	gp_info("loaded %s version %lld (%zu MiB mapped) in %.1f ms", model, ref->version,
 		lm->bytes >> 20, mono_ms() - t0);
 	*out = gp_lm_ref(lm);
 	return GP_OK;
@@ -588,7 +588,7 @@ static void on_request(natsConnection *nc, natsSubscription *sub, natsMsg *msg, 
 	(void)nc;
 	(void)sub;
 	struct gp_server *s = cl;
-	long long t0 = mono_ms();
+	double t0 = mono_ms();
 	const char *rsubj = natsMsg_GetReply(msg);
 	const char *subject = natsMsg_GetSubject(msg);
 	const char *model_tok = subject + strlen(GP_SUBJ_INFER);
