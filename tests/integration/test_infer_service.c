@@ -362,12 +362,16 @@ static int body(struct gp_test_env *env)
 		if (!table[i].prompt_bytes)
 			strcpy(prompt, "The quick");
 		size_t len = 0;
-		uint8_t *req = table[i].garbage
-				       ? (uint8_t *)strdup("\x0a\xff\xff\xff\xff\x0f garbage")
-				       : encode_req(ids[i], "toy", prompt, table[i].max_tokens,
-						    table[i].temp, 0, table[i].version, 2000, &len);
-		if (table[i].garbage)
-			len = 16;
+		static const char junk[] = "\x0a\xff\xff\xff\xff\x0f garbage";
+		uint8_t *req = NULL;
+		if (table[i].garbage) {
+			len = sizeof junk - 1;
+			req = malloc(len);
+			memcpy(req, junk, len);
+		} else {
+			req = encode_req(ids[i], "toy", prompt, table[i].max_tokens, table[i].temp, 0,
+					 table[i].version, 2000, &len);
+		}
 		struct answer r = send_raw("toy", req, len, 3000);
 		printf("%-24s -> %s: %s (%lld ms)\n", table[i].what, r.code, r.error, r.ms);
 		CHECK(r.ok);
