@@ -18,7 +18,9 @@
  *      back, the stable version untouched;
  *   8. SIGTERM: the service exits 0; a replacement with a telemetry queue of
  *      one event serves a burst in full, drops telemetry and says so in
- *      /metrics.
+ *      /metrics; with a 3 MiB budget it unloads the least recently used
+ *      version that no alias names to load another, and refuses one that
+ *      can never fit.
  * Two versions of a small random model are made here and put in the store.
  */
 #include <cjson/cJSON.h>
@@ -68,12 +70,12 @@ static void sleep_ms(long ms)
 }
 
 /* Put a checkpoint of a random model and register it as version v. */
-static void make_version(struct gp_store *st, const char *tok_hash, int vocab, int v,
-			 double val_loss)
+static void make_version_w(struct gp_store *st, const char *tok_hash, int vocab, int v,
+			   double val_loss, int width)
 {
 	struct gp_err e = {0};
 	struct gp_model_config c = {.vocab = vocab, .padded_vocab = (vocab + 63) / 64 * 64,
-				    .context = 64, .layers = 2, .heads = 2, .width = 32};
+				    .context = 64, .layers = 2, .heads = 2, .width = width};
 	struct gp_model *m = NULL;
 	REQUIRE_OK(gp_model_create(&m, &c, &e), e);
 	gp_model_init(m, (uint64_t)v * 77);
@@ -97,6 +99,12 @@ static void make_version(struct gp_store *st, const char *tok_hash, int vocab, i
 		 "FROM models m, artifacts a WHERE m.name = 'toy' AND a.content_hash = '%s'",
 		 v, val_loss, tok_hash, h);
 	REQUIRE_OK(gp_db_run(db, "register version", sql, &e), e);
+}
+
+static void make_version(struct gp_store *st, const char *tok_hash, int vocab, int v,
+			 double val_loss)
+{
+	make_version_w(st, tok_hash, vocab, v, val_loss, 32);
 }
 
 struct answer {
@@ -689,9 +697,15 @@ static int body(struct gp_test_env *env)
 		int port = gp_stack_free_port();
 		char ports[16];
 		snprintf(ports, sizeof ports, "%d", port);
+		st = NULL;
+		REQUIRE_OK(gp_store_open(&st, store_uri, &e), e);
+		make_version_w(st, th, vocab, 6, 9, 128);  /* 1.7 MiB each */
+		make_version_w(st, th, vocab, 7, 9, 128);
+		make_version_w(st, th, vocab, 8, 9, 256);  /* 6.4 MiB */
+		gp_store_close(st);
 		infer = gp_test_service(env, "genpipe-infer", "--data-dir", env->dir, "--model", "toy",
 					"--slots", "8", "--queue", "64", "--telemetry-queue", "1",
-					"--http-port", ports, NULL);
+					"--http-port", ports, "--memory-mb", "3", NULL);
 		a.ok = 0;
 		for (int i = 0; i < 200 && !(a.ok && !a.code[0]); i++) {
 			a = ask("warmup-2", "The quick", 4, 0, 0, 0);
@@ -741,6 +755,30 @@ static int body(struct gp_test_env *env)
 		CHECK(answered == 40);
 		CHECK(dropped > 0 && nsent >= 1);
 		CHECK(code == 200);
+		free(body);
+
+		/* the budget: 6 then 7 (6 goes: least recently used, no alias), 6 again */
+		long long order[] = {6, 7, 6};
+		for (int i = 0; i < 3; i++) {
+			char rid[32];
+			snprintf(rid, sizeof rid, "budget-%d", i);
+			struct answer r = ask(rid, "The quick", 4, 0, 0, order[i]);
+			CHECK(r.ok && !r.code[0] && r.version == order[i]);
+		}
+		struct answer big = ask("budget-big", "The quick", 4, 0, 0, 8);
+		printf("version 8 under a 3 MiB budget: %s: %s\n", big.code, big.error);
+		CHECK_STR(big.code, "unavailable");
+		CHECK_CONTAINS(big.error, "memory budget");
+		struct answer still = ask("budget-after", "The quick", 4, 0, 0, 0);
+		CHECK(still.ok && !still.code[0] && still.version == 4);
+		REQUIRE_OK(gp_http_get(url, 5000, &code, &body, &e), e);
+		const char *lb = strstr(body, "\ngenpipe_infer_loaded_bytes ");
+		const char *ld = strstr(body, "\ngenpipe_infer_loads_total ");
+		double loaded = lb ? atof(lb + strlen("\ngenpipe_infer_loaded_bytes ")) : -1;
+		double loads = ld ? atof(ld + strlen("\ngenpipe_infer_loads_total ")) : -1;
+		printf("budget: %g bytes mapped after %g loads\n", loaded, loads);
+		CHECK(loaded > 0 && loaded <= 3 << 20);
+		CHECK(loads == 4); /* 4 (the alias), 6, 7, 6 again; 8 is refused after mapping */
 		free(body);
 	}
 	gp_bus_destroy(bus);
