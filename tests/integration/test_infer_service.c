@@ -47,6 +47,7 @@
 #include "model.h"
 #include "registry.h"
 #include "subjects.h"
+#include "telemetry.h"
 #include "wire.h"
 
 static const struct gp_test_env *ENV;
@@ -211,44 +212,31 @@ static struct answer ask(const char *rid, const char *prompt, int max_tokens, fl
 	return a;
 }
 
-/* Request ids in the telemetry stream so far (error code appended after ':'). */
+/* Request ids of the latest telemetry events (error code after ':'). */
+struct idbuf {
+	char *out;
+	size_t len, cap;
+};
+
+static int collect_id(const gp_telemetry *t, unsigned long long seq, void *closure)
+{
+	(void)seq;
+	struct idbuf *b = closure;
+	char line[300];
+	int k = snprintf(line, sizeof line, "%s:%s;", t->request_id, t->error_code);
+	if (b->len + (size_t)k + 1 < b->cap) {
+		memcpy(b->out + b->len, line, (size_t)k + 1);
+		b->len += (size_t)k;
+	}
+	return 0;
+}
+
 static char *telemetry_ids(void)
 {
 	struct gp_err e = {0};
-	static int n;
-	char durable[32];
-	snprintf(durable, sizeof durable, "t%d", ++n);
-	struct gp_consumer_def c = {GP_STREAM_TELEMETRY, durable, GP_SUBJ_TELEMETRY "toy", 30000,
-				    -1, 1000};
-	REQUIRE_OK(gp_bus_declare(bus, NULL, 0, &c, 1, &e), e);
-	natsSubscription *sub = NULL;
-	REQUIRE_OK(gp_bus_pull_subscribe(bus, &c, &sub, &e), e);
-	size_t cap = 1 << 16, len = 0;
-	char *out = calloc(1, cap);
-	for (;;) {
-		natsMsgList list = {0};
-		if (gp_bus_fetch(sub, 16, 300, &list, &e))
-			break;
-		for (int i = 0; i < list.Count; i++) {
-			gp_telemetry *t = NULL;
-			if (!gp_wire_decode_telemetry(&t, (const uint8_t *)natsMsg_GetData(list.Msgs[i]),
-						      (size_t)natsMsg_GetDataLength(list.Msgs[i]),
-						      &e)) {
-				char line[300];
-				int k = snprintf(line, sizeof line, "%s:%s;", t->request_id,
-						 t->error_code);
-				if (len + (size_t)k + 1 < cap) {
-					memcpy(out + len, line, (size_t)k + 1);
-					len += (size_t)k;
-				}
-				gp_wire_free_telemetry(t);
-			}
-			gp_bus_ack(list.Msgs[i], &e);
-		}
-		natsMsgList_Destroy(&list);
-	}
-	natsSubscription_Destroy(sub);
-	return out;
+	struct idbuf b = {calloc(1, 1 << 20), 0, 1 << 20};
+	REQUIRE_OK(gp_telemetry_scan(bus, "toy", 0, 3000, collect_id, &b, &e), e);
+	return b.out;
 }
 
 /* ---- load during an alias move ---- */
@@ -343,6 +331,65 @@ static int body(struct gp_test_env *env)
 	       s.partials);
 	struct answer v2 = ask("req-v2", "The quick brown", 20, 0, 0, 2);
 	CHECK(v2.ok && v2.version == 2 && !v2.cache_hit);
+
+	/* the CLI: --json, streaming, and errors with their exit codes */
+	{
+		char cmd[2048], out[8192];
+		snprintf(cmd, sizeof cmd,
+			 "%s --nats-url %s infer toy --prompt 'The quick brown' --max-tokens 20 --json",
+			 GENPIPE_CLI, env->nats_url);
+		FILE *f = popen(cmd, "r");
+		REQUIRE(f);
+		size_t n = fread(out, 1, sizeof out - 1, f);
+		out[n] = 0;
+		CHECK(pclose(f) == 0);
+		cJSON *j = cJSON_Parse(out);
+		CHECK_STR(cJSON_GetStringValue(cJSON_GetObjectItem(j, "text")), b.text);
+		const char *rid = cJSON_GetStringValue(cJSON_GetObjectItem(j, "request_id"));
+		CHECK(rid && !strncmp(rid, "cli-", 4));
+		CHECK(cJSON_IsTrue(cJSON_GetObjectItem(j, "cache_hit")));
+		cJSON_Delete(j);
+		snprintf(cmd, sizeof cmd,
+			 "%s --nats-url %s infer toy --prompt 'A bird' --max-tokens 24 --temperature 0.7 "
+			 "--seed 5 --stream 2>&1", GENPIPE_CLI, env->nats_url);
+		f = popen(cmd, "r");
+		REQUIRE(f);
+		n = fread(out, 1, sizeof out - 1, f);
+		out[n] = 0;
+		CHECK(pclose(f) == 0);
+		CHECK_CONTAINS(out, "request cli-");
+		CHECK_CONTAINS(out, "version 1");
+		snprintf(cmd, sizeof cmd,
+			 "%s --nats-url %s infer toy --prompt hi --version 42 2>&1", GENPIPE_CLI,
+			 env->nats_url);
+		f = popen(cmd, "r");
+		REQUIRE(f);
+		n = fread(out, 1, sizeof out - 1, f);
+		out[n] = 0;
+		int rc = pclose(f);
+		CHECK(WIFEXITED(rc) && WEXITSTATUS(rc) == 1);
+		CHECK_CONTAINS(out, "not_found: model \"toy\" has no version 42");
+		snprintf(cmd, sizeof cmd, "%s --nats-url %s infer toy --prompt hi --temperature -1 2>&1",
+			 GENPIPE_CLI, env->nats_url);
+		f = popen(cmd, "r");
+		REQUIRE(f);
+		n = fread(out, 1, sizeof out - 1, f);
+		out[n] = 0;
+		rc = pclose(f);
+		CHECK(WIFEXITED(rc) && WEXITSTATUS(rc) == 2);
+		CHECK_CONTAINS(out, "--temperature");
+		snprintf(cmd, sizeof cmd, "%s --nats-url %s telemetry toy --limit 3 --json",
+			 GENPIPE_CLI, env->nats_url);
+		sleep_ms(300);
+		f = popen(cmd, "r");
+		REQUIRE(f);
+		n = fread(out, 1, sizeof out - 1, f);
+		out[n] = 0;
+		CHECK(pclose(f) == 0);
+		j = cJSON_Parse(out);
+		CHECK(cJSON_GetArraySize(j) == 3);
+		cJSON_Delete(j);
+	}
 
 	/* 2. abusive requests: a clear error within the deadline each */
 	struct {
@@ -780,6 +827,33 @@ static int body(struct gp_test_env *env)
 		CHECK(loaded > 0 && loaded <= 3 << 20);
 		CHECK(loads == 4); /* 4 (the alias), 6, 7, 6 again; 8 is refused after mapping */
 		free(body);
+
+		/* --telemetry-sample 0: no success is logged, every failure still is */
+		CHECK(kill(infer, SIGTERM) == 0);
+		CHECK(waitpid(infer, &ws, 0) == infer && WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
+		port = gp_stack_free_port();
+		snprintf(ports, sizeof ports, "%d", port);
+		infer = gp_test_service(env, "genpipe-infer", "--data-dir", env->dir, "--model", "toy",
+					"--telemetry-sample", "0", "--http-port", ports, NULL);
+		a.ok = 0;
+		for (int i = 0; i < 200 && !(a.ok && !a.code[0]); i++) {
+			a = ask("sampled-warmup", "The quick", 4, 0, 0, 0);
+			if (!a.ok)
+				sleep_ms(100);
+		}
+		for (int i = 0; i < 10; i++) {
+			char rid[32];
+			snprintf(rid, sizeof rid, "sampled-ok-%d", i);
+			struct answer r = ask(rid, "The quick", 4, 0.5f, 0, 0);
+			CHECK(r.ok && !r.code[0]);
+		}
+		struct answer f1 = ask("sampled-fail", "The quick", 4, 0, 0, 77);
+		CHECK_STR(f1.code, "not_found");
+		sleep_ms(500);
+		char *tel2 = telemetry_ids();
+		CHECK_CONTAINS(tel2, "sampled-fail:not_found;");
+		CHECK(!strstr(tel2, "sampled-ok-"));
+		free(tel2);
 	}
 	gp_bus_destroy(bus);
 	gp_db_destroy(db);
