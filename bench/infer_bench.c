@@ -41,6 +41,7 @@
 #include "db.h"
 #include "model.h"
 #include "registry.h"
+#include "bench_stack.h"
 #include "stack.h"
 #include "subjects.h"
 #include "wire.h"
@@ -294,15 +295,7 @@ int main(int argc, char **argv)
 	int rc = 1;
 	/* servers from a child, services spawned before this process starts
 	 * nats.c's threads */
-	fflush(NULL);
-	pid_t up = fork();
-	if (up == 0)
-		_exit(gp_stack_up(&o, &e) ? (fprintf(stderr, "bench: %s\n", e.msg), 1) : 0);
-	int ws = 0;
-	waitpid(up, &ws, 0);
-	if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0 ||
-	    gp_stack_env(dir, "GENPIPE_NATS_URL", nats_url, sizeof nats_url, &e) ||
-	    gp_stack_env(dir, "GENPIPE_DATABASE_URL", db_url, sizeof db_url, &e))
+	if (bench_stack_up(&o, nats_url, sizeof nats_url, db_url, sizeof db_url, &e))
 		goto out;
 	{
 		struct gp_db *db = NULL;

@@ -37,6 +37,7 @@
 #include "http.h"
 #include "run.h"
 #include "spec.h"
+#include "bench_stack.h"
 #include "stack.h"
 
 #ifndef BENCH_FAST
@@ -115,15 +116,7 @@ int main(int argc, char **argv)
 	cJSON *doc = NULL, *params = NULL;
 	/* Servers from a child: this process forks workers and must not hold
 	 * nats.c's threads. */
-	fflush(NULL);
-	pid_t up = fork();
-	if (up == 0)
-		_exit(gp_stack_up(&o, &e) ? (fprintf(stderr, "bench: %s\n", e.msg), 1) : 0);
-	int ws = 0;
-	waitpid(up, &ws, 0);
-	if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0 ||
-	    gp_stack_env(dir, "GENPIPE_NATS_URL", nats_url, sizeof nats_url, &e) ||
-	    gp_stack_env(dir, "GENPIPE_DATABASE_URL", db_url, sizeof db_url, &e))
+	if (bench_stack_up(&o, nats_url, sizeof nats_url, db_url, sizeof db_url, &e))
 		goto out;
 	int oport = gp_stack_free_port();
 	char oports[16];

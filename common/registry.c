@@ -15,6 +15,39 @@
 #include "subjects.h"
 #include "wire.h"
 
+/* A RegistryChange for genpipe.registry.<model>, into the open transaction's outbox. */
+static gp_status put_change(struct gp_db *db, const char *model, const char *alias,
+			    long long version, long long from, struct gp_err *err)
+{
+	gp_registry_change rc = GENPIPE__V1__REGISTRY_CHANGE__INIT;
+	rc.model = (char *)model;
+	rc.alias = (char *)alias;
+	rc.version = version;
+	rc.from_version = from;
+	rc.time_unix_ms = gp_wall_ms();
+	char subject[128];
+	uint8_t *msg = NULL;
+	size_t mlen = 0;
+	snprintf(subject, sizeof(subject), GP_SUBJ_REGISTRY "%s", model);
+	gp_status st = gp_wire_encode(&rc.base, &msg, &mlen, err);
+	if (!st)
+		st = gp_outbox_put(db, subject, msg, mlen, NULL, err);
+	free(msg);
+	return st;
+}
+
+/* An audit_log row about model@alias, in the open transaction. */
+static gp_status audit(struct gp_db *db, const char *actor, const char *action,
+		       const char *model, const char *alias, const char *detail, struct gp_err *err)
+{
+	char object[300];
+	snprintf(object, sizeof(object), "%s@%s", model, alias);
+	const char *ap[] = {actor ? actor : "genpipe", action, object, detail};
+	return gp_db_exec(db, "audit registry change",
+			  "INSERT INTO audit_log (actor, action, object, detail) "
+			  "VALUES ($1, $2, $3, $4::jsonb)", 4, ap, NULL, err);
+}
+
 gp_status gp_registry_move_alias(struct gp_db *db, const char *model, const char *alias,
 				 long long version, const char *actor, const char *extra_json,
 				 long long *from, struct gp_err *err)
@@ -27,8 +60,6 @@ gp_status gp_registry_move_alias(struct gp_db *db, const char *model, const char
 	char ver[32];
 	snprintf(ver, sizeof(ver), "%lld", version);
 	PGresult *r = NULL;
-	uint8_t *msg = NULL;
-	size_t mlen = 0;
 	gp_status st = gp_db_begin(db, err);
 	if (st)
 		return st;
@@ -72,35 +103,17 @@ gp_status gp_registry_move_alias(struct gp_db *db, const char *model, const char
 	cJSON_AddNumberToObject(d, "to", (double)version);
 	char *detail = cJSON_PrintUnformatted(d);
 	cJSON_Delete(d);
-	char object[300];
-	snprintf(object, sizeof(object), "%s@%s", model, alias);
-	const char *ap[] = {actor ? actor : "genpipe", object, detail};
-	st = detail ? gp_db_exec(db, "audit alias move",
-				 "INSERT INTO audit_log (actor, action, object, detail) "
-				 "VALUES ($1, 'model.alias', $2, $3::jsonb)",
-				 3, ap, NULL, err)
+	st = detail ? audit(db, actor, "model.alias", model, alias, detail, err)
 		    : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	free(detail);
-	if (st)
+	if (st || (st = put_change(db, model, alias, version, old, err)) ||
+	    (st = gp_db_commit(db, err)))
 		goto fail;
-	gp_registry_change rc = GENPIPE__V1__REGISTRY_CHANGE__INIT;
-	rc.model = (char *)model;
-	rc.alias = (char *)alias;
-	rc.version = version;
-	rc.from_version = old;
-	rc.time_unix_ms = gp_wall_ms();
-	char subject[128];
-	snprintf(subject, sizeof(subject), GP_SUBJ_REGISTRY "%s", model);
-	if ((st = gp_wire_encode(&rc.base, &msg, &mlen, err)) ||
-	    (st = gp_outbox_put(db, subject, msg, mlen, NULL, err)) || (st = gp_db_commit(db, err)))
-		goto fail;
-	free(msg);
 	PQclear(r);
 	if (from)
 		*from = old;
 	return GP_OK;
 fail:
-	free(msg);
 	PQclear(r);
 	gp_db_rollback(db);
 	return st;
@@ -171,31 +184,7 @@ static gp_status notify(struct gp_db *db, const char *model, const char *alias,
 	if (!v)
 		return gp_err_set(err, GP_ERR_NOT_FOUND, "model \"%s\" has no alias \"%s\"", model,
 				  alias);
-	gp_registry_change rc = GENPIPE__V1__REGISTRY_CHANGE__INIT;
-	rc.model = (char *)model;
-	rc.alias = (char *)alias;
-	rc.version = v;
-	rc.from_version = v;
-	rc.time_unix_ms = gp_wall_ms();
-	char subject[128];
-	uint8_t *msg = NULL;
-	size_t mlen = 0;
-	snprintf(subject, sizeof(subject), GP_SUBJ_REGISTRY "%s", model);
-	if (!(st = gp_wire_encode(&rc.base, &msg, &mlen, err)))
-		st = gp_outbox_put(db, subject, msg, mlen, NULL, err);
-	free(msg);
-	return st;
-}
-
-static gp_status audit(struct gp_db *db, const char *model, const char *alias,
-		       const char *detail, struct gp_err *err)
-{
-	char object[300];
-	snprintf(object, sizeof(object), "%s@%s", model, alias);
-	const char *ap[] = {"deploy", object, detail};
-	return gp_db_exec(db, "audit canary",
-			  "INSERT INTO audit_log (actor, action, object, detail) "
-			  "VALUES ($1, 'model.canary', $2, $3::jsonb)", 3, ap, NULL, err);
+	return put_change(db, model, alias, v, v, err);
 }
 
 gp_status gp_registry_set_canary(struct gp_db *db, const char *model, const char *alias,
@@ -236,7 +225,7 @@ gp_status gp_registry_set_canary(struct gp_db *db, const char *model, const char
 		*started_ms = atoll(PQgetvalue(r, 0, 0));
 	PQclear(r);
 	if (!st)
-		st = audit(db, model, alias, detail, err);
+		st = audit(db, "deploy", "model.canary", model, alias, detail, err);
 	if (!st)
 		st = notify(db, model, alias, err);
 	if (!st)
@@ -265,7 +254,8 @@ gp_status gp_registry_clear_canary(struct gp_db *db, const char *model, const ch
 		cJSON_AddStringToObject(d, "why", why ? why : "");
 		char *dt = cJSON_PrintUnformatted(d);
 		cJSON_Delete(d);
-		st = dt ? audit(db, model, alias, dt, err) : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		st = dt ? audit(db, "deploy", "model.canary", model, alias, dt, err)
+			: gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 		free(dt);
 		if (!st)
 			st = notify(db, model, alias, err);

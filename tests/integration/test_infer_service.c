@@ -20,8 +20,9 @@
  *      one event serves a burst in full, drops telemetry and says so in
  *      /metrics; with a 3 MiB budget it unloads the least recently used
  *      version that no alias names to load another, and refuses one that
- *      can never fit.
- * Two versions of a small random model are made here and put in the store.
+ *      can never fit; with --telemetry-sample 0 only failures are logged.
+ * Also the CLI's infer and telemetry commands. The model versions (small,
+ * random) are made here and put in the store.
  */
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -32,20 +33,20 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../check.h"
 #include "../harness.h"
 
 #include "artifact.h"
-#include "http.h"
-#include "stack.h"
 #include "bpe.h"
 #include "dataset.h"
+#include "http.h"
 #include "model.h"
 #include "registry.h"
+#include "stack.h"
 #include "subjects.h"
 #include "telemetry.h"
 #include "wire.h"
@@ -212,6 +213,78 @@ static struct answer ask(const char *rid, const char *prompt, int max_tokens, fl
 	return a;
 }
 
+struct burst_result {
+	int ok, busy, other;
+	long long busy_ms; /* when the last "busy" arrived */
+};
+
+/* Publish n requests at once (ids PREFIX-i, temperature 1) and collect every reply. */
+static struct burst_result burst(const char *prefix, int n, int max_tokens, long long deadline_ms)
+{
+	struct burst_result br = {0};
+	struct gp_err e = {0};
+	natsConnection *nc = gp_bus_conn(bus);
+	natsSubscription *sub = NULL;
+	char inbox[64];
+	snprintf(inbox, sizeof inbox, "test.%s.*", prefix);
+	REQUIRE(natsConnection_SubscribeSync(&sub, nc, inbox) == NATS_OK);
+	long long t0 = now_ms();
+	for (int i = 0; i < n; i++) {
+		char rid[32], rep[64];
+		snprintf(rid, sizeof rid, "%s-%d", prefix, i);
+		snprintf(rep, sizeof rep, "test.%s.%d", prefix, i);
+		size_t len = 0;
+		uint8_t *req = encode_req(rid, "toy", "The quick", max_tokens, 1.0f, 0, 0, deadline_ms,
+					  &len);
+		natsConnection_PublishRequest(nc, GP_SUBJ_INFER "toy", rep, req, (int)len);
+		free(req);
+	}
+	natsConnection_Flush(nc);
+	for (int i = 0; i < n; i++) {
+		natsMsg *m = NULL;
+		if (natsSubscription_NextMsg(&m, sub, deadline_ms + 3000) != NATS_OK)
+			break;
+		gp_infer_response *r = NULL;
+		if (!gp_wire_decode_infer_response(&r, (const uint8_t *)natsMsg_GetData(m),
+						   (size_t)natsMsg_GetDataLength(m), &e)) {
+			if (!*r->error_code) {
+				br.ok++;
+			} else if (!strcmp(r->error_code, "busy")) {
+				br.busy++;
+				br.busy_ms = now_ms() - t0;
+			} else {
+				br.other++;
+				fprintf(stderr, "%s: %s %s\n", prefix, r->error_code, r->error);
+			}
+			gp_wire_free_infer_response(r);
+		}
+		natsMsg_Destroy(m);
+	}
+	natsSubscription_Destroy(sub);
+	return br;
+}
+
+/* Ask until the service answers without error (up to 20 s). */
+static struct answer wait_ready(const char *rid)
+{
+	struct answer a = {0};
+	for (int i = 0; i < 200 && !(a.ok && !a.code[0]); i++) {
+		a = ask(rid, "The quick", 4, 0, 0, 0);
+		if (!a.ok)
+			sleep_ms(100);
+	}
+	return a;
+}
+
+/* The value of an unlabelled series in Prometheus text (-1: absent). */
+static double metric_value(const char *body, const char *name)
+{
+	char key[160];
+	snprintf(key, sizeof key, "\n%s ", name);
+	const char *l = strstr(body, key);
+	return l ? atof(l + strlen(key)) : -1;
+}
+
 /* Request ids of the latest telemetry events (error code after ':'). */
 struct idbuf {
 	char *out;
@@ -307,13 +380,7 @@ static int body(struct gp_test_env *env)
 	pid_t infer = gp_test_service(env, "genpipe-infer", "--data-dir", env->dir, "--model", "toy",
 				      "--slots", "4", "--queue", "4", "--max-new-tokens", "64",
 				      "--registry-poll-ms", "60000", "--deadline-ms", "5000", NULL);
-	/* wait until it answers */
-	struct answer a = {0};
-	for (int i = 0; i < 200 && !(a.ok && !a.code[0]); i++) {
-		a = ask("warmup", "The quick", 4, 0, 0, 0);
-		if (!a.ok)
-			sleep_ms(100);
-	}
+	struct answer a = wait_ready("warmup");
 	REQUIRE(a.ok);
 	CHECK_STR(a.code, "");
 	CHECK(a.version == 1);
@@ -452,49 +519,11 @@ static int body(struct gp_test_env *env)
 
 	/* 3. far more concurrent requests than slots + queue (8) */
 	{
-		natsConnection *nc = gp_bus_conn(bus);
-		natsSubscription *sub = NULL;
-		REQUIRE(natsConnection_SubscribeSync(&sub, nc, "test.replies.*") == NATS_OK);
-		enum { N = 40 };
-		long long t0 = now_ms();
-		for (int i = 0; i < N; i++) {
-			char rid[32], rep[64];
-			snprintf(rid, sizeof rid, "flood-%d", i);
-			snprintf(rep, sizeof rep, "test.replies.%d", i);
-			size_t len = 0;
-			uint8_t *req = encode_req(rid, "toy", "The quick", 64, 1.0f, 0, 0, 5000, &len);
-			natsConnection_PublishRequest(nc, GP_SUBJ_INFER "toy", rep, req, (int)len);
-			free(req);
-		}
-		natsConnection_Flush(nc);
-		int ok = 0, busy = 0, other = 0;
-		long long busy_ms = 0;
-		for (int i = 0; i < N; i++) {
-			natsMsg *m = NULL;
-			if (natsSubscription_NextMsg(&m, sub, 8000) != NATS_OK)
-				break;
-			gp_infer_response *r = NULL;
-			if (!gp_wire_decode_infer_response(&r, (const uint8_t *)natsMsg_GetData(m),
-							   (size_t)natsMsg_GetDataLength(m), &e)) {
-				if (!*r->error_code)
-					ok++;
-				else if (!strcmp(r->error_code, "busy")) {
-					busy++;
-					if (now_ms() - t0 > busy_ms)
-						busy_ms = now_ms() - t0;
-				} else {
-					other++;
-					fprintf(stderr, "flood: %s %s\n", r->error_code, r->error);
-				}
-				gp_wire_free_infer_response(r);
-			}
-			natsMsg_Destroy(m);
-		}
-		printf("flood of %d: %d answered, %d busy (the last busy after %lld ms), %d other\n",
-		       N, ok, busy, busy_ms, other);
-		CHECK(ok + busy == N && other == 0);
-		CHECK(ok >= 8 && busy >= 1);
-		natsSubscription_Destroy(sub);
+		struct burst_result br = burst("flood", 40, 64, 5000);
+		printf("flood of 40: %d answered, %d busy (the last busy after %lld ms), %d other\n",
+		       br.ok, br.busy, br.busy_ms, br.other);
+		CHECK(br.ok + br.busy == 40 && br.other == 0);
+		CHECK(br.ok >= 8 && br.busy >= 1);
 	}
 	a = ask("after-abuse", "The quick", 4, 0, 0, 0);
 	CHECK(a.ok && !a.code[0]);
@@ -753,50 +782,18 @@ static int body(struct gp_test_env *env)
 		infer = gp_test_service(env, "genpipe-infer", "--data-dir", env->dir, "--model", "toy",
 					"--slots", "8", "--queue", "64", "--telemetry-queue", "1",
 					"--http-port", ports, "--memory-mb", "3", NULL);
-		a.ok = 0;
-		for (int i = 0; i < 200 && !(a.ok && !a.code[0]); i++) {
-			a = ask("warmup-2", "The quick", 4, 0, 0, 0);
-			if (!a.ok)
-				sleep_ms(100);
-		}
+		a = wait_ready("warmup-2");
 		REQUIRE(a.ok && !a.code[0]);
-		natsConnection *nc = gp_bus_conn(bus);
-		natsSubscription *sub = NULL;
-		REQUIRE(natsConnection_SubscribeSync(&sub, nc, "test.burst.*") == NATS_OK);
-		for (int i = 0; i < 40; i++) {
-			char rid[32], rep[64];
-			snprintf(rid, sizeof rid, "burst-%d", i);
-			snprintf(rep, sizeof rep, "test.burst.%d", i);
-			size_t len = 0;
-			uint8_t *req = encode_req(rid, "toy", "The quick", 8, 1.0f, 0, 0, 10000, &len);
-			natsConnection_PublishRequest(nc, GP_SUBJ_INFER "toy", rep, req, (int)len);
-			free(req);
-		}
-		natsConnection_Flush(nc);
-		int answered = 0;
-		for (int i = 0; i < 40; i++) {
-			natsMsg *m = NULL;
-			if (natsSubscription_NextMsg(&m, sub, 10000) != NATS_OK)
-				break;
-			gp_infer_response *r = NULL;
-			if (!gp_wire_decode_infer_response(&r, (const uint8_t *)natsMsg_GetData(m),
-							   (size_t)natsMsg_GetDataLength(m), &e)) {
-				answered += !*r->error_code;
-				gp_wire_free_infer_response(r);
-			}
-			natsMsg_Destroy(m);
-		}
-		natsSubscription_Destroy(sub);
+		struct burst_result br = burst("burst", 40, 8, 10000);
+		int answered = br.ok;
 		sleep_ms(300);
 		char url[128];
 		snprintf(url, sizeof url, "http://127.0.0.1:%d/metrics", port);
 		long code = 0;
 		char *body = NULL;
 		REQUIRE_OK(gp_http_get(url, 5000, &code, &body, &e), e);
-		const char *d = strstr(body, "\ngenpipe_infer_telemetry_dropped_total ");
-		const char *sent = strstr(body, "\ngenpipe_infer_telemetry_sent_total ");
-		double dropped = d ? atof(d + strlen("\ngenpipe_infer_telemetry_dropped_total ")) : -1;
-		double nsent = sent ? atof(sent + strlen("\ngenpipe_infer_telemetry_sent_total ")) : -1;
+		double dropped = metric_value(body, "genpipe_infer_telemetry_dropped_total");
+		double nsent = metric_value(body, "genpipe_infer_telemetry_sent_total");
 		printf("burst of 40 with a telemetry queue of 1: %d answered, telemetry %g sent, %g "
 		       "dropped\n", answered, nsent, dropped);
 		CHECK(answered == 40);
@@ -819,10 +816,8 @@ static int body(struct gp_test_env *env)
 		struct answer still = ask("budget-after", "The quick", 4, 0, 0, 0);
 		CHECK(still.ok && !still.code[0] && still.version == 4);
 		REQUIRE_OK(gp_http_get(url, 5000, &code, &body, &e), e);
-		const char *lb = strstr(body, "\ngenpipe_infer_loaded_bytes ");
-		const char *ld = strstr(body, "\ngenpipe_infer_loads_total ");
-		double loaded = lb ? atof(lb + strlen("\ngenpipe_infer_loaded_bytes ")) : -1;
-		double loads = ld ? atof(ld + strlen("\ngenpipe_infer_loads_total ")) : -1;
+		double loaded = metric_value(body, "genpipe_infer_loaded_bytes");
+		double loads = metric_value(body, "genpipe_infer_loads_total");
 		printf("budget: %g bytes mapped after %g loads\n", loaded, loads);
 		CHECK(loaded > 0 && loaded <= 3 << 20);
 		CHECK(loads == 4); /* 4 (the alias), 6, 7, 6 again; 8 is refused after mapping */
@@ -835,12 +830,8 @@ static int body(struct gp_test_env *env)
 		snprintf(ports, sizeof ports, "%d", port);
 		infer = gp_test_service(env, "genpipe-infer", "--data-dir", env->dir, "--model", "toy",
 					"--telemetry-sample", "0", "--http-port", ports, NULL);
-		a.ok = 0;
-		for (int i = 0; i < 200 && !(a.ok && !a.code[0]); i++) {
-			a = ask("sampled-warmup", "The quick", 4, 0, 0, 0);
-			if (!a.ok)
-				sleep_ms(100);
-		}
+		a = wait_ready("sampled-warmup");
+		REQUIRE(a.ok && !a.code[0]);
 		for (int i = 0; i < 10; i++) {
 			char rid[32];
 			snprintf(rid, sizeof rid, "sampled-ok-%d", i);
