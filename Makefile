@@ -46,6 +46,7 @@ bench: build
 	$(BUILD)/bin/tokenizer_bench
 	$(BUILD)/bin/model_bench all
 	$(BUILD)/bin/infer_bench 32 10 32
+	$(BUILD)/bin/monitor_bench 1000000 500
 
 down:
 	$(BUILD)/bin/genpipe dev down

@@ -1,9 +1,11 @@
 /*
  * libFuzzer harnesses for the data formats read from artifacts (built once
- * per target with GP_FUZZ_DATA=tokenizer|shard|manifest|dataset). Any bytes
+ * per target with GP_FUZZ_DATA=tokenizer|shard|manifest|dataset|checkpoint|
+ * histogram). Any bytes
  * must be refused with an error or read back consistently; never a crash,
  * leak, hang or out-of-bounds read.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +14,7 @@
 #include "bpe.h"
 #include "bytes.h"
 #include "dataset.h"
+#include "drift.h"
 #include "model.h"
 #include "shard.h"
 
@@ -20,6 +23,7 @@
 #define TARGET_manifest 3
 #define TARGET_dataset 4
 #define TARGET_checkpoint 5
+#define TARGET_histogram 6
 #define CAT(a, b) a##b
 #define TARGET(x) CAT(TARGET_, x)
 
@@ -119,6 +123,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			abort(); /* nothing is handed out on failure */
 		}
 		free(d);
+	}
+#elif TARGET(GP_FUZZ_DATA) == TARGET_histogram
+	/* a reference that parses is a probability distribution, binned */
+	struct gp_drift_ref r;
+	if (gp_drift_ref_parse((const char *)data, size, "train", 0, 0, 0, &r, &e) == GP_OK) {
+		double sum = 0, bsum = 0;
+		for (int i = 0; i < r.vocab; i++) {
+			if (!(r.p[i] >= 0) || r.bin[i] >= r.nbins)
+				abort();
+			sum += r.p[i];
+		}
+		for (int b = 0; b < r.nbins; b++) {
+			if (!(r.pbin[b] > 0))
+				abort();
+			bsum += r.pbin[b];
+		}
+		if (r.vocab < 2 || r.nbins < 1 || r.nbins > 20 || fabs(sum - 1) > 1e-6 ||
+		    fabs(bsum - 1) > 1e-6)
+			abort();
+		gp_drift_ref_free(&r);
+	} else if (r.p || r.rare || r.bin || r.pbin) {
+		abort();
 	}
 #else
 #error "GP_FUZZ_DATA must name a target"

@@ -172,6 +172,10 @@ int main(int argc, char **argv)
 	rc.model = "tiny", rc.alias = "production", rc.version = 2, rc.from_version = 1;
 	bad |= put(d, "registry_change", &rc.base);
 	bad |= data_seeds(d);
+	const char *hist = "{\"format\": \"genpipe-token-histogram/1\", \"vocab_size\": 4, "
+			   "\"train\": {\"tokens\": 6, \"counts\": [1, 2, 3, 0]}, "
+			   "\"val\": {\"tokens\": 1, \"counts\": [0, 1, 0, 0]}}";
+	bad |= put_bytes(d, "histogram", hist, strlen(hist));
 	const char *gate = "val_loss < production.val_loss";
 	bad |= put_bytes(d, "gate", gate, strlen(gate));
 	if (bad)
