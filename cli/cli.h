@@ -36,6 +36,7 @@ struct cli_infer_opts {
 	int stream;
 };
 extern struct cli_infer_opts cli_infer;
+extern const char *cli_since;   /* drift */
 
 struct gp_db *cli_db(void);
 struct gp_bus *cli_bus(void);
@@ -52,5 +53,6 @@ int cmd_runs(int n, char **args);
 int cmd_models(int n, char **args);
 int cmd_infer(int n, char **args);
 int cmd_telemetry(int n, char **args);
+int cmd_drift(int n, char **args);
 
 #endif

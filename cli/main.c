@@ -43,6 +43,7 @@ long long cli_timeout_ms;
 const char *cli_format;
 const char *cli_artifacts;
 struct cli_infer_opts cli_infer;
+const char *cli_since;
 #define database_url cli_database_url
 #define json_out cli_json
 
@@ -86,6 +87,7 @@ static const struct gp_opt common_opts[] = {
 	  &cli_infer.stream },
 	{ "deadline-ms", NULL, GP_OPT_INT, "0", "give up after this long (infer; 0: the service's)",
 	  &cli_infer.deadline_ms },
+	{ "since", NULL, GP_OPT_STR, "24h", "how far back (drift)", &cli_since },
 	{ "json", NULL, GP_OPT_BOOL, "false", "machine-readable output", &json_out },
 	{ "lines", NULL, GP_OPT_INT, "100", "lines of log to show (dev logs)", &log_lines },
 	{ "connect-timeout-ms", "GENPIPE_CONNECT_TIMEOUT_MS", GP_OPT_INT, "30000",
@@ -107,6 +109,7 @@ static const char usage_text[] =
 	"  models list | show NAME[:V|@ALIAS] | alias NAME ALIAS V | export NAME:V DIR\n"
 	"  infer NAME --prompt TEXT  ask the model served as NAME (prints the request id)\n"
 	"  telemetry NAME    the latest served requests of NAME (--limit N)\n"
+	"  drift NAME        the monitor's drift windows of NAME (--since 24h)\n"
 	"  migrate           apply migrations to --database-url\n"
 	"  version           print the version";
 
@@ -469,6 +472,8 @@ int main(int argc, char **argv)
 		return cmd_infer(nargs - 1, args + 1);
 	if (!strcmp(args[0], "telemetry"))
 		return cmd_telemetry(nargs - 1, args + 1);
+	if (!strcmp(args[0], "drift"))
+		return cmd_drift(nargs - 1, args + 1);
 	if (!strcmp(args[0], "dev") && nargs >= 2) {
 		if (!strcmp(args[1], "up") && nargs == 2) {
 			char bindir[PATH_MAX];

@@ -183,6 +183,10 @@ float *gp_model_param_tensor(struct gp_model *m, int t) { return m->P[t]; }
 size_t gp_model_num_params(const struct gp_model *m) { return m->n_params; }
 float *gp_model_grads(struct gp_model *m) { return m->grads; }
 const float *gp_model_logits(const struct gp_model *m) { return m->A[GP_A_LOGITS]; }
+const float *gp_model_activation(const struct gp_model *m, int act)
+{
+	return act >= 0 && act < GP_A_COUNT ? m->A[act] : NULL;
+}
 
 /* A standard normal from splitmix64 (Box-Muller). */
 static double rng_normal(uint64_t *s)

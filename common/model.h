@@ -96,6 +96,9 @@ gp_status gp_model_forward(struct gp_model *m, const uint16_t *inputs, const uin
 			   int B, int T, float *loss, struct gp_err *err);
 /* Borrowed (B, T, padded_vocab) of the last forward. */
 const float *gp_model_logits(const struct gp_model *m);
+/* An activation of the last forward (layout of gp_model_act_sizes), e.g.
+ * GP_A_LNF: the final normalized hidden state, (B, T, width). */
+const float *gp_model_activation(const struct gp_model *m, int act);
 /* Zero the parameter gradients (they accumulate over backward calls). */
 void gp_model_zero_grad(struct gp_model *m);
 /* Backward of the last forward (which must have had targets). */

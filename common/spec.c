@@ -605,11 +605,14 @@ static const struct field f_deploy[] = {
 static const char *const o_deploy[] = { "alias", "version", "promoted", "previous", "reason",
 					NULL };
 static const struct field f_monitor[] = {
-	{ "model", F_STR, 1 },	       { "window", F_INT, 0 },	     { "window_time", F_DURATION, 0 },
-	{ "psi_threshold", F_FLOAT, 0 }, { "js_threshold", F_FLOAT, 0 }, { "webhook", F_STR, 0 },
-	{ NULL, F_ANY, 0 },
+	{ "model", F_STR, 1 },		      { "histogram", F_STR, 0 },
+	{ "window", F_INT, 0 },		      { "window_time", F_DURATION, 0 },
+	{ "psi_threshold", F_FLOAT, 0 },      { "js_threshold", F_FLOAT, 0 },
+	{ "perplexity_ratio", F_FLOAT, 0 },   { "embedding_threshold", F_FLOAT, 0 },
+	{ "error_rate_threshold", F_FLOAT, 0 }, { "loss_sample", F_INT, 0 },
+	{ "bins", F_INT, 0 },		      { NULL, F_ANY, 0 },
 };
-static const char *const o_none[] = { NULL };
+static const char *const o_monitor[] = { "model", "histogram", NULL };
 static const struct field f_batch[] = {
 	{ "model", F_STR, 1 },	       { "dataset", F_STR, 1 },	   { "version", F_INT, 0 },
 	{ "alias", F_STR, 0 },	       { "max_tokens", F_INT, 0 }, { "temperature", F_FLOAT, 0 },
@@ -625,7 +628,7 @@ static const struct field f_noop[] = {
 static const struct kind kinds[] = {
 	{ "ingest", f_ingest, o_ingest, 1 },	     { "preprocess", f_preprocess, o_preprocess, 0 },
 	{ "train", f_train, o_train, 0 },	     { "eval", f_eval, o_eval, 0 },
-	{ "deploy", f_deploy, o_deploy, 0 },	     { "monitor", f_monitor, o_none, 0 },
+	{ "deploy", f_deploy, o_deploy, 0 },	     { "monitor", f_monitor, o_monitor, 0 },
 	{ "batch-infer", f_batch, o_batch, 0 },	     { "noop", f_noop, NULL, 0 },
 };
 #define NKINDS ((int)(sizeof kinds / sizeof kinds[0]))
