@@ -229,9 +229,10 @@ static int body(struct gp_test_env *env)
 	     t++)
 		sleep_ms(100);
 	sleep_ms(500);
-	printf("after kill -9: windows of %s requests\n",
-	       gp_test_qs(db, "SELECT string_agg(n_requests::text, ' ' ORDER BY id) FROM "
-			      "drift_windows"));
+	char *sizes = gp_test_qs(db, "SELECT string_agg(n_requests::text, ' ' ORDER BY id) FROM "
+				     "drift_windows");
+	printf("after kill -9: windows of %s requests\n", sizes);
+	free(sizes);
 	CHECK(q("SELECT sum(n_requests) FROM drift_windows") == 300);
 	CHECK(q("SELECT count(*) FROM drift_windows") >= 6);
 	CHECK(q("SELECT count(DISTINCT first_seq) FROM drift_windows") ==
