@@ -610,7 +610,8 @@ static const struct field f_monitor[] = {
 	{ "psi_threshold", F_FLOAT, 0 },      { "js_threshold", F_FLOAT, 0 },
 	{ "perplexity_ratio", F_FLOAT, 0 },   { "embedding_threshold", F_FLOAT, 0 },
 	{ "error_rate_threshold", F_FLOAT, 0 }, { "loss_sample", F_INT, 0 },
-	{ "bins", F_INT, 0 },		      { NULL, F_ANY, 0 },
+	{ "bins", F_INT, 0 },		      { "min_alert_requests", F_INT, 0 },
+	{ NULL, F_ANY, 0 },
 };
 static const char *const o_monitor[] = { "model", "histogram", NULL };
 static const struct field f_batch[] = {

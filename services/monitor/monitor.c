@@ -33,7 +33,7 @@
 /* ---- configuration ---- */
 
 struct mcfg {
-	long long window, window_ms, loss_sample, bins;
+	long long window, window_ms, loss_sample, bins, min_alert;
 	double psi, js, ppl_ratio, emb, err_rate;
 };
 
@@ -56,7 +56,8 @@ static gp_status parse_cfg(const cJSON *o, const char *prefix, struct mcfg *c, s
 	    (st = gp_param_number(o, prefix, "error_rate_threshold", 0.05, 0, 1, &c->err_rate,
 				  err)) ||
 	    (st = gp_param_int(o, prefix, "loss_sample", 64, 0, 4096, &c->loss_sample, err)) ||
-	    (st = gp_param_int(o, prefix, "bins", 20, 2, GP_DRIFT_MAX_BINS, &c->bins, err)))
+	    (st = gp_param_int(o, prefix, "bins", 20, 2, GP_DRIFT_MAX_BINS, &c->bins, err)) ||
+	    (st = gp_param_int(o, prefix, "min_alert_requests", 30, 1, 1000000, &c->min_alert, err)))
 		return st;
 	c->window_ms = cJSON_IsNumber(ms) ? (long long)ms->valuedouble : gp_spec_parse_duration(wt);
 	if (c->window_ms < 100 || c->window_ms > 7LL * 24 * 3600 * 1000)
@@ -77,6 +78,7 @@ static cJSON *cfg_json(const struct mcfg *c)
 	cJSON_AddNumberToObject(o, "error_rate_threshold", c->err_rate);
 	cJSON_AddNumberToObject(o, "loss_sample", (double)c->loss_sample);
 	cJSON_AddNumberToObject(o, "bins", (double)c->bins);
+	cJSON_AddNumberToObject(o, "min_alert_requests", (double)c->min_alert);
 	return o;
 }
 
@@ -460,6 +462,11 @@ static void close_window(struct gp_monitor *g, struct mon *m, struct vwin *v)
 	cJSON_AddNumberToObject(mj, "cache_hit_rate", d.cache_hit_rate);
 	cJSON_AddNumberToObject(mj, "tokens", (double)d.tokens);
 	cJSON_AddNumberToObject(mj, "out_of_vocab", (double)v->w.out_of_vocab);
+	/* a window closed on time with a handful of requests is recorded, but
+	 * its figures are too noisy to alert on */
+	int quiet = v->w.requests < m->c.min_alert;
+	if (quiet)
+		cJSON_AddBoolToObject(mj, "too_few_to_alert", 1);
 	char *mtext = cJSON_PrintUnformatted(mj);
 	cJSON_Delete(mj);
 	char ver[32], reqs[32], fs[32], ls[32], t0[32], t1[32];
@@ -483,7 +490,7 @@ static void close_window(struct gp_monitor *g, struct mon *m, struct vwin *v)
 				"mo.name = $1 ON CONFLICT (model_version_id, first_seq) DO NOTHING "
 				"RETURNING id, model_version_id",
 				8, p, &r, &err);
-	for (int i = 0; !st && PQntuples(r) == 1 && i < nf; i++) {
+	for (int i = 0; !st && !quiet && PQntuples(r) == 1 && i < nf; i++) {
 		if (!isfinite(figs[i].value) || figs[i].value <= figs[i].threshold)
 			continue;
 		char val[40], thr[40], text[300];

@@ -9,7 +9,8 @@
  * validation loss, as a perplexity ratio), embedding_threshold (0.1:
  * cosine distance of the window's mean final hidden state from the
  * validation set's), error_rate_threshold (0.05), bins (20), loss_sample
- * (64 prompts a window run through the model). The stage writes the
+ * (64 prompts a window run through the model), min_alert_requests (30:
+ * smaller windows are recorded but raise no alert). The stage writes the
  * `monitors` row and succeeds at once (registered uncached).
  *
  * The service reads the monitors rows (every reload_ms) and, per model,

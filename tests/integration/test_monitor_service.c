@@ -272,6 +272,26 @@ static int body(struct gp_test_env *env)
 	natsSubscription_Destroy(sub);
 	CHECK(got >= 1);
 
+	/* a window closed on time with few requests raises no alert */
+	snprintf(yaml, sizeof yaml,
+		 "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: watch}\nspec:\n"
+		 "  stages:\n"
+		 "    - name: monitor\n      kind: monitor\n"
+		 "      with: {model: toy, histogram: \"sha256:%s\", window: 50, window_time: 1s, "
+		 "loss_sample: 8, min_alert_requests: 30}\n", hh);
+	long long run2 = gp_test_submit(db, yaml, NULL, 0);
+	REQUIRE(gp_test_wait_run(db, run2, 60000) == 1);
+	long long before_w = q("SELECT count(*) FROM drift_windows");
+	long long before_a = q("SELECT count(*) FROM alerts");
+	sleep_ms(800);
+	publish(tok, 1, 5, &seq);
+	for (int t = 0; t < 100 && q("SELECT count(*) FROM drift_windows") == before_w; t++)
+		sleep_ms(100);
+	CHECK(q("SELECT count(*) FROM drift_windows") == before_w + 1);
+	CHECK(q("SELECT count(*) FROM drift_windows WHERE n_requests = 5 AND "
+		"(metrics->>'psi')::float8 > 0.2 AND (metrics->>'too_few_to_alert')::boolean") == 1);
+	CHECK(q("SELECT count(*) FROM alerts") == before_a);
+
 	/* genpipe drift */
 	char cmd[1024], out[16384];
 	snprintf(cmd, sizeof cmd, "%s --database-url '%s' drift toy --json", GENPIPE_CLI,
