@@ -37,6 +37,7 @@ struct cli_infer_opts {
 };
 extern struct cli_infer_opts cli_infer;
 extern const char *cli_since;   /* drift */
+extern const char *cli_rating, *cli_correction; /* feedback */
 
 struct gp_db *cli_db(void);
 struct gp_bus *cli_bus(void);
@@ -54,5 +55,6 @@ int cmd_models(int n, char **args);
 int cmd_infer(int n, char **args);
 int cmd_telemetry(int n, char **args);
 int cmd_drift(int n, char **args);
+int cmd_feedback(int n, char **args);
 
 #endif

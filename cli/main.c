@@ -44,6 +44,7 @@ const char *cli_format;
 const char *cli_artifacts;
 struct cli_infer_opts cli_infer;
 const char *cli_since;
+const char *cli_rating, *cli_correction;
 #define database_url cli_database_url
 #define json_out cli_json
 
@@ -88,6 +89,9 @@ static const struct gp_opt common_opts[] = {
 	{ "deadline-ms", NULL, GP_OPT_INT, "0", "give up after this long (infer; 0: the service's)",
 	  &cli_infer.deadline_ms },
 	{ "since", NULL, GP_OPT_STR, "24h", "how far back (drift)", &cli_since },
+	{ "rating", NULL, GP_OPT_STR, NULL, "up or down (feedback)", &cli_rating },
+	{ "correction", NULL, GP_OPT_STR, NULL, "the answer it should have given (feedback)",
+	  &cli_correction },
 	{ "json", NULL, GP_OPT_BOOL, "false", "machine-readable output", &json_out },
 	{ "lines", NULL, GP_OPT_INT, "100", "lines of log to show (dev logs)", &log_lines },
 	{ "connect-timeout-ms", "GENPIPE_CONNECT_TIMEOUT_MS", GP_OPT_INT, "30000",
@@ -110,6 +114,7 @@ static const char usage_text[] =
 	"  infer NAME --prompt TEXT  ask the model served as NAME (prints the request id)\n"
 	"  telemetry NAME    the latest served requests of NAME (--limit N)\n"
 	"  drift NAME        the monitor's drift windows of NAME (--since 24h)\n"
+	"  feedback REQUEST_ID --rating up|down [--correction TEXT]\n"
 	"  migrate           apply migrations to --database-url\n"
 	"  version           print the version";
 
@@ -474,6 +479,8 @@ int main(int argc, char **argv)
 		return cmd_telemetry(nargs - 1, args + 1);
 	if (!strcmp(args[0], "drift"))
 		return cmd_drift(nargs - 1, args + 1);
+	if (!strcmp(args[0], "feedback"))
+		return cmd_feedback(nargs - 1, args + 1);
 	if (!strcmp(args[0], "dev") && nargs >= 2) {
 		if (!strcmp(args[1], "up") && nargs == 2) {
 			char bindir[PATH_MAX];
