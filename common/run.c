@@ -90,7 +90,7 @@ out:
 	return st;
 }
 
-gp_status gp_run_create(struct gp_db *db, long long pv_id, const cJSON *params,
+gp_status gp_run_insert(struct gp_db *db, long long pv_id, const cJSON *params,
 			const char *trigger, long long *run_id, struct gp_err *err)
 {
 	char pv[24];
@@ -99,27 +99,23 @@ gp_status gp_run_create(struct gp_db *db, long long pv_id, const cJSON *params,
 	if (!pj)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	PGresult *r = NULL;
-	gp_status st = gp_db_begin(db, err);
-	if (st) {
-		free(pj);
-		return st;
-	}
 	const char *p1[] = { pv, pj, trigger ? trigger : "manual" };
-	if ((st = gp_db_exec(db, "create run",
-			     "INSERT INTO runs (pipeline_version_id, params, trigger, pipeline_name) "
-			     "SELECT v.id, $2::jsonb, $3, p.name FROM pipeline_versions v "
-			     "JOIN pipelines p ON p.id = v.pipeline_id WHERE v.id = $1::bigint "
-			     "RETURNING id",
-			     3, p1, &r, err)))
-		goto rollback;
+	gp_status st = gp_db_exec(db, "create run",
+				  "INSERT INTO runs (pipeline_version_id, params, trigger, pipeline_name) "
+				  "SELECT v.id, $2::jsonb, $3, p.name FROM pipeline_versions v "
+				  "JOIN pipelines p ON p.id = v.pipeline_id WHERE v.id = $1::bigint "
+				  "RETURNING id",
+				  3, p1, &r, err);
+	free(pj);
+	if (st)
+		return st;
 	if (PQntuples(r) != 1) {
-		st = gp_err_set(err, GP_ERR_NOT_FOUND, "pipeline version %lld does not exist", pv_id);
-		goto rollback;
+		PQclear(r);
+		return gp_err_set(err, GP_ERR_NOT_FOUND, "pipeline version %lld does not exist", pv_id);
 	}
 	char rid[24];
 	snprintf(rid, sizeof rid, "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
-	r = NULL;
 	const char *p2[] = { rid, pv };
 	if ((st = gp_db_exec(db, "create run stages",
 			     "INSERT INTO run_stages (run_id, stage, kind, position) "
@@ -128,21 +124,29 @@ gp_status gp_run_create(struct gp_db *db, long long pv_id, const cJSON *params,
 			     "jsonb_array_elements(v.spec_json->'spec'->'stages') WITH ORDINALITY s "
 			     "WHERE v.id = $2::bigint",
 			     2, p2, NULL, err)))
-		goto rollback;
+		return st;
 	const char *p3[] = { rid };
 	if ((st = gp_db_exec(db, "wake orchestrators", "SELECT pg_notify('genpipe_runs', $1)", 1,
 			     p3, NULL, err)))
-		goto rollback;
-	if ((st = gp_db_commit(db, err)))
-		goto rollback;
+		return st;
 	*run_id = atoll(rid);
-	free(pj);
 	return GP_OK;
-rollback:
-	gp_db_rollback(db);
-	PQclear(r);
-	free(pj);
-	return st;
+}
+
+gp_status gp_run_create(struct gp_db *db, long long pv_id, const cJSON *params,
+			const char *trigger, long long *run_id, struct gp_err *err)
+{
+	gp_status st = gp_db_begin(db, err);
+	if (st)
+		return st;
+	long long id = 0;
+	if ((st = gp_run_insert(db, pv_id, params, trigger, &id, err)) ||
+	    (st = gp_db_commit(db, err))) {
+		gp_db_rollback(db);
+		return st;
+	}
+	*run_id = id;
+	return GP_OK;
 }
 
 /*

@@ -37,6 +37,9 @@ gp_status gp_pipeline_submit(struct gp_db *db, const char *text, const cJSON *do
  */
 gp_status gp_run_create(struct gp_db *db, long long pv_id, const cJSON *params,
 			const char *trigger, long long *run_id, struct gp_err *err);
+/* The same inside the caller's open transaction. */
+gp_status gp_run_insert(struct gp_db *db, long long pv_id, const cJSON *params,
+			const char *trigger, long long *run_id, struct gp_err *err);
 
 /*
  * Cancel a run that has not finished: queued and running attempts become

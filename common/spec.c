@@ -923,7 +923,7 @@ static const char *const retry_keys[] = { "limit", "backoff", "max_backoff" };
 static const char *const trig_keys[] = { "name",      "on",	       "negative_rate",
 					 "window",    "min_corrections", "metric",
 					 "threshold", "every",	       "cooldown",
-					 "max_per_day" };
+					 "max_per_day", "model" };
 static const char *const trig_ons[] = { "feedback", "drift", "schedule" };
 static const char *const budget_keys[] = { "max_usd", "action" };
 static const char *const budget_actions[] = { "warn", "stop" };
@@ -1080,6 +1080,12 @@ static void check_triggers(const struct node *t, cJSON *out, struct gp_spec_erro
 			cJSON_AddNumberToObject(o, "min_corrections", (double)iv);
 		if ((v = map_get(tr, "metric")) && want_string(v, ctx, errs))
 			cJSON_AddStringToObject(o, "metric", v->s);
+		if ((v = map_get(tr, "model")) && want_string(v, ctx, errs)) {
+			if (!dns_label(v->s))
+				add_error(errs, v->line, v->col, "%s: model \"%s\" is not a DNS label",
+					  ctx, v->s);
+			cJSON_AddStringToObject(o, "model", v->s);
+		}
 		if ((v = map_get(tr, "threshold")) && want_float(v, ctx, &dv, errs))
 			cJSON_AddNumberToObject(o, "threshold", dv);
 		if ((v = map_get(tr, "every")) && want_duration(v, ctx, &iv, errs))

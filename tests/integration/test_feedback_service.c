@@ -5,6 +5,10 @@
  * unknown request ids and bad ratings with their exit codes; Feedback
  * messages over NATS are recorded, an unknown request id is retried and
  * then dead-lettered with the reason, an undecodable message at once.
+ * Retraining triggers: negative ratings over the rule start exactly one
+ * run (the cool-down holds back the rest), a drift alert starts one run
+ * of its own rule (its daily maximum holds back the second), each with a
+ * retrain_triggers row and a RetrainTrigger message.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -141,7 +145,9 @@ static int body(struct gp_test_env *env)
 	REQUIRE_OK(gp_db_run(db, "register", sql, &e), e);
 	REQUIRE_OK(gp_registry_move_alias(db, "toy", "production", 1, "test", NULL, NULL, &e), e);
 	gp_test_service(env, "genpipe-infer", "--data-dir", env->dir, "--model", "toy", NULL);
-	gp_test_service(env, "genpipe-feedback", NULL);
+	gp_test_service(env, "genpipe-feedback", "--triggers-ms", "200", NULL);
+	gp_test_service(env, "genpipe-orchestrator", "--sweep-ms", "200", NULL);
+	gp_test_service(env, "genpipe-noop", NULL);
 
 	int ok = 0;
 	for (int i = 0; i < 100 && !ok; i++)
@@ -193,6 +199,89 @@ static int body(struct gp_test_env *env)
 	CHECK_CONTAINS(why ? why : "", "feedback");
 	free(why);
 	CHECK(q("SELECT count(*) FROM dead_letters") == 2);
+
+	/* retraining triggers */
+	const char *yaml =
+		"apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: retrain-toy}\nspec:\n"
+		"  stages:\n    - {name: retrain, kind: noop}\n"
+		"  triggers:\n"
+		"    - {name: unhappy, on: feedback, model: toy, negative_rate: 0.5, window: 4, "
+		"cooldown: 1h}\n"
+		"    - {name: drifted, on: drift, model: toy, metric: psi, threshold: 0.25, "
+		"max_per_day: 1}\n";
+	long long first = gp_test_submit(db, yaml, NULL, 0);
+	REQUIRE(gp_test_wait_run(db, first, 30000) == 1);
+	sleep_ms(600);
+	/* three ratings so far (up, down, down): under the window of four */
+	CHECK(q("SELECT count(*) FROM retrain_triggers") == 0);
+	CHECK(ask("fb-4", "A fool"));
+	CHECK(ask("fb-5", "You will"));
+	for (int i = 0; i < 100 && q("SELECT count(*) FROM inference_events WHERE request_id IN "
+				     "('fb-4', 'fb-5')") < 2; i++)
+		sleep_ms(100);
+	CHECK(cli(out, sizeof out, "feedback fb-4 --rating down") == 0);
+	CHECK(cli(out, sizeof out, "feedback fb-5 --rating down") == 0);
+	for (int i = 0; i < 100 && q("SELECT count(*) FROM retrain_triggers") < 1; i++)
+		sleep_ms(100);
+	CHECK(q("SELECT count(*) FROM retrain_triggers WHERE rule = 'unhappy' AND run_id IS NOT "
+		"NULL") == 1);
+	char *reason = gp_test_qs(db, "SELECT reason FROM retrain_triggers WHERE rule = 'unhappy'");
+	printf("unhappy fired: %s\n", reason ? reason : "-");
+	CHECK_CONTAINS(reason ? reason : "", "of the last 4 ratings negative");
+	free(reason);
+	long long trun = q("SELECT run_id FROM retrain_triggers WHERE rule = 'unhappy'");
+	CHECK(gp_test_wait_run(db, trun, 30000) == 1);
+	CHECK(q("SELECT count(*) FROM runs WHERE trigger = 'feedback:unhappy'") == 1);
+	/* more unhappy users within the cool-down: nothing more */
+	CHECK(cli(out, sizeof out, "feedback fb-1 --rating down") == 0);
+	CHECK(cli(out, sizeof out, "feedback fb-2 --rating down") == 0);
+	sleep_ms(1500);
+	CHECK(q("SELECT count(*) FROM runs WHERE trigger = 'feedback:unhappy'") == 1);
+	/* a drift alert fires its own rule once a day */
+	REQUIRE_OK(gp_db_run(db, "alert",
+			     "INSERT INTO alerts (model_version_id, metric, value, threshold, severity, "
+			     "message) SELECT v.id, 'psi', 0.4, 0.2, 'warning', 'test' FROM "
+			     "model_versions v JOIN models m ON m.id = v.model_id WHERE m.name = 'toy'",
+			     &e), e);
+	for (int i = 0; i < 100 && q("SELECT count(*) FROM runs WHERE trigger = 'drift:drifted'") < 1;
+	     i++)
+		sleep_ms(100);
+	CHECK(q("SELECT count(*) FROM runs WHERE trigger = 'drift:drifted'") == 1);
+	long long drun = q("SELECT run_id FROM retrain_triggers WHERE rule = 'drifted'");
+	CHECK(gp_test_wait_run(db, drun, 30000) == 1);
+	REQUIRE_OK(gp_db_run(db, "alert again",
+			     "INSERT INTO alerts (model_version_id, metric, value, threshold, severity, "
+			     "message) SELECT v.id, 'psi', 0.5, 0.2, 'warning', 'test' FROM "
+			     "model_versions v JOIN models m ON m.id = v.model_id WHERE m.name = 'toy'",
+			     &e), e);
+	sleep_ms(1500);
+	CHECK(q("SELECT count(*) FROM runs WHERE trigger = 'drift:drifted'") == 1);
+	/* the messages, through the outbox */
+	struct gp_consumer_def cd = {GP_STREAM_CONTROL, "test-triggers", GP_SUBJ_TRIGGERS "retrain-toy",
+				     30000, -1, 100};
+	REQUIRE_OK(gp_bus_declare(bus, NULL, 0, &cd, 1, &e), e);
+	natsSubscription *tsub = NULL;
+	REQUIRE_OK(gp_bus_pull_subscribe(bus, &cd, &tsub, &e), e);
+	int unhappy = 0, drifted = 0;
+	for (int tries = 0; tries < 10 && unhappy + drifted < 2; tries++) {
+		natsMsgList list = {0};
+		if (gp_bus_fetch(tsub, 16, 500, &list, &e))
+			continue;
+		for (int i = 0; i < list.Count; i++) {
+			gp_retrain_trigger *rt = NULL;
+			if (!gp_wire_decode_retrain_trigger(
+				    &rt, (const uint8_t *)natsMsg_GetData(list.Msgs[i]),
+				    (size_t)natsMsg_GetDataLength(list.Msgs[i]), &e)) {
+				unhappy += !strcmp(rt->rule, "unhappy") && !strcmp(rt->model, "toy");
+				drifted += !strcmp(rt->rule, "drifted");
+				gp_wire_free_retrain_trigger(rt);
+			}
+			gp_bus_ack(list.Msgs[i], &e);
+		}
+		natsMsgList_Destroy(&list);
+	}
+	natsSubscription_Destroy(tsub);
+	CHECK(unhappy == 1 && drifted == 1);
 	free(tb);
 	free(cb);
 	gp_bpe_free(tok);
