@@ -771,6 +771,53 @@ static gp_status feedback_source(struct collect *c, struct gp_db *db, const char
 	return st;
 }
 
+/*
+ * drifted:MODEL: the prompts of MODEL's logged requests (inference_events)
+ * served inside drift windows that raised an alert, newest first, at most
+ * DRIFTED_MAX: a sample of what the served model was asked that it did not
+ * expect, for a retraining run.
+ */
+#define DRIFTED_MAX 5000
+static gp_status drifted_source(struct collect *c, struct gp_db *db, const char *model,
+				struct gp_err *err)
+{
+	if (!*model || !db)
+		return gp_err_set(err, GP_ERR_INVALID, "source \"drifted:%s\": %s", model,
+				  *model ? "no database" : "name a model");
+	char lim[16];
+	snprintf(lim, sizeof lim, "%d", DRIFTED_MAX);
+	const char *p[] = { model, lim };
+	PGresult *r = NULL;
+	gp_status st = gp_db_exec(
+		db, "read drifted prompts",
+		"SELECT DISTINCT ON (e.id) e.id, e.prompt FROM inference_events e "
+		"JOIN models m ON m.name = e.model "
+		"JOIN model_versions v ON v.model_id = m.id AND v.version = e.version "
+		"JOIN drift_windows w ON w.model_version_id = v.id AND e.served_at BETWEEN "
+		"w.window_start AND w.window_end "
+		"WHERE e.model = $1 AND e.prompt IS NOT NULL AND e.prompt <> '' AND EXISTS "
+		"(SELECT 1 FROM alerts a WHERE a.drift_window_id = w.id) "
+		"ORDER BY e.id DESC LIMIT $2::int",
+		2, p, &r, err);
+	if (st)
+		return st;
+	int n = PQntuples(r);
+	if (c->fp) {
+		char line[600];
+		int k = snprintf(line, sizeof line, "drifted\t%s\t%d\t%s\n", model, n,
+				 n ? PQgetvalue(r, 0, 0) : "0");
+		EVP_DigestUpdate(c->fp, line, (size_t)k);
+	}
+	for (int i = n - 1; i >= 0 && !c->fingerprint_only && !st; i--) {
+		char source[600];
+		snprintf(source, sizeof source, "drifted:%s#%s", model, PQgetvalue(r, i, 0));
+		const char *text = PQgetvalue(r, i, 1);
+		st = add_doc(c, source, (const unsigned char *)text, strlen(text), err);
+	}
+	PQclear(r);
+	return st;
+}
+
 gp_status gp_ingest_collect(const cJSON *params, const struct gp_ingest_config *cfg,
 			    struct gp_db *db, int fingerprint_only,
 			    void (*progress)(void *ctx, long long files_read, const char *msg),
@@ -811,10 +858,12 @@ gp_status gp_ingest_collect(const cJSON *params, const struct gp_ingest_config *
 			st = url_source(&c, src, err);
 		else if (!strncmp(src, "feedback:", 9))
 			st = feedback_source(&c, db, src + 9, err);
+		else if (!strncmp(src, "drifted:", 8))
+			st = drifted_source(&c, db, src + 8, err);
 		else if (strstr(src, "://") && strncmp(src, "file://", 7))
 			st = gp_err_set(err, GP_ERR_INVALID,
-					"source \"%.200s\": only paths, file://, http(s):// and "
-					"feedback: sources are supported",
+					"source \"%.200s\": only paths, file://, http(s)://, "
+					"feedback: and drifted: sources are supported",
 					src);
 		else
 			st = path_source(&c, src, err);

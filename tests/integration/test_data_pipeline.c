@@ -242,6 +242,36 @@ static int body(struct gp_test_env *env)
 	CHECK(q("SELECT (outputs->>'documents')::int FROM run_stages WHERE run_id = %lld", f3) ==
 	      3);
 
+	/* 4b. the drifted source reads the prompts served inside alerting windows */
+	REQUIRE_OK(gp_db_run(db, "drift",
+			     "INSERT INTO models (name) VALUES ('tiny') ON CONFLICT DO NOTHING; "
+			     "INSERT INTO model_versions (model_id, version) SELECT id, 1 FROM models "
+			     "WHERE name = 'tiny'; "
+			     "INSERT INTO drift_windows (model_version_id, window_start, window_end, "
+			     "n_requests, metrics, first_seq) SELECT v.id, now() - interval '10 min', "
+			     "now() - interval '5 min', 2, '{}', 1 FROM model_versions v; "
+			     "INSERT INTO drift_windows (model_version_id, window_start, window_end, "
+			     "n_requests, metrics, first_seq) SELECT v.id, now() - interval '4 min', "
+			     "now() - interval '3 min', 1, '{}', 2 FROM model_versions v; "
+			     "INSERT INTO alerts (model_version_id, metric, value, threshold, severity, "
+			     "message, drift_window_id) SELECT model_version_id, 'psi', 1, 0.2, 'warning', "
+			     "'x', id FROM drift_windows WHERE first_seq = 1; "
+			     "INSERT INTO inference_events (request_id, model, version, prompt, served_at) "
+			     "VALUES ('d1', 'tiny', 1, '#include <stdio.h>', now() - interval '8 min'), "
+			     "('d2', 'tiny', 1, 'int main(void)', now() - interval '6 min'), "
+			     "('d3', 'tiny', 1, 'quiet window', now() - interval '210 s'), "
+			     "('d4', 'tiny', 1, 'no window', now() - interval '1 hour'), "
+			     "('d5', 'other', 1, 'other model', now() - interval '8 min')",
+			     &fe),
+		   fe);
+	const char *dr = "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: dr}\n"
+			 "spec:\n  stages:\n    - {name: i, kind: ingest, with: {sources: "
+			 "[\"drifted:tiny\"]}}\n";
+	long long d1 = gp_test_submit(db, dr, NULL, 0);
+	REQUIRE(gp_test_wait_run(db, d1, 30000) == 1);
+	CHECK(q("SELECT (outputs->>'documents')::int FROM run_stages WHERE run_id = %lld", d1) ==
+	      2);
+
 	/* 5. a source outside the service's roots fails the stage with the reason */
 	long long r4 = gp_test_submit(db, "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: bad}\n"
 			      "spec:\n  stages:\n    - {name: i, kind: ingest, with: {sources: "
