@@ -600,7 +600,8 @@ static const struct field f_eval[] = {
 static const char *const o_eval[] = { "report", "val_loss", NULL };
 static const struct field f_deploy[] = {
 	{ "model", F_STR, 1 },	    { "version", F_INT, 1 }, { "alias", F_STR, 0 },
-	{ "promote_if", F_STR, 0 }, { "canary", F_MAP, 0 }, { NULL, F_ANY, 0 },
+	{ "promote_if", F_STR, 0 }, { "canary", F_MAP, 0 }, { "gate", F_MAP, 0 },
+	{ NULL, F_ANY, 0 },
 };
 static const char *const o_deploy[] = { "alias", "version", "promoted", "previous", "reason",
 					NULL };

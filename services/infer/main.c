@@ -122,7 +122,7 @@ int main(int argc, char **argv)
 	}
 	struct gp_server *srv = NULL;
 	struct gp_worker *w = NULL;
-	struct gp_deploy_config dc = { .bus = svc.bus };
+	struct gp_deploy_config dc = { .bus = svc.bus, .store = cfg.store };
 	struct gp_worker_config wc = {
 		.kind = "deploy", .lease_ms = lease, .heartbeat_ms = hb, .ack_wait_ms = lease,
 		.handler = gp_deploy_handle, .closure = &dc, .metrics = svc.metrics,

@@ -13,9 +13,12 @@
 #include <time.h>
 
 #include "artifact.h"
+#include "bpe.h"
 #include "bus.h"
 #include "dataset.h"
 #include "engine.h"
+#include "model.h"
+#include "shard.h"
 #include "log.h"
 #include "params.h"
 #include "registry.h"
@@ -283,6 +286,197 @@ static int canary_run(struct gp_job *job, struct gp_db *db, struct gp_bus *bus, 
 	return 0;
 }
 
+/* ---- the gate on new data ---- */
+
+struct data_gate {
+	char data[65];      /* dataset manifest hash */
+	double margin, tolerance;
+	long long max_bytes;
+};
+
+static gp_status data_gate_parse(const cJSON *g, struct data_gate *o, struct gp_err *err)
+{
+	const char *ref = NULL;
+	gp_status st;
+	if (!cJSON_IsObject(g))
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "with.gate must be a map (data, margin, tolerance, max_bytes)");
+	if ((st = gp_param_string(g, "with.gate", "data", NULL, 80, &ref, err)) ||
+	    (st = gp_param_number(g, "with.gate", "margin", 0.1, -1e9, 1, &o->margin, err)) ||
+	    (st = gp_param_number(g, "with.gate", "tolerance", 0.05, 0, 1e9, &o->tolerance, err)) ||
+	    (st = gp_param_int(g, "with.gate", "max_bytes", 200000, 1000, 1LL << 30, &o->max_bytes,
+			       err)))
+		return st;
+	if (gp_artifact_ref_parse(ref, o->data))
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "with.gate.data must be a dataset reference (sha256:...)");
+	return GP_OK;
+}
+
+/* Natural-log loss per byte of text under model and tokenizer (NAN: too short). */
+static double nats_per_byte(struct gp_model *m, struct gp_bpe *tok, const char *text,
+			    size_t len, struct gp_err *err)
+{
+	uint16_t *ids = NULL;
+	size_t n = 0, cap = 0;
+	if (!len || gp_bpe_encode(tok, text, len, &ids, &n, &cap, err) || n < 2) {
+		free(ids);
+		return NAN;
+	}
+	int ctx = gp_model_config(m)->context;
+	double total = 0;
+	for (size_t off = 0; off + 1 < n; off += (size_t)ctx) {
+		size_t T = n - off - 1 < (size_t)ctx ? n - off - 1 : (size_t)ctx;
+		float loss = 0;
+		if (gp_model_forward(m, ids + off, ids + off + 1, 1, (int)T, &loss, err)) {
+			free(ids);
+			return NAN;
+		}
+		total += (double)loss * (double)T;
+	}
+	free(ids);
+	return total / (double)len;
+}
+
+struct gate_side {
+	struct gp_model *model;
+	struct gp_bpe *tok;
+	char val[65];       /* its lineage's validation shard */
+};
+
+static gp_status gate_load(struct gp_db *db, struct gp_store *store, const char *model,
+			   long long version, struct gate_side *g, struct gp_err *err)
+{
+	struct gp_model_ref ref = {0};
+	char path[4096], vs[32];
+	uint8_t *tb = NULL;
+	size_t tl = 0;
+	gp_status st = gp_registry_resolve(db, model, NULL, version, &ref, err);
+	if (!st)
+		st = gp_store_local_path(store, ref.checkpoint, path, sizeof(path), err);
+	if (!st)
+		st = gp_ckpt_map(path, &g->model, NULL, err);
+	if (!st)
+		st = gp_store_get(store, ref.tokenizer, 64u << 20, &tb, &tl, err);
+	if (!st)
+		st = gp_bpe_load(tb, tl, &g->tok, err);
+	free(tb);
+	if (st)
+		return gp_err_wrap(err, "%s version %lld", model, version);
+	snprintf(vs, sizeof(vs), "%lld", ref.version_id);
+	const char *p[] = {vs};
+	PGresult *r = NULL;
+	g->val[0] = 0;
+	if (!gp_db_exec(db, "read lineage", "SELECT coalesce(lineage->>'val_shards', '') FROM "
+			"model_versions WHERE id = $1::bigint", 1, p, &r, err) && PQntuples(r))
+		gp_artifact_ref_parse(PQgetvalue(r, 0, 0), g->val);
+	PQclear(r);
+	return GP_OK;
+}
+
+/*
+ * The gate on new data: the candidate must lower the loss per byte on the
+ * new data (the feedback and drift set) by margin, relative to the current
+ * version, and lose no more than tolerance on the current version's own
+ * validation text. Loss per byte, not per token: the two versions may have
+ * different tokenizers. *pass and reason/figures get the verdict.
+ */
+static gp_status data_gate_run(struct gp_db *db, struct gp_store *store, const char *model,
+			       long long version, long long current, const struct data_gate *dg,
+			       int *pass, char *reason, size_t rlen, cJSON *figures,
+			       struct gp_err *err)
+{
+	struct gate_side cand = {0}, cur = {0};
+	uint8_t *mtext = NULL, *data = NULL, *shard = NULL;
+	size_t mlen = 0, dlen = 0, slen = 0;
+	struct gp_manifest man = {0};
+	struct gp_buf nd = {0};
+	uint8_t *vt = NULL;
+	size_t vl = 0;
+	gp_status st = gate_load(db, store, model, version, &cand, err);
+	if (!st)
+		st = gate_load(db, store, model, current, &cur, err);
+	if (!st && ((st = gp_store_get(store, dg->data, GP_MANIFEST_MAX, &mtext, &mlen, err)) ||
+		    (st = gp_manifest_parse((const char *)mtext, mlen, &man, err)) ||
+		    (st = gp_store_get(store, man.data, (size_t)1 << 30, &data, &dlen, err))))
+		gp_err_wrap(err, "with.gate.data");
+	/* the new data: its documents, one after another, up to max_bytes */
+	struct gp_dataset_reader rd;
+	if (!st && !(st = gp_dataset_open(&rd, data, dlen, err))) {
+		for (int more = 1; !st && nd.len < (size_t)dg->max_bytes;) {
+			struct gp_doc d;
+			if ((st = gp_dataset_next(&rd, &d, &more, err)) || !more)
+				break;
+			size_t take = d.len < (size_t)dg->max_bytes - nd.len ? d.len
+									    : (size_t)dg->max_bytes - nd.len;
+			st = gp_buf_append(&nd, d.text, take, err);
+		}
+	}
+	/* the current version's validation text, decoded from its shard */
+	if (!st && !cur.val[0])
+		st = gp_err_set(err, GP_ERR_NOT_FOUND,
+				"%s version %lld records no validation shards to hold the candidate to",
+				model, current);
+	const uint8_t *raw = NULL;
+	size_t nt = 0;
+	if (!st && !(st = gp_store_get(store, cur.val, (size_t)1 << 30, &shard, &slen, err)) &&
+	    !(st = gp_shard_parse(shard, slen, gp_model_config(cur.model)->vocab, &raw, &nt, err))) {
+		size_t keep = nt < (size_t)dg->max_bytes / 2 ? nt : (size_t)dg->max_bytes / 2;
+		uint16_t *ids = malloc((keep ? keep : 1) * sizeof(uint16_t));
+		if (!ids) {
+			st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		} else {
+			for (size_t i = 0; i < keep; i++)
+				ids[i] = gp_shard_token(raw, i);
+			st = gp_bpe_decode(cur.tok, ids, keep, &vt, &vl, err);
+			free(ids);
+			if (!st && vl > (size_t)dg->max_bytes)
+				vl = (size_t)dg->max_bytes;
+		}
+	}
+	if (!st) {
+		double cn = nats_per_byte(cand.model, cand.tok, (const char *)nd.p, nd.len, err);
+		double un = nats_per_byte(cur.model, cur.tok, (const char *)nd.p, nd.len, err);
+		double cv = nats_per_byte(cand.model, cand.tok, (const char *)vt, vl, err);
+		double uv = nats_per_byte(cur.model, cur.tok, (const char *)vt, vl, err);
+		if (!isfinite(cn) || !isfinite(un) || !isfinite(cv) || !isfinite(uv) || un <= 0 ||
+		    uv <= 0) {
+			st = gp_err_set(err, GP_ERR_INVALID,
+					"the gate's texts are too short to measure (new data %zu bytes, "
+					"validation %zu bytes)", nd.len, vl);
+		} else {
+			double gain = (un - cn) / un, change = (cv - uv) / uv;
+			*pass = gain >= dg->margin && change <= dg->tolerance;
+			snprintf(reason, rlen,
+				 "new data: %.4f -> %.4f nats/byte (%+.1f%%, needs at least %.1f%% "
+				 "better); original validation: %.4f -> %.4f (%+.1f%%, tolerance %.1f%%): "
+				 "%s",
+				 un, cn, -100 * gain, 100 * dg->margin, uv, cv, 100 * change,
+				 100 * dg->tolerance, *pass ? "passed" : "failed");
+			cJSON *gj = cJSON_AddObjectToObject(figures, "gate");
+			cJSON_AddNumberToObject(gj, "new_data_bytes", (double)nd.len);
+			cJSON_AddNumberToObject(gj, "validation_bytes", (double)vl);
+			cJSON_AddNumberToObject(gj, "candidate_new", cn);
+			cJSON_AddNumberToObject(gj, "current_new", un);
+			cJSON_AddNumberToObject(gj, "candidate_validation", cv);
+			cJSON_AddNumberToObject(gj, "current_validation", uv);
+			cJSON_AddNumberToObject(gj, "margin", dg->margin);
+			cJSON_AddNumberToObject(gj, "tolerance", dg->tolerance);
+		}
+	}
+	gp_model_destroy(cand.model);
+	gp_model_destroy(cur.model);
+	gp_bpe_free(cand.tok);
+	gp_bpe_free(cur.tok);
+	gp_manifest_free(&man);
+	free(mtext);
+	free(data);
+	free(shard);
+	free(nd.p);
+	free(vt);
+	return st;
+}
+
 void gp_deploy_handle(struct gp_job *job, void *closure)
 {
 	struct gp_deploy_config *dc = closure;
@@ -315,6 +509,12 @@ void gp_deploy_handle(struct gp_job *job, void *closure)
 	struct canary_opts copts = {0};
 	const cJSON *cjs = cJSON_GetObjectItemCaseSensitive(params, "canary");
 	if (cjs && canary_parse(cjs, &copts, &err)) {
+		gp_job_fail(job, 1, err.msg);
+		goto done;
+	}
+	struct data_gate dgate = {0};
+	const cJSON *gjs = cJSON_GetObjectItemCaseSensitive(params, "gate");
+	if (gjs && data_gate_parse(gjs, &dgate, &err)) {
 		gp_job_fail(job, 1, err.msg);
 		goto done;
 	}
@@ -361,7 +561,7 @@ void gp_deploy_handle(struct gp_job *job, void *closure)
 					 gate.against_alias ? gate.other_metric : "val_loss")
 			     : NAN;
 	int promote;
-	char reason[512];
+	char reason[1400];
 	if (!current) {
 		promote = 1;
 		snprintf(reason, sizeof(reason), "first version behind %s@%s", model, alias);
@@ -388,6 +588,18 @@ void gp_deploy_handle(struct gp_job *job, void *closure)
 	if (isfinite(ref))
 		cJSON_AddNumberToObject(figures, "current", ref);
 	cJSON_AddStringToObject(figures, "gate", gate_text);
+	if (promote && gjs && current && current != version && !have) {
+		char why[700];
+		if (data_gate_run(db, dc->store, model, version, current, &dgate, &promote, why,
+				  sizeof(why), figures, &err)) {
+			gp_job_fail(job, err.status == GP_ERR_IO || err.status == GP_ERR_DB ||
+						 err.status == GP_ERR_NOMEM ? 0 : 1,
+				    err.msg);
+			goto done;
+		}
+		size_t rl = strlen(reason);
+		snprintf(reason + rl, sizeof(reason) - rl, "; %s", why);
+	}
 	if (promote && cjs && current && current != version && !have) {
 		int rc = canary_run(job, db, dc->bus, model, alias, version, current, &copts, &promote,
 				    reason, sizeof(reason), figures, &err);

@@ -9,6 +9,14 @@
  * (promoted, version, previous, reason). Registered uncached: the decision
  * depends on the registry, not only on the inputs.
  *
+ * The gate on new data (with.gate: data (a dataset: the feedback and
+ * drift set a retraining run ingested), margin (0.1), tolerance (0.05),
+ * max_bytes (200000)): when the alias names another version, the candidate
+ * must lower the loss per byte of the new data by margin relative to that
+ * version, and lose at most tolerance on that version's own validation
+ * text (decoded from its validation shard). Per byte, because a retrained
+ * model may have its own tokenizer. Its figures go to the decision.
+ *
  * Canary (with.canary: fraction (0.1), duration ("60s"), max_error_rate
  * (0.01), min_requests (1), max_latency_ratio (2.0)): when the gate passes
  * and the alias names another version, the candidate first takes fraction
@@ -46,8 +54,10 @@ gp_status gp_gate_parse(const char *text, struct gp_gate *g, struct gp_err *err)
 int gp_gate_eval(const struct gp_gate *g, double candidate, double reference);
 
 struct gp_bus;
+struct gp_store;
 struct gp_deploy_config {
 	struct gp_bus *bus;      /* reads the telemetry stream during a canary */
+	struct gp_store *store;  /* checkpoints, tokenizers and data for the gate */
 };
 void gp_deploy_handle(struct gp_job *job, void *closure);
 
@@ -61,7 +71,6 @@ void gp_deploy_handle(struct gp_job *job, void *closure);
  * completion, output_tokens, finish or error). A prompt the model cannot
  * take (too long) is an entry with its error, not a failed stage.
  */
-struct gp_store;
 struct gp_batch_infer_config {
 	struct gp_store *store;
 	int slots;

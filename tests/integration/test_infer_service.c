@@ -46,6 +46,7 @@
 #include "http.h"
 #include "model.h"
 #include "registry.h"
+#include "shard.h"
 #include "stack.h"
 #include "subjects.h"
 #include "telemetry.h"
@@ -53,6 +54,7 @@
 
 static const struct gp_test_env *ENV;
 static struct gp_db *db;
+static char val_hash[65]; /* a validation shard every version records */
 static struct gp_bus *bus;
 
 #define q(...) gp_test_q(db, __VA_ARGS__)
@@ -97,9 +99,10 @@ static void make_version_w(struct gp_store *st, const char *tok_hash, int vocab,
 	snprintf(sql, sizeof sql,
 		 "INSERT INTO models (name) VALUES ('toy') ON CONFLICT DO NOTHING; "
 		 "INSERT INTO model_versions (model_id, version, artifact_id, metrics, lineage) "
-		 "SELECT m.id, %d, a.id, '{\"val_loss\": %g}', '{\"tokenizer\": \"sha256:%s\"}' "
+		 "SELECT m.id, %d, a.id, '{\"val_loss\": %g}', '{\"tokenizer\": \"sha256:%s\", "
+		 "\"val_shards\": \"sha256:%s\"}' "
 		 "FROM models m, artifacts a WHERE m.name = 'toy' AND a.content_hash = '%s'",
-		 v, val_loss, tok_hash, h);
+		 v, val_loss, tok_hash, val_hash, h);
 	REQUIRE_OK(gp_db_run(db, "register version", sql, &e), e);
 }
 
@@ -370,6 +373,18 @@ static int body(struct gp_test_env *env)
 	REQUIRE_OK(gp_store_put(st, tb, tl, th, &e), e);
 	int vocab = gp_bpe_vocab_size(tok);
 	free(tb);
+	{
+		uint16_t *vids = NULL;
+		size_t nv = 0, vcap = 0;
+		for (int i = 0; i < 20; i++)
+			REQUIRE_OK(gp_bpe_encode(tok, text, strlen(text), &vids, &nv, &vcap, &e), e);
+		uint8_t *sb = NULL;
+		size_t sl = 0;
+		REQUIRE_OK(gp_shard_encode(vids, nv, &sb, &sl, &e), e);
+		REQUIRE_OK(gp_store_put(st, sb, sl, val_hash, &e), e);
+		free(sb);
+		free(vids);
+	}
 	gp_bpe_free(tok);
 	make_version(st, th, vocab, 1, 5.0);
 	make_version(st, th, vocab, 2, 4.0);
@@ -762,6 +777,57 @@ static int body(struct gp_test_env *env)
 		printf("after the rollback: %d of 40 requests not served by version 4 (%lld ms)\n", bad,
 		       now_ms() - t1);
 		CHECK(bad == 0);
+	}
+
+	/* 7b. the gate on new data: figures per byte on both texts, both ways */
+	{
+		struct gp_buf dsb = {0};
+		uint8_t hdr[8], trl[12], sha[32];
+		const char *docs[] = {"A bird in the hand is worth two in the bush. ",
+				      "The lazy dog sleeps. The quick fox runs. "};
+		gp_dataset_header(hdr);
+		REQUIRE_OK(gp_buf_append(&dsb, hdr, 8, &e), e);
+		for (int i = 0; i < 2; i++) {
+			SHA256((const unsigned char *)docs[i], strlen(docs[i]), sha);
+			REQUIRE_OK(gp_dataset_record(&dsb, "new", sha, docs[i], strlen(docs[i]), &e), e);
+		}
+		gp_dataset_trailer(2, trl);
+		REQUIRE_OK(gp_buf_append(&dsb, trl, 12, &e), e);
+		st = NULL;
+		REQUIRE_OK(gp_store_open(&st, store_uri, &e), e);
+		char dh[65], gm[65], man[512];
+		REQUIRE_OK(gp_store_put(st, dsb.p, dsb.len, dh, &e), e);
+		snprintf(man, sizeof man,
+			 "{\"format\": \"genpipe-dataset/1\", \"data\": \"sha256:%s\", "
+			 "\"documents\": 2, \"bytes\": %zu, \"dropped\": {}, \"utf8_replaced\": 0, "
+			 "\"sources\": []}", dh, dsb.len);
+		REQUIRE_OK(gp_store_put(st, man, strlen(man), gm, &e), e);
+		free(dsb.p);
+		make_version(st, th, vocab, 9, 9);
+		gp_store_close(st);
+		const char *margins[] = {"-1000", "0.99"};
+		const char *versions[] = {"9", "4"};
+		for (int k = 0; k < 2; k++) {
+			char gy[1024];
+			snprintf(gy, sizeof gy,
+				 "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: gated}\nspec:\n"
+				 "  stages:\n    - name: deploy\n      kind: deploy\n"
+				 "      with: {model: toy, version: %s, gate: {data: \"sha256:%s\", "
+				 "margin: %s, tolerance: 1000}}\n", versions[k], gm, margins[k]);
+			long long gr = gp_test_submit(db, gy, NULL, 0);
+			REQUIRE(gp_test_wait_run(db, gr, 60000) == 1);
+			char *why = qs("SELECT reason FROM deploy_decisions WHERE run_id = %lld", gr);
+			printf("gate %d: %s\n", k, why ? why : "-");
+			CHECK_CONTAINS(why ? why : "", "new data: ");
+			CHECK_CONTAINS(why ? why : "", k ? "failed" : "passed");
+			CHECK(q("SELECT count(*) FROM deploy_decisions WHERE run_id = %lld AND figures ? "
+				"'gate' AND promoted = %s", gr, k ? "false" : "true") == 1);
+			free(why);
+		}
+		CHECK(q("SELECT v.version FROM model_aliases a JOIN model_versions v ON v.id = "
+			"a.model_version_id WHERE a.alias = 'production'") == 9);
+		REQUIRE_OK(gp_registry_move_alias(db, "toy", "production", 4, "test", NULL, NULL, &e), e);
+		sleep_ms(300);
 	}
 
 	/* 8. shutdown, and telemetry that cannot keep up is dropped and counted */
