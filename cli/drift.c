@@ -122,12 +122,14 @@ int cmd_drift(int n, char **args)
 			const cJSON *x = cJSON_GetObjectItemCaseSensitive(m, figures[f]);
 			vals[(size_t)f * rows + i] = cJSON_IsNumber(x) ? x->valuedouble : NAN;
 		}
+		int quiet = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "too_few_to_alert"));
 		cJSON_Delete(m);
 		double *v = vals;
 		printf("%-19s  %7s  %8s  %7.3f  %7.3f  %7.2f  %7.3f  %6.2f  %8.1f  %s\n",
 		       PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), v[i],
 		       v[rows + i], v[2 * rows + i], v[3 * rows + i], 100 * v[4 * rows + i],
-		       v[5 * rows + i], PQgetvalue(r, i, 4));
+		       v[5 * rows + i],
+		       quiet ? "(too few requests to alert)" : PQgetvalue(r, i, 4));
 	}
 	printf("\n");
 	const char *thr_keys[] = {"psi_threshold", "js_threshold", "perplexity_ratio",

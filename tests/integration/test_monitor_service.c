@@ -314,6 +314,7 @@ static int body(struct gp_test_env *env)
 	printf("%s", out);
 	CHECK_CONTAINS(out, "psi");
 	CHECK_CONTAINS(out, "(alert over 0.2)");
+	CHECK_CONTAINS(out, "(too few requests to alert)");
 	CHECK_CONTAINS(out, "▁");
 	kill(mon, SIGTERM);
 	int ws = 0;
