@@ -612,7 +612,7 @@ static const struct field f_monitor[] = {
 	{ "perplexity_ratio", F_FLOAT, 0 },   { "embedding_threshold", F_FLOAT, 0 },
 	{ "error_rate_threshold", F_FLOAT, 0 }, { "loss_sample", F_INT, 0 },
 	{ "bins", F_INT, 0 },		      { "min_alert_requests", F_INT, 0 },
-	{ NULL, F_ANY, 0 },
+	{ "webhook", F_STR, 0 },	      { NULL, F_ANY, 0 },
 };
 static const char *const o_monitor[] = { "model", "histogram", NULL };
 static const struct field f_batch[] = {

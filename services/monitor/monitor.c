@@ -4,6 +4,7 @@
 #include "monitor.h"
 
 #include <cjson/cJSON.h>
+#include <curl/curl.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -29,12 +30,16 @@
 /* AckWait of the telemetry consumers: open windows renew it (AckProgress)
  * every third of it, so a monitor that dies has its events back soon. */
 #define ACK_WAIT_MS 10000
+/* Alert webhooks waiting to be sent; past it they are dropped (counted). */
+#define HOOK_QUEUE 256
+#define HOOK_TRIES 4
 
 /* ---- configuration ---- */
 
 struct mcfg {
 	long long window, window_ms, loss_sample, bins, min_alert;
 	double psi, js, ppl_ratio, emb, err_rate;
+	char webhook[512];   /* "" : none */
 };
 
 static gp_status parse_cfg(const cJSON *o, const char *prefix, struct mcfg *c, struct gp_err *err)
@@ -59,6 +64,13 @@ static gp_status parse_cfg(const cJSON *o, const char *prefix, struct mcfg *c, s
 	    (st = gp_param_int(o, prefix, "bins", 20, 2, GP_DRIFT_MAX_BINS, &c->bins, err)) ||
 	    (st = gp_param_int(o, prefix, "min_alert_requests", 30, 1, 1000000, &c->min_alert, err)))
 		return st;
+	const char *hook = "";
+	if ((st = gp_param_string(o, prefix, "webhook", "", 500, &hook, err)))
+		return st;
+	if (*hook && strncmp(hook, "http://", 7) && strncmp(hook, "https://", 8))
+		return gp_err_set(err, GP_ERR_INVALID, "%s.webhook must be an http:// or https:// URL",
+				  prefix);
+	snprintf(c->webhook, sizeof c->webhook, "%s", hook);
 	c->window_ms = cJSON_IsNumber(ms) ? (long long)ms->valuedouble : gp_spec_parse_duration(wt);
 	if (c->window_ms < 100 || c->window_ms > 7LL * 24 * 3600 * 1000)
 		return gp_err_set(err, GP_ERR_INVALID, "%s.window_time is not a duration from 100ms "
@@ -79,6 +91,8 @@ static cJSON *cfg_json(const struct mcfg *c)
 	cJSON_AddNumberToObject(o, "loss_sample", (double)c->loss_sample);
 	cJSON_AddNumberToObject(o, "bins", (double)c->bins);
 	cJSON_AddNumberToObject(o, "min_alert_requests", (double)c->min_alert);
+	if (c->webhook[0])
+		cJSON_AddStringToObject(o, "webhook", c->webhook);
 	return o;
 }
 
@@ -229,7 +243,13 @@ struct gp_monitor {
 	struct mon *m[MAX_MONITORS];
 	int n;
 	double last_reload;
-	struct gp_metric *m_events, *m_windows, *m_alerts, *m_bad;
+	struct gp_metric *m_events, *m_windows, *m_alerts, *m_bad, *m_hook_sent, *m_hook_failed;
+	/* alert webhooks: a bounded queue and a thread of their own */
+	pthread_t hook_th;
+	pthread_mutex_t hmu;
+	pthread_cond_t hcv;
+	struct hook { char url[512]; char *body; } hq[HOOK_QUEUE];
+	int hhead, hcount, hstop;
 };
 
 static double mono_ms(void)
@@ -479,6 +499,7 @@ static void close_window(struct gp_monitor *g, struct mon *m, struct vwin *v)
 	const char *p[] = {m->model, ver, reqs, mtext ? mtext : "{}", fs, ls, t0, t1};
 	PGresult *r = NULL;
 	int alerts = 0;
+	cJSON *hooks = cJSON_CreateArray(); /* what the webhook gets, after the commit */
 	gp_status st = gp_db_begin(g->db, &err);
 	if (!st)
 		st = gp_db_exec(g->db, "record drift window",
@@ -530,6 +551,16 @@ static void close_window(struct gp_monitor *g, struct mon *m, struct vwin *v)
 			st = gp_outbox_put(g->db, subject, buf, len, NULL, &err);
 		free(buf);
 		alerts++;
+		cJSON *h = cJSON_CreateObject();
+		cJSON_AddNumberToObject(h, "alert_id", (double)al.alert_id);
+		cJSON_AddStringToObject(h, "model", m->model);
+		cJSON_AddNumberToObject(h, "version", (double)v->version);
+		cJSON_AddStringToObject(h, "metric", figs[i].name);
+		cJSON_AddNumberToObject(h, "value", figs[i].value);
+		cJSON_AddNumberToObject(h, "threshold", figs[i].threshold);
+		cJSON_AddStringToObject(h, "severity", critical ? "critical" : "warning");
+		cJSON_AddStringToObject(h, "message", text);
+		cJSON_AddItemToArray(hooks, h);
 	}
 	if (!st)
 		st = gp_db_commit(g->db, &err);
@@ -541,9 +572,27 @@ static void close_window(struct gp_monitor *g, struct mon *m, struct vwin *v)
 		/* the events stay unacknowledged and come back */
 		gp_warn("monitor %s: window of version %lld not recorded: %s", m->model, v->version,
 			err.msg);
+		cJSON_Delete(hooks);
 		vwin_clear(v);
 		return;
 	}
+	if (m->c.webhook[0] && cJSON_GetArraySize(hooks) > 0) {
+		char *body = cJSON_PrintUnformatted(hooks);
+		pthread_mutex_lock(&g->hmu);
+		if (body && g->hcount < HOOK_QUEUE) {
+			struct hook *h = &g->hq[(g->hhead + g->hcount++) % HOOK_QUEUE];
+			snprintf(h->url, sizeof h->url, "%s", m->c.webhook);
+			h->body = body;
+			body = NULL;
+			pthread_cond_signal(&g->hcv);
+		}
+		pthread_mutex_unlock(&g->hmu);
+		if (body) {
+			free(body);
+			gp_metric_inc(g->m_hook_failed, 1);
+		}
+	}
+	cJSON_Delete(hooks);
 	for (int i = 0; i < v->npend; i++)
 		gp_bus_ack(v->pend[i], &err);
 	gp_metric_inc(g->m_windows, 1);
@@ -727,6 +776,62 @@ static void reload(struct gp_monitor *g)
 	PQclear(r);
 }
 
+static size_t hook_discard(char *p, size_t size, size_t n, void *u)
+{
+	(void)p;
+	(void)u;
+	return size * n;
+}
+
+/* POST each queued alert batch; HOOK_TRIES tries, 0.5 s, 1 s, 2 s apart. */
+static void *hook_main(void *arg)
+{
+	struct gp_monitor *g = arg;
+	for (;;) {
+		pthread_mutex_lock(&g->hmu);
+		while (!g->hcount && !g->hstop)
+			pthread_cond_wait(&g->hcv, &g->hmu);
+		if (!g->hcount) {
+			pthread_mutex_unlock(&g->hmu);
+			return NULL;
+		}
+		struct hook h = g->hq[g->hhead];
+		g->hhead = (g->hhead + 1) % HOOK_QUEUE;
+		g->hcount--;
+		pthread_mutex_unlock(&g->hmu);
+		long code = 0;
+		int ok = 0;
+		for (int t = 0; t < HOOK_TRIES && !ok; t++) {
+			if (t) {
+				gp_sleep_ms(500LL << (t - 1));
+				if (g->hstop)
+					break;
+			}
+			CURL *c = curl_easy_init();
+			if (!c)
+				continue;
+			struct curl_slist *hd = curl_slist_append(NULL, "Content-Type: application/json");
+			curl_easy_setopt(c, CURLOPT_URL, h.url);
+			curl_easy_setopt(c, CURLOPT_POSTFIELDS, h.body);
+			curl_easy_setopt(c, CURLOPT_HTTPHEADER, hd);
+			curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 5000L);
+			curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+			curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+			curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, hook_discard);
+			CURLcode rc = curl_easy_perform(c);
+			code = 0;
+			curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
+			ok = rc == CURLE_OK && code >= 200 && code < 300;
+			curl_slist_free_all(hd);
+			curl_easy_cleanup(c);
+		}
+		gp_metric_inc(ok ? g->m_hook_sent : g->m_hook_failed, 1);
+		if (!ok)
+			gp_warn("alert webhook %s: gave up (last status %ld)", h.url, code);
+		free(h.body);
+	}
+}
+
 static void *monitor_main(void *arg)
 {
 	struct gp_monitor *g = arg;
@@ -792,11 +897,28 @@ gp_status gp_monitor_start(struct gp_monitor **out, const struct gp_monitor_conf
 	g->m_bad = gp_metrics_get(metrics, GP_COUNTER, "genpipe_monitor_bad_events_total",
 				  "Telemetry events that could not be decoded (dead-lettered)", NULL,
 				  NULL, 0);
+	g->m_hook_sent = gp_metrics_get(metrics, GP_COUNTER, "genpipe_monitor_webhooks_sent_total",
+					"Alert webhooks delivered", NULL, NULL, 0);
+	g->m_hook_failed = gp_metrics_get(metrics, GP_COUNTER,
+					  "genpipe_monitor_webhooks_failed_total",
+					  "Alert webhooks given up on or dropped", NULL, NULL, 0);
+	pthread_mutex_init(&g->hmu, NULL);
+	pthread_cond_init(&g->hcv, NULL);
 	gp_status st = gp_db_connect(&g->db, database_url, 30000, err);
-	if (st || pthread_create(&g->th, NULL, monitor_main, g)) {
+	if (st || pthread_create(&g->hook_th, NULL, hook_main, g)) {
 		gp_db_destroy(g->db);
 		free(g);
-		return st ? st : gp_err_set(err, GP_ERR_INTERNAL, "could not start the monitor thread");
+		return st ? st : gp_err_set(err, GP_ERR_INTERNAL, "could not start the webhook thread");
+	}
+	if (pthread_create(&g->th, NULL, monitor_main, g)) {
+		pthread_mutex_lock(&g->hmu);
+		g->hstop = 1;
+		pthread_cond_broadcast(&g->hcv);
+		pthread_mutex_unlock(&g->hmu);
+		pthread_join(g->hook_th, NULL);
+		gp_db_destroy(g->db);
+		free(g);
+		return gp_err_set(err, GP_ERR_INTERNAL, "could not start the monitor thread");
 	}
 	*out = g;
 	return GP_OK;
@@ -808,6 +930,15 @@ void gp_monitor_stop(struct gp_monitor *g)
 		return;
 	g->stop = 1;
 	pthread_join(g->th, NULL);
+	pthread_mutex_lock(&g->hmu);
+	g->hstop = 1;
+	pthread_cond_broadcast(&g->hcv);
+	pthread_mutex_unlock(&g->hmu);
+	pthread_join(g->hook_th, NULL);
+	for (int i = 0; i < g->hcount; i++)
+		free(g->hq[(g->hhead + i) % HOOK_QUEUE].body);
+	pthread_mutex_destroy(&g->hmu);
+	pthread_cond_destroy(&g->hcv);
 	for (int i = 0; i < g->n; i++)
 		mon_free(g->m[i]);
 	gp_db_destroy(g->db);

@@ -10,7 +10,9 @@
  * cosine distance of the window's mean final hidden state from the
  * validation set's), error_rate_threshold (0.05), bins (20), loss_sample
  * (64 prompts a window run through the model), min_alert_requests (30:
- * smaller windows are recorded but raise no alert). The stage writes the
+ * smaller windows are recorded but raise no alert), webhook (an http(s) URL
+ * that gets each window's alerts, POSTed as JSON after the commit, retried).
+ * The stage writes the
  * `monitors` row and succeeds at once (registered uncached).
  *
  * The service reads the monitors rows (every reload_ms) and, per model,

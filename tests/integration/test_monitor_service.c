@@ -18,6 +18,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <microhttpd.h>
+#include <pthread.h>
+
 #include "../check.h"
 #include "../harness.h"
 
@@ -26,6 +29,7 @@
 #include "file.h"
 #include "model.h"
 #include "registry.h"
+#include "stack.h"
 #include "shard.h"
 #include "subjects.h"
 #include "wire.h"
@@ -101,6 +105,53 @@ static void publish(struct gp_bpe *tok, int from_b, int n, int *seq)
 		free(u);
 		free(ids);
 	}
+}
+
+/* A webhook receiver: counts POSTs to /hook and keeps the last body; the
+ * first one gets a 503, so that the monitor has to try again. */
+static pthread_mutex_t hook_mu = PTHREAD_MUTEX_INITIALIZER;
+static int hook_posts, hook_attempts;
+static char hook_body[8192];
+
+struct upload {
+	char buf[8192];
+	size_t len;
+};
+
+static enum MHD_Result hook_handler(void *cls, struct MHD_Connection *conn, const char *url,
+				    const char *method, const char *version, const char *data,
+				    size_t *size, void **con_cls)
+{
+	(void)cls;
+	(void)version;
+	if (strcmp(method, "POST") || strcmp(url, "/hook"))
+		return MHD_NO;
+	struct upload *u = *con_cls;
+	if (!u) {
+		*con_cls = calloc(1, sizeof(struct upload));
+		return *con_cls ? MHD_YES : MHD_NO;
+	}
+	if (*size) {
+		size_t n = *size < sizeof u->buf - 1 - u->len ? *size : sizeof u->buf - 1 - u->len;
+		memcpy(u->buf + u->len, data, n);
+		u->len += n;
+		*size = 0;
+		return MHD_YES;
+	}
+	pthread_mutex_lock(&hook_mu);
+	int refuse = hook_attempts++ == 0;
+	if (!refuse) {
+		hook_posts++;
+		memcpy(hook_body, u->buf, u->len + 1);
+	}
+	pthread_mutex_unlock(&hook_mu);
+	free(u);
+	*con_cls = NULL;
+	struct MHD_Response *r = MHD_create_response_from_buffer(2, (void *)"ok",
+								 MHD_RESPMEM_PERSISTENT);
+	enum MHD_Result ret = MHD_queue_response(conn, refuse ? 503 : 200, r);
+	MHD_destroy_response(r);
+	return ret;
 }
 
 static int wait_windows(long long n, long long ms)
@@ -191,13 +242,18 @@ static int body(struct gp_test_env *env)
 	gp_test_service(env, "genpipe-orchestrator", "--sweep-ms", "200", NULL);
 	pid_t mon = gp_test_service(env, "genpipe-monitor", "--data-dir", env->dir, "--reload-ms",
 				    "200", NULL);
+	int hport = gp_stack_free_port();
+	struct MHD_Daemon *hookd = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD, (uint16_t)hport,
+						    NULL, NULL, hook_handler, NULL,
+						    MHD_OPTION_END);
+	REQUIRE(hookd);
 	char yaml[1024];
 	snprintf(yaml, sizeof yaml,
 		 "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: watch}\nspec:\n"
 		 "  stages:\n"
 		 "    - name: monitor\n      kind: monitor\n"
 		 "      with: {model: toy, histogram: \"sha256:%s\", window: 50, window_time: 20s, "
-		 "loss_sample: 8}\n", hh);
+		 "loss_sample: 8, webhook: \"http://127.0.0.1:%d/hook\"}\n", hh, hport);
 	long long run = gp_test_submit(db, yaml, NULL, 0);
 	REQUIRE(gp_test_wait_run(db, run, 60000) == 1);
 	CHECK(q("SELECT count(*) FROM monitors") == 1);
@@ -271,6 +327,22 @@ static int body(struct gp_test_env *env)
 	}
 	natsSubscription_Destroy(sub);
 	CHECK(got >= 1);
+	/* and to the webhook */
+	for (int t = 0; t < 100; t++) {
+		pthread_mutex_lock(&hook_mu);
+		int posts = hook_posts;
+		pthread_mutex_unlock(&hook_mu);
+		if (posts >= 1)
+			break;
+		sleep_ms(100);
+	}
+	pthread_mutex_lock(&hook_mu);
+	printf("webhook: %d posts in %d attempts, last: %.200s\n", hook_posts, hook_attempts,
+	       hook_body);
+	CHECK(hook_posts >= 1 && hook_attempts == hook_posts + 1); /* the 503 was tried again */
+	CHECK_CONTAINS(hook_body, "\"metric\":\"psi\"");
+	CHECK_CONTAINS(hook_body, "\"model\":\"toy\"");
+	pthread_mutex_unlock(&hook_mu);
 
 	/* a window closed on time with few requests raises no alert */
 	snprintf(yaml, sizeof yaml,
@@ -316,6 +388,7 @@ static int body(struct gp_test_env *env)
 	CHECK_CONTAINS(out, "(alert over 0.2)");
 	CHECK_CONTAINS(out, "(too few requests to alert)");
 	CHECK_CONTAINS(out, "▁");
+	MHD_stop_daemon(hookd);
 	kill(mon, SIGTERM);
 	int ws = 0;
 	waitpid(mon, &ws, 0);
