@@ -13,6 +13,7 @@
 #include "bpe.h"
 #include "db.h"
 #include "log.h"
+#include "utf8.h"
 
 /* ---- loaded versions ---- */
 
@@ -80,78 +81,6 @@ void gp_lm_unref(struct gp_lm *lm)
 	gp_bpe_free(lm->tok);
 	pthread_mutex_destroy(&lm->tok_mu);
 	free(lm);
-}
-
-/* ---- UTF-8 ---- */
-
-/* Length of the valid sequence at s[0..n), 0 when invalid, -1 when it is a
- * valid start that needs more bytes than n. */
-static int utf8_seq(const unsigned char *s, size_t n)
-{
-	unsigned c = s[0];
-	int len;
-	unsigned min;
-	if (c < 0x80)
-		return 1;
-	if (c >= 0xc2 && c <= 0xdf)
-		len = 2, min = 0x80;
-	else if (c >= 0xe0 && c <= 0xef)
-		len = 3, min = 0x800;
-	else if (c >= 0xf0 && c <= 0xf4)
-		len = 4, min = 0x10000;
-	else
-		return 0;
-	unsigned cp = c & (0x7f >> len);
-	for (int i = 1; i < len; i++) {
-		if ((size_t)i >= n)
-			return -1;
-		if ((s[i] & 0xc0) != 0x80)
-			return 0;
-		cp = (cp << 6) | (s[i] & 0x3f);
-		/* reject overlong and surrogate forms as soon as the second byte shows them */
-		if (i == 1 && len == 3 && (c == 0xe0 ? s[1] < 0xa0 : c == 0xed && s[1] > 0x9f))
-			return 0;
-		if (i == 1 && len == 4 && (c == 0xf0 ? s[1] < 0x90 : c == 0xf4 && s[1] > 0x8f))
-			return 0;
-	}
-	if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-		return 0;
-	return len;
-}
-
-size_t gp_utf8_safe_prefix(const char *s, size_t n)
-{
-	/* only the last 3 bytes can start an unfinished character */
-	size_t from = n > 3 ? n - 3 : 0;
-	for (size_t i = from; i < n; i++)
-		if (utf8_seq((const unsigned char *)s + i, n - i) < 0)
-			return i;
-	return n;
-}
-
-gp_status gp_utf8_sanitize(const char *s, size_t n, char **out, size_t *out_len,
-			   struct gp_err *err)
-{
-	char *o = malloc(n * 3 + 1);
-	if (!o)
-		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
-	size_t j = 0;
-	for (size_t i = 0; i < n;) {
-		int l = utf8_seq((const unsigned char *)s + i, n - i);
-		if (l > 0) {
-			memcpy(o + j, s + i, (size_t)l);
-			j += (size_t)l;
-			i += (size_t)l;
-		} else {
-			memcpy(o + j, "\xef\xbf\xbd", 3);
-			j += 3;
-			i++;
-		}
-	}
-	o[j] = 0;
-	*out = o;
-	*out_len = j;
-	return GP_OK;
 }
 
 /* ---- the response cache ---- */
@@ -410,9 +339,7 @@ static void req_free(struct req *r)
 /* Deliver the result and free r. Called without e->mu. */
 static void req_finish(struct gp_engine *e, struct req *r)
 {
-	char *clean = NULL;
 	size_t clen = 0;
-	struct gp_err err = {0};
 	double now = mono_ms();
 	struct gp_gen_result res = {
 		.error_code = r->error_code,
@@ -425,9 +352,10 @@ static void req_finish(struct gp_engine *e, struct req *r)
 		.compute_ms = r->compute_ms,
 		.latency_ms = now - r->t_submit,
 	};
-	if (gp_utf8_sanitize(r->text ? r->text : "", r->len, &clean, &clen, &err)) {
+	char *clean = gp_utf8_repaired(r->text ? r->text : "", r->len, &clen);
+	if (!clean) {
 		res.error_code = "internal";
-		res.error = err.msg;
+		res.error = "out of memory";
 		res.text = "";
 	} else {
 		res.text = clean;
@@ -437,9 +365,9 @@ static void req_finish(struct gp_engine *e, struct req *r)
 		cache_put(e, r, clean, clen);
 	if (r->partial && !res.error_code && clean && r->sent < r->len) {
 		/* the held-back tail (a possible stop prefix, an unfinished character) */
-		char *tail = NULL;
 		size_t tl = 0;
-		if (!gp_utf8_sanitize(r->text + r->sent, r->len - r->sent, &tail, &tl, &err) && tl)
+		char *tail = gp_utf8_repaired(r->text + r->sent, r->len - r->sent, &tl);
+		if (tail && tl)
 			r->partial(r->closure, tail, tl);
 		free(tail);
 	}
@@ -466,7 +394,8 @@ static int text_append(struct req *r, const uint8_t *b, size_t n)
 	return 0;
 }
 
-/* Stream what is certain: not a possible stop prefix, no unfinished character. */
+/* Stream what is certain: not a possible stop prefix, nothing after the last
+ * valid character (an unfinished one, or bytes the repair may yet merge). */
 static void stream_out(struct req *r)
 {
 	if (!r->partial)
@@ -474,13 +403,15 @@ static void stream_out(struct req *r)
 	size_t upto = r->len;
 	if (r->max_stop > 1)
 		upto = upto > r->max_stop - 1 ? upto - (r->max_stop - 1) : 0;
-	upto = gp_utf8_safe_prefix(r->text, upto);
 	if (upto <= r->sent)
 		return;
-	char *d = NULL;
+	/* r->sent is always the end of a valid character */
+	upto = r->sent + gp_utf8_safe_prefix(r->text + r->sent, upto - r->sent);
+	if (upto <= r->sent)
+		return;
 	size_t dl = 0;
-	struct gp_err err = {0};
-	if (!gp_utf8_sanitize(r->text + r->sent, upto - r->sent, &d, &dl, &err))
+	char *d = gp_utf8_repaired(r->text + r->sent, upto - r->sent, &dl);
+	if (d)
 		r->partial(r->closure, d, dl);
 	free(d);
 	r->sent = upto;

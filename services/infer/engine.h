@@ -128,11 +128,4 @@ void gp_engine_stats(struct gp_engine *e, struct gp_engine_stats *s);
 /* Drop cached responses of a version (when it is unloaded); 0: all. */
 void gp_engine_cache_drop(struct gp_engine *e, long long version_id);
 
-/* Replace bytes that are not valid UTF-8 with U+FFFD. *out malloc'd. */
-gp_status gp_utf8_sanitize(const char *s, size_t n, char **out, size_t *out_len,
-			   struct gp_err *err);
-/* The longest prefix of s[0..n) that does not end inside a character that
- * the following bytes could still complete. */
-size_t gp_utf8_safe_prefix(const char *s, size_t n);
-
 #endif

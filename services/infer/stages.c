@@ -22,6 +22,7 @@
 #include "log.h"
 #include "params.h"
 #include "registry.h"
+#include "utf8.h"
 #include "spec.h"
 #include "telemetry.h"
 
@@ -862,9 +863,8 @@ void gp_batch_infer_handle(struct gp_job *job, void *closure)
 	for (long long i = 0; i < n; i++) {
 		cJSON *o = cJSON_CreateObject();
 		cJSON_AddNumberToObject(o, "index", (double)i);
-		char *pclean = NULL, *line = NULL;
-		size_t pl = 0;
-		if (!gp_utf8_sanitize(prompts[i], plen[i], &pclean, &pl, &err))
+		char *line = NULL, *pclean = gp_utf8_repaired(prompts[i], plen[i], NULL);
+		if (pclean)
 			cJSON_AddStringToObject(o, "prompt", pclean);
 		free(pclean);
 		cJSON_AddStringToObject(o, "completion", slots[i].text ? slots[i].text : "");

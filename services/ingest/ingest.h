@@ -34,6 +34,7 @@
 
 #include "artifact.h"
 #include "dataset.h"
+#include "utf8.h" /* gp_utf8_repair (tests of ingest's invalid_utf8 option) */
 #include "worker.h"
 
 struct gp_ingest_config {
@@ -66,9 +67,5 @@ gp_status gp_ingest_collect(const cJSON *params, const struct gp_ingest_config *
 			    struct gp_ingest_result *res, struct gp_err *err);
 void gp_ingest_result_free(struct gp_ingest_result *res);
 
-/* UTF-8 check (strict: no overlongs, surrogates or values past U+10FFFF).
- * Returns the number of invalid sequences; when out is not NULL, writes the
- * text with each replaced by U+FFFD (out needs 3 * len bytes). */
-size_t gp_utf8_repair(const unsigned char *in, size_t len, unsigned char *out, size_t *out_len);
 
 #endif
