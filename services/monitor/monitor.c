@@ -612,17 +612,34 @@ static void close_window(struct gp_monitor *g, struct mon *m, struct vwin *v)
 	vwin_clear(v);
 }
 
-static struct vwin *version_window(struct mon *m, long long version, struct gp_err *err)
+/*
+ * The window of a version, made on its first event. Every new version of a
+ * model (each retraining) takes a place; when all are taken, the place of
+ * a version with an empty window is reused, else the oldest open window is
+ * closed early and its place reused.
+ */
+static struct vwin *version_window(struct gp_monitor *g, struct mon *m, long long version,
+				   struct gp_err *err)
 {
 	for (int i = 0; i < m->nv; i++)
 		if (m->v[i].version == version)
 			return &m->v[i];
-	if (m->nv == MAX_VERSIONS) {
-		gp_err_set(err, GP_ERR_TOO_BIG, "more than %d versions of %s at once", MAX_VERSIONS,
-			   m->model);
-		return NULL;
-	}
 	struct vwin *v = &m->v[m->nv];
+	if (m->nv == MAX_VERSIONS) {
+		v = &m->v[0];
+		for (int i = 1; i < m->nv; i++) {
+			struct vwin *x = &m->v[i];
+			if ((!x->w.requests && v->w.requests) ||
+			    (!x->w.requests == !v->w.requests && x->opened_ms < v->opened_ms))
+				v = x;
+		}
+		if (v->w.requests)
+			close_window(g, m, v);
+		vwin_free(v);
+		m->nv--;
+		*v = m->v[m->nv]; /* keep the places packed */
+		v = &m->v[m->nv];
+	}
 	memset(v, 0, sizeof(*v));
 	v->version = version;
 	if (gp_drift_window_init(&v->w, m->ref.vocab, err))
@@ -656,10 +673,17 @@ static void take(struct gp_monitor *g, struct mon *m, natsMsg *msg)
 		natsMsg_Destroy(msg);
 		return;
 	}
-	struct vwin *v = t->model_version > 0 ? version_window(m, t->model_version, &err) : NULL;
-	if (!v) {
+	if (t->model_version <= 0) {
 		/* requests no version served (not found, malformed) have no window */
 		gp_bus_ack(msg, &err);
+		natsMsg_Destroy(msg);
+		gp_wire_free_telemetry(t);
+		return;
+	}
+	struct vwin *v = version_window(g, m, t->model_version, &err);
+	if (!v) {
+		/* out of memory: unacknowledged, the event comes back */
+		gp_warn("monitor %s: %s", m->model, err.msg);
 		natsMsg_Destroy(msg);
 		gp_wire_free_telemetry(t);
 		return;

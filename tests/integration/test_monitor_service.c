@@ -58,6 +58,7 @@ static const char *corpus_a[] = {
 #define NA ((int)(sizeof corpus_a / sizeof *corpus_a))
 
 static char *b_text;    /* stdio.h */
+static long long pub_version = 1; /* the version publish() says served */
 static size_t b_len;
 
 /* Publish one window's worth of telemetry: prompts from A or B. */
@@ -89,7 +90,7 @@ static void publish(struct gp_bpe *tok, int from_b, int n, int *seq)
 		gp_telemetry t = GENPIPE__V1__TELEMETRY__INIT;
 		t.request_id = rid;
 		t.model = "toy";
-		t.model_version = 1;
+		t.model_version = pub_version;
 		t.prompt_tokens = u;
 		t.n_prompt_tokens = nid;
 		t.output_tokens = 10;
@@ -363,6 +364,23 @@ static int body(struct gp_test_env *env)
 	CHECK(q("SELECT count(*) FROM drift_windows WHERE n_requests = 5 AND "
 		"(metrics->>'psi')::float8 > 0.2 AND (metrics->>'too_few_to_alert')::boolean") == 1);
 	CHECK(q("SELECT count(*) FROM alerts") == before_a);
+
+	/* every new version gets a window, however many there were before (the
+	 * monitor keeps eight places and reuses them) */
+	REQUIRE_OK(gp_db_run(db, "versions",
+			     "INSERT INTO model_versions (model_id, version, artifact_id, metrics, "
+			     "lineage) SELECT model_id, g, artifact_id, metrics, lineage FROM "
+			     "model_versions, generate_series(2, 12) g WHERE version = 1", &e), e);
+	before_w = q("SELECT count(*) FROM drift_windows");
+	for (pub_version = 2; pub_version <= 12; pub_version++)
+		publish(tok, 0, 3, &seq);
+	pub_version = 1;
+	for (int t = 0; t < 150 && q("SELECT count(*) FROM drift_windows") < before_w + 11; t++)
+		sleep_ms(100);
+	CHECK(q("SELECT count(DISTINCT v.version) FROM drift_windows w JOIN model_versions v ON "
+		"v.id = w.model_version_id WHERE v.version BETWEEN 2 AND 12") == 11);
+	CHECK(q("SELECT coalesce(sum(n_requests), 0) FROM drift_windows w JOIN model_versions v ON "
+		"v.id = w.model_version_id WHERE v.version BETWEEN 2 AND 12") == 33);
 
 	/* genpipe drift */
 	char cmd[1024], out[16384];
