@@ -10,6 +10,8 @@
 #include <string.h>
 
 #include "artifact.h"
+#include "bpe.h"
+#include "model.h"
 #include "bus.h"
 #include "outbox.h"
 #include "subjects.h"
@@ -265,4 +267,26 @@ gp_status gp_registry_clear_canary(struct gp_db *db, const char *model, const ch
 	if (st)
 		gp_db_rollback(db);
 	return st;
+}
+
+gp_status gp_registry_load(struct gp_store *store, const char *model,
+			   const struct gp_model_ref *ref, struct gp_model **m, struct gp_bpe **tok,
+			   struct gp_err *err)
+{
+	char path[4096];
+	uint8_t *tb = NULL;
+	size_t tl = 0;
+	struct gp_model *mm = NULL;
+	gp_status st = gp_store_local_path(store, ref->checkpoint, path, sizeof(path), err);
+	if (!st)
+		st = gp_ckpt_map(path, &mm, NULL, err);
+	if (!st && tok && !(st = gp_store_get(store, ref->tokenizer, 64u << 20, &tb, &tl, err)))
+		st = gp_bpe_load(tb, tl, tok, err);
+	free(tb);
+	if (st) {
+		gp_model_destroy(mm);
+		return gp_err_wrap(err, "%s version %lld", model, ref->version);
+	}
+	*m = mm;
+	return GP_OK;
 }

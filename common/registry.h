@@ -43,6 +43,18 @@ struct gp_model_ref {
 gp_status gp_registry_resolve(struct gp_db *db, const char *model, const char *alias,
 			      long long version, struct gp_model_ref *out, struct gp_err *err);
 
+struct gp_store;
+struct gp_model;
+struct gp_bpe;
+/*
+ * Open what ref names from the artifact store: the checkpoint, mapped in
+ * place (gp_ckpt_map), and the tokenizer when tok is not NULL. Messages
+ * name the model and version. On failure nothing is handed out.
+ */
+gp_status gp_registry_load(struct gp_store *store, const char *model,
+			   const struct gp_model_ref *ref, struct gp_model **m, struct gp_bpe **tok,
+			   struct gp_err *err);
+
 /*
  * Send fraction (0 < f < 1) of alias's requests to version as a canary, for
  * the deploy stage (run_id, stage) that watches it; replaces any canary of

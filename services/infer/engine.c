@@ -41,30 +41,11 @@ static gp_status lm_new(struct gp_lm **out, const char *name, long long version,
 	return GP_OK;
 }
 
-gp_status gp_lm_open(struct gp_lm **out, const char *name, long long version, long long version_id,
-		     const char *ckpt_path, const void *tok_bytes, size_t tok_len,
+gp_status gp_lm_wrap(struct gp_lm **out, const char *name, long long version,
+		     long long version_id, struct gp_model *model, struct gp_bpe *tok,
 		     struct gp_err *err)
 {
-	struct gp_model *m = NULL;
-	struct gp_bpe *tok = NULL;
-	gp_status st = gp_ckpt_map(ckpt_path, &m, NULL, err);
-	if (st)
-		return st;
-	if ((st = gp_bpe_load(tok_bytes, tok_len, &tok, err))) {
-		gp_model_destroy(m);
-		return gp_err_wrap(err, "tokenizer");
-	}
-	if ((st = lm_new(out, name, version, version_id, m, tok, err))) {
-		gp_model_destroy(m);
-		gp_bpe_free(tok);
-	}
-	return st;
-}
-
-gp_status gp_lm_wrap(struct gp_lm **out, const char *name, long long version,
-		     struct gp_model *model, struct gp_bpe *tok, struct gp_err *err)
-{
-	return lm_new(out, name, version, version, model, tok, err);
+	return lm_new(out, name, version, version_id, model, tok, err);
 }
 
 struct gp_lm *gp_lm_ref(struct gp_lm *lm)

@@ -44,12 +44,11 @@ struct gp_lm {
 	pthread_mutex_t tok_mu; /* gp_bpe_encode keeps a cache: one caller at a time */
 };
 
-/* Map the checkpoint at path and load the tokenizer image. *out has one reference. */
-gp_status gp_lm_open(struct gp_lm **out, const char *name, long long version, long long version_id,
-		     const char *ckpt_path, const void *tok, size_t tok_len, struct gp_err *err);
-/* Wrap an existing model and tokenizer (tests, benchmarks); takes ownership. */
+/* Wrap a model and its tokenizer (gp_registry_load opens them); takes
+ * ownership on success. *out has one reference. */
 gp_status gp_lm_wrap(struct gp_lm **out, const char *name, long long version,
-		     struct gp_model *model, struct gp_bpe *tok, struct gp_err *err);
+		     long long version_id, struct gp_model *model, struct gp_bpe *tok,
+		     struct gp_err *err);
 struct gp_lm *gp_lm_ref(struct gp_lm *lm);
 void gp_lm_unref(struct gp_lm *lm);
 

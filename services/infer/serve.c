@@ -358,17 +358,15 @@ static gp_status get_version(struct gp_server *s, const char *model,
 			return GP_OK;
 		}
 	pthread_mutex_unlock(&s->mu);
-	char path[4096];
-	uint8_t *tok = NULL;
-	size_t tok_len = 0;
 	struct gp_lm *lm = NULL;
+	struct gp_model *mm = NULL;
+	struct gp_bpe *tok = NULL;
 	double t0 = mono_ms();
-	gp_status st = gp_store_local_path(s->cfg.store, ref->checkpoint, path, sizeof(path), err);
-	if (!st && (st = gp_store_get(s->cfg.store, ref->tokenizer, 64u << 20, &tok, &tok_len, err)))
-		gp_err_wrap(err, "tokenizer of %s version %lld", model, ref->version);
-	if (!st)
-		st = gp_lm_open(&lm, model, ref->version, ref->version_id, path, tok, tok_len, err);
-	free(tok);
+	gp_status st = gp_registry_load(s->cfg.store, model, ref, &mm, &tok, err);
+	if (!st && (st = gp_lm_wrap(&lm, model, ref->version, ref->version_id, mm, tok, err))) {
+		gp_model_destroy(mm);
+		gp_bpe_free(tok);
+	}
 	if (st) {
 		pthread_mutex_unlock(&s->load_mu);
 		return st;

@@ -349,21 +349,12 @@ static gp_status gate_load(struct gp_db *db, struct gp_store *store, const char 
 			   long long version, struct gate_side *g, struct gp_err *err)
 {
 	struct gp_model_ref ref = {0};
-	char path[4096], vs[32];
-	uint8_t *tb = NULL;
-	size_t tl = 0;
+	char vs[32];
 	gp_status st = gp_registry_resolve(db, model, NULL, version, &ref, err);
 	if (!st)
-		st = gp_store_local_path(store, ref.checkpoint, path, sizeof(path), err);
-	if (!st)
-		st = gp_ckpt_map(path, &g->model, NULL, err);
-	if (!st)
-		st = gp_store_get(store, ref.tokenizer, 64u << 20, &tb, &tl, err);
-	if (!st)
-		st = gp_bpe_load(tb, tl, &g->tok, err);
-	free(tb);
+		st = gp_registry_load(store, model, &ref, &g->model, &g->tok, err);
 	if (st)
-		return gp_err_wrap(err, "%s version %lld", model, version);
+		return st;
 	snprintf(vs, sizeof(vs), "%lld", ref.version_id);
 	const char *p[] = {vs};
 	PGresult *r = NULL;
@@ -713,8 +704,8 @@ void gp_batch_infer_handle(struct gp_job *job, void *closure)
 	const char *model = NULL, *alias = NULL, *dataset = NULL;
 	long long version = 0, max_tokens = 0, top_k = 0, seed = 0, max_prompts = 0;
 	double temperature = 0, top_p = 1;
-	uint8_t *mtext = NULL, *data = NULL, *tok = NULL;
-	size_t mlen = 0, dlen = 0, tok_len = 0;
+	uint8_t *mtext = NULL, *data = NULL;
+	size_t mlen = 0, dlen = 0;
 	struct gp_manifest man = {0};
 	struct gp_lm *lm = NULL;
 	struct gp_engine *eng = NULL;
@@ -753,14 +744,15 @@ void gp_batch_infer_handle(struct gp_job *job, void *closure)
 		goto done;
 	}
 	struct gp_model_ref ref = {0};
-	char path[4096];
+	struct gp_model *mm = NULL;
+	struct gp_bpe *bt = NULL;
 	gp_status st = gp_registry_resolve(db, model, alias, version, &ref, &err);
 	if (!st)
-		st = gp_store_local_path(cfg->store, ref.checkpoint, path, sizeof(path), &err);
-	if (!st)
-		st = gp_store_get(cfg->store, ref.tokenizer, 64u << 20, &tok, &tok_len, &err);
-	if (!st)
-		st = gp_lm_open(&lm, model, ref.version, ref.version_id, path, tok, tok_len, &err);
+		st = gp_registry_load(cfg->store, model, &ref, &mm, &bt, &err);
+	if (!st && (st = gp_lm_wrap(&lm, model, ref.version, ref.version_id, mm, bt, &err))) {
+		gp_model_destroy(mm);
+		gp_bpe_free(bt);
+	}
 	if (st) {
 		gp_job_fail(job, st == GP_ERR_NOT_FOUND || st == GP_ERR_INVALID, err.msg);
 		goto done;
@@ -921,7 +913,6 @@ done:
 	free(outputs);
 	free(mtext);
 	free(data);
-	free(tok);
 	gp_manifest_free(&man);
 	gp_lm_unref(lm);
 	cJSON_Delete(params);

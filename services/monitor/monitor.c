@@ -307,10 +307,8 @@ static void load_version(struct gp_monitor *g, struct mon *m, struct vwin *v)
 	v->val_loss = NAN;
 	struct gp_err err = {0};
 	struct gp_model_ref ref = {0};
-	char path[4096];
 	if (gp_registry_resolve(g->db, m->model, NULL, v->version, &ref, &err) ||
-	    gp_store_local_path(g->cfg.store, ref.checkpoint, path, sizeof(path), &err) ||
-	    gp_ckpt_map(path, &v->model, NULL, &err)) {
+	    gp_registry_load(g->cfg.store, m->model, &ref, &v->model, NULL, &err)) {
 		gp_warn("monitor %s: version %lld: no loss or embedding figures: %s", m->model,
 			v->version, err.msg);
 		return;

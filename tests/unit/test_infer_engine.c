@@ -122,7 +122,7 @@ static struct gp_lm *make_lm(long long version, uint64_t seed)
 	for (size_t i = 0; i < gp_model_num_params(m); i++)
 		p[i] *= 8.0f; /* peaked distributions: varied, decisive tokens */
 	struct gp_lm *lm = NULL;
-	REQUIRE_OK(gp_lm_wrap(&lm, "toy", version, m, tok, &err), err);
+	REQUIRE_OK(gp_lm_wrap(&lm, "toy", version, version, m, tok, &err), err);
 	return lm;
 }
 
