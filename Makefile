@@ -40,7 +40,9 @@ test-sanitize:
 
 # Orchestrator overhead on a private stack: 1000-stage fan-out, 3 workers, 3 runs;
 # then tokenizer training and encoding beside their plain references; then
-# CPU training speed, fast path beside the plain C reference and sgemm.
+# CPU training speed, fast path beside the plain C reference and sgemm; then
+# serving under load, batched beside one at a time; then the drift monitor's
+# throughput and memory.
 bench: build
 	$(BUILD)/bin/orchestrator_bench 1000 3 3
 	$(BUILD)/bin/tokenizer_bench

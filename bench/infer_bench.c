@@ -49,12 +49,6 @@
 static char dir[] = "/tmp/genpipe-ibench-XXXXXX";
 static char nats_url[256], db_url[600];
 
-static double now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 static pid_t spawn_infer(const char *model, const char *slots, const char *queue)
 {
@@ -132,7 +126,7 @@ static void *client_main(void *arg)
 	uint64_t rng = 0x9e3779b97f4a7c15ULL * (uint64_t)(c->id + 1);
 	char subject[128];
 	snprintf(subject, sizeof subject, GP_SUBJ_INFER "%s", c->model);
-	for (int i = 0; now_ms() < c->until; i++) {
+	for (int i = 0; gp_mono_ms() < c->until; i++) {
 		rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
 		int greedy = (rng >> 33) % 4 == 0;
 		Genpipe__V1__SamplingParams sp = GENPIPE__V1__SAMPLING_PARAMS__INIT;
@@ -153,9 +147,9 @@ static void *client_main(void *arg)
 		if (gp_wire_encode(&q.base, &buf, &len, &e))
 			die("encode", &e);
 		natsMsg *reply = NULL;
-		double t0 = now_ms();
+		double t0 = gp_mono_ms();
 		gp_status st = gp_bus_request(c->bus, subject, buf, (int)len, 60000, &reply, &e);
-		double rtt = now_ms() - t0;
+		double rtt = gp_mono_ms() - t0;
 		free(buf);
 		struct sample s = { .rtt = rtt, .error = 1 };
 		gp_infer_response *r = NULL;
@@ -209,14 +203,14 @@ static struct result phase(const char *label, const char *model, int clients, do
 		if (gp_bus_connect(&cs[i].bus, nats_url, "bench-client", GP_BUS_SEND_ASAP, 5000, &e))
 			die("connect", &e);
 	}
-	double t0 = now_ms();
+	double t0 = gp_mono_ms();
 	for (int i = 0; i < clients; i++) {
 		cs[i].until = t0 + seconds * 1000;
 		pthread_create(&cs[i].th, NULL, client_main, &cs[i]);
 	}
 	for (int i = 0; i < clients; i++)
 		pthread_join(cs[i].th, NULL);
-	double wall = (now_ms() - t0) / 1000;
+	double wall = (gp_mono_ms() - t0) / 1000;
 	int n = 0;
 	for (int i = 0; i < clients; i++)
 		n += cs[i].n;

@@ -69,8 +69,6 @@ static int print_result(const gp_infer_response *r, long long wall_ms, int strea
 	return ok ? 0 : 1;
 }
 
-static long long now_ms(void) { return gp_now_ms(); }
-
 int cmd_infer(int n, char **args)
 {
 	struct cli_infer_opts *o = &cli_infer;
@@ -145,7 +143,7 @@ int cmd_infer(int n, char **args)
 	char subject[128];
 	snprintf(subject, sizeof(subject), GP_SUBJ_INFER "%s", model);
 	long long wait = (o->deadline_ms ? o->deadline_ms : 300000) + 5000;
-	long long t0 = now_ms();
+	long long t0 = gp_now_ms();
 	natsConnection *nc = gp_bus_conn(bus);
 	natsInbox *inbox = NULL;
 	natsSubscription *sub = NULL;
@@ -160,7 +158,7 @@ int cmd_infer(int n, char **args)
 	int rc = 1, streamed = 0;
 	while (s == NATS_OK) {
 		natsMsg *m = NULL;
-		long long left = wait - (now_ms() - t0);
+		long long left = wait - (gp_now_ms() - t0);
 		s = left > 0 ? natsSubscription_NextMsg(&m, sub, left) : NATS_TIMEOUT;
 		if (s != NATS_OK)
 			break;
@@ -184,7 +182,7 @@ int cmd_infer(int n, char **args)
 			gp_wire_free_infer_response(r);
 			continue;
 		}
-		rc = print_result(r, now_ms() - t0, streamed);
+		rc = print_result(r, gp_now_ms() - t0, streamed);
 		gp_wire_free_infer_response(r);
 		break;
 	}

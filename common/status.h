@@ -63,6 +63,8 @@ _Noreturn void gp_bug_(const char *file, int line, const char *fmt, ...)
 
 /* Monotonic and wall clocks in milliseconds. */
 long long gp_now_ms(void);
+/* The monotonic clock in fractional milliseconds (latencies under 1 ms). */
+double gp_mono_ms(void);
 long long gp_wall_ms(void);
 void gp_sleep_ms(long long ms);
 

@@ -146,13 +146,6 @@ struct gp_engine {
 		*m_busy, *m_deadline;
 };
 
-static double mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
 static void metric_inc(struct gp_metric *m, double v)
 {
 	if (m)
@@ -321,7 +314,7 @@ static void req_free(struct req *r)
 static void req_finish(struct gp_engine *e, struct req *r)
 {
 	size_t clen = 0;
-	double now = mono_ms();
+	double now = gp_mono_ms();
 	struct gp_gen_result res = {
 		.error_code = r->error_code,
 		.error = r->error_code ? r->error : NULL,
@@ -484,7 +477,7 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 	const float *logits = NULL;
 	int got = 0;
 	struct gp_err err = {0};
-	double t0 = mono_ms();
+	double t0 = gp_mono_ms();
 	gp_model_set_path(lm->model, e->cfg.path);
 	gp_status st = gp_model_step(lm->model, b, e->rows, n, &logits, &got, &err);
 	e->steps++;
@@ -498,7 +491,7 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 		if (e->slots[s].r && e->slots[s].r->lm == lm)
 			part[np++] = e->slots[s].r;
 	if (st) {
-		double dt = mono_ms() - t0;
+		double dt = gp_mono_ms() - t0;
 		for (int i = 0; i < np; i++)
 			part[i]->compute_ms += dt;
 		/* a step that fails fails every sequence in it */
@@ -528,7 +521,7 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 			*done = r;
 		}
 	}
-	double dt = mono_ms() - t0;
+	double dt = gp_mono_ms() - t0;
 	for (int i = 0; i < np; i++)
 		part[i]->compute_ms += dt;
 }
@@ -659,7 +652,7 @@ gp_status gp_engine_submit(struct gp_engine *e, struct gp_lm *lm, const struct g
 			   const char **code, struct gp_err *err)
 {
 	const struct gp_model_config *mc = gp_model_config(lm->model);
-	double t0 = mono_ms();
+	double t0 = gp_mono_ms();
 	*code = "bad_request";
 	struct gp_err e2 = {0};
 	if (gp_sample_opts_check(&p->sample, &e2))
@@ -759,7 +752,7 @@ gp_status gp_engine_submit(struct gp_engine *e, struct gp_lm *lm, const struct g
 			res.prompt_ids = r->ids;
 			res.prompt_tokens = (int)r->n_ids;
 			res.cache_hit = 1;
-			res.latency_ms = mono_ms() - t0;
+			res.latency_ms = gp_mono_ms() - t0;
 			if (partial && res.len)
 				partial(closure, text, res.len);
 			done(closure, &res);
@@ -848,7 +841,7 @@ static void *engine_main(void *arg)
 			}
 			return NULL;
 		}
-		double now = mono_ms();
+		double now = gp_mono_ms();
 		/* admit in arrival order; expired waiting requests end here */
 		while (e->qhead && slots_free(e) > 0) {
 			struct req *r = e->qhead;
@@ -937,7 +930,7 @@ static void *engine_main(void *arg)
 			run_version(e, seen[i], &done, b);
 		}
 		/* deadlines of running sequences */
-		now = mono_ms();
+		now = gp_mono_ms();
 		for (int s = 0; s < e->cfg.slots; s++) {
 			struct req *r = e->slots[s].r;
 			if (r && now > r->deadline) {

@@ -86,13 +86,6 @@ struct rctx {
 	double t0_ms;
 };
 
-static double mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
 /* ---- telemetry ---- */
 
 static void telemetry_put(struct gp_server *s, const char *model, const char *request_id,
@@ -158,9 +151,9 @@ static void *telemetry_main(void *arg)
 		struct gp_err err = {0};
 		if (gp_bus_publish_batch(s->tbus, out, n, 5000, NULL, &err)) {
 			gp_metric_inc(s->m_dropped, n);
-			if (mono_ms() - last_warn > 10000) {
+			if (gp_mono_ms() - last_warn > 10000) {
 				gp_warn("telemetry: %d events dropped: %s", n, err.msg);
-				last_warn = mono_ms();
+				last_warn = gp_mono_ms();
 			}
 		} else {
 			gp_metric_inc(s->m_sent, n);
@@ -296,7 +289,7 @@ static void refuse(struct gp_server *s, const char *subject, const char *model,
 {
 	reply(s, subject, request_id, version, NULL, code, msg, 1, NULL, 0);
 	count(s, model, version, code);
-	telemetry(s, model, request_id, version, NULL, 0, 0, mono_ms() - t0, 0, code,
+	telemetry(s, model, request_id, version, NULL, 0, 0, gp_mono_ms() - t0, 0, code,
 		  prompt, NULL);
 }
 
@@ -314,7 +307,7 @@ static void on_done(void *cl, const struct gp_gen_result *r)
 	count(s, c->model, c->version, r->error_code ? r->error_code : "ok");
 	gp_metric_observe(s->m_latency, r->latency_ms / 1000.0);
 	telemetry(s, c->model, c->request_id, c->version, r->prompt_ids, r->prompt_tokens,
-		  r->output_tokens, mono_ms() - c->t0_ms, r->cache_hit, r->error_code,
+		  r->output_tokens, gp_mono_ms() - c->t0_ms, r->cache_hit, r->error_code,
 		  c->prompt, r->text);
 	free(c->reply);
 	free(c->prompt);
@@ -341,7 +334,7 @@ static gp_status get_version(struct gp_server *s, const char *model,
 	pthread_mutex_lock(&s->mu);
 	for (int i = 0; i < s->nloaded; i++)
 		if (s->loaded[i].lm->version_id == ref->version_id) {
-			s->loaded[i].used_ms = mono_ms();
+			s->loaded[i].used_ms = gp_mono_ms();
 			*out = gp_lm_ref(s->loaded[i].lm);
 			pthread_mutex_unlock(&s->mu);
 			return GP_OK;
@@ -361,7 +354,7 @@ static gp_status get_version(struct gp_server *s, const char *model,
 	struct gp_lm *lm = NULL;
 	struct gp_model *mm = NULL;
 	struct gp_bpe *tok = NULL;
-	double t0 = mono_ms();
+	double t0 = gp_mono_ms();
 	gp_status st = gp_registry_load(s->cfg.store, model, ref, &mm, &tok, err);
 	if (!st && (st = gp_lm_wrap(&lm, model, ref->version, ref->version_id, mm, tok, err))) {
 		gp_model_destroy(mm);
@@ -404,14 +397,14 @@ static gp_status get_version(struct gp_server *s, const char *model,
 				  "beside the versions in use", model, ref->version, need >> 20,
 				  s->cfg.memory_budget >> 20);
 	}
-	s->loaded[s->nloaded++] = (struct loaded){ lm, mono_ms() };
+	s->loaded[s->nloaded++] = (struct loaded){ lm, gp_mono_ms() };
 	used += lm->bytes;
 	gp_metric_set(s->m_loaded_bytes, (double)used);
 	pthread_mutex_unlock(&s->mu);
 	pthread_mutex_unlock(&s->load_mu);
 	gp_metric_inc(s->m_loads, 1);
 	gp_info("loaded %s version %lld (%zu MiB mapped) in %.1f ms", model, ref->version,
-		lm->bytes >> 20, mono_ms() - t0);
+		lm->bytes >> 20, gp_mono_ms() - t0);
 	*out = gp_lm_ref(lm);
 	return GP_OK;
 }
@@ -497,7 +490,7 @@ static gp_status lookup(struct gp_server *s, const char *model, const char *alia
 	pthread_mutex_lock(&s->mu);
 	for (int i = 0; i < s->nloaded; i++)
 		if (!strcmp(s->loaded[i].lm->name, model) && s->loaded[i].lm->version == version) {
-			s->loaded[i].used_ms = mono_ms();
+			s->loaded[i].used_ms = gp_mono_ms();
 			*out = gp_lm_ref(s->loaded[i].lm);
 			pthread_mutex_unlock(&s->mu);
 			return GP_OK;
@@ -586,7 +579,7 @@ static void on_request(natsConnection *nc, natsSubscription *sub, natsMsg *msg, 
 	(void)nc;
 	(void)sub;
 	struct gp_server *s = cl;
-	double t0 = mono_ms();
+	double t0 = gp_mono_ms();
 	const char *rsubj = natsMsg_GetReply(msg);
 	const char *subject = natsMsg_GetSubject(msg);
 	const char *model_tok = subject + strlen(GP_SUBJ_INFER);

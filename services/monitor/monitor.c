@@ -252,13 +252,6 @@ struct gp_monitor {
 	int hhead, hcount, hstop;
 };
 
-static double mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
 static void vwin_clear(struct vwin *v)
 {
 	for (int i = 0; i < v->npend; i++)
@@ -707,7 +700,7 @@ static void take(struct gp_monitor *g, struct mon *m, natsMsg *msg)
 	}
 	if (!v->first_seq) {
 		v->first_seq = meta.stream_seq;
-		v->opened_ms = v->renewed_ms = mono_ms();
+		v->opened_ms = v->renewed_ms = gp_mono_ms();
 	}
 	v->last_seq = meta.stream_seq;
 	if (v->npend == v->cappend) {
@@ -858,7 +851,7 @@ static void *monitor_main(void *arg)
 {
 	struct gp_monitor *g = arg;
 	while (!g->stop) {
-		double now = mono_ms();
+		double now = gp_mono_ms();
 		if (now - g->last_reload >= (double)g->cfg.reload_ms) {
 			reload(g);
 			g->last_reload = now;
@@ -885,12 +878,12 @@ static void *monitor_main(void *arg)
 				struct vwin *v = &m->v[k];
 				if (!v->w.requests)
 					continue;
-				if (mono_ms() - v->opened_ms >= (double)m->c.window_ms) {
+				if (gp_mono_ms() - v->opened_ms >= (double)m->c.window_ms) {
 					close_window(g, m, v);
-				} else if (mono_ms() - v->renewed_ms >= ACK_WAIT_MS / 3.0) {
+				} else if (gp_mono_ms() - v->renewed_ms >= ACK_WAIT_MS / 3.0) {
 					for (int p = 0; p < v->npend; p++)
 						gp_bus_in_progress(v->pend[p], &err);
-					v->renewed_ms = mono_ms();
+					v->renewed_ms = gp_mono_ms();
 				}
 			}
 		}
