@@ -648,6 +648,48 @@ static struct vwin *version_window(struct gp_monitor *g, struct mon *m, long lon
 	return v;
 }
 
+/*
+ * A redelivered event (its acknowledgement was late or lost) may already be
+ * counted: 1 when it waits in an open window of its version, 2 when a
+ * recorded window of its version spans its sequence number, else 0. Windows
+ * of one version take its events in order, so a recorded window spans only
+ * events it counted, unless several monitor replicas share the consumer;
+ * then a redelivered event may be missed, never counted twice.
+ */
+static int already_counted(struct gp_monitor *g, struct mon *m, long long version,
+			   uint64_t seq)
+{
+	for (int i = 0; i < m->nv; i++) {
+		struct vwin *v = &m->v[i];
+		if (v->version != version || !v->npend || seq < v->first_seq || seq > v->last_seq)
+			continue;
+		for (int p = 0; p < v->npend; p++) {
+			struct gp_msg_meta pm = {0};
+			struct gp_err e = {0};
+			if (!gp_bus_meta(v->pend[p], &pm, &e) && pm.stream_seq == seq)
+				return 1;
+		}
+	}
+	char ver[32], sq[32];
+	snprintf(ver, sizeof(ver), "%lld", version);
+	snprintf(sq, sizeof(sq), "%llu", (unsigned long long)seq);
+	const char *p[] = {m->model, ver, sq};
+	PGresult *r = NULL;
+	struct gp_err err = {0};
+	if (gp_db_exec(g->db, "find a redelivered event's window",
+		       "SELECT 1 FROM drift_windows w JOIN model_versions v ON v.id = "
+		       "w.model_version_id JOIN models mo ON mo.id = v.model_id WHERE mo.name = $1 "
+		       "AND v.version = $2::int AND $3::bigint BETWEEN w.first_seq AND w.last_seq "
+		       "LIMIT 1",
+		       3, p, &r, &err)) {
+		gp_warn("monitor %s: %s", m->model, err.msg);
+		return 0;
+	}
+	int found = PQntuples(r) > 0;
+	PQclear(r);
+	return found ? 2 : 0;
+}
+
 static void take(struct gp_monitor *g, struct mon *m, natsMsg *msg)
 {
 	struct gp_err err = {0};
@@ -670,6 +712,18 @@ static void take(struct gp_monitor *g, struct mon *m, natsMsg *msg)
 		natsMsg_Destroy(msg);
 		gp_wire_free_telemetry(t);
 		return;
+	}
+	if (meta.delivered > 1) {
+		int seen = already_counted(g, m, t->model_version, meta.stream_seq);
+		if (seen) {
+			/* in an open window (that window acknowledges it) or in a
+			 * recorded one (acknowledged now): counted once only */
+			if (seen == 2)
+				gp_bus_ack(msg, &err);
+			natsMsg_Destroy(msg);
+			gp_wire_free_telemetry(t);
+			return;
+		}
 	}
 	struct vwin *v = version_window(g, m, t->model_version, &err);
 	if (!v) {
@@ -847,6 +901,21 @@ static void *hook_main(void *arg)
 	}
 }
 
+/* Tell the server the open window's events are still being worked on. */
+static void renew(struct vwin *v, struct gp_err *err)
+{
+	for (int p = 0; p < v->npend; p++)
+		gp_bus_in_progress(v->pend[p], err);
+	v->renewed_ms = gp_mono_ms();
+}
+
+static void renew_open(struct mon *m, struct gp_err *err)
+{
+	for (int k = 0; k < m->nv; k++)
+		if (m->v[k].npend && gp_mono_ms() - m->v[k].renewed_ms >= ACK_WAIT_MS / 3.0)
+			renew(&m->v[k], err);
+}
+
 static void *monitor_main(void *arg)
 {
 	struct gp_monitor *g = arg;
@@ -866,9 +935,19 @@ static void *monitor_main(void *arg)
 			natsMsgList list = {0};
 			struct gp_err err = {0};
 			if (!gp_bus_fetch(m->sub, GP_BUS_FETCH_MAX, wait, &list, &err)) {
+				double fetched = gp_mono_ms();
 				for (int k = 0; k < list.Count; k++) {
 					take(g, m, list.Msgs[k]);
 					list.Msgs[k] = NULL; /* owned by the window now */
+					/* a window that closes loads its model and computes
+					 * losses, seconds on a slow machine: the events of the
+					 * batch not yet taken must not time out meanwhile */
+					if (gp_mono_ms() - fetched >= ACK_WAIT_MS / 3.0) {
+						for (int r = k + 1; r < list.Count; r++)
+							gp_bus_in_progress(list.Msgs[r], &err);
+						renew_open(m, &err);
+						fetched = gp_mono_ms();
+					}
 				}
 				natsMsgList_Destroy(&list);
 			}
@@ -881,9 +960,7 @@ static void *monitor_main(void *arg)
 				if (gp_mono_ms() - v->opened_ms >= (double)m->c.window_ms) {
 					close_window(g, m, v);
 				} else if (gp_mono_ms() - v->renewed_ms >= ACK_WAIT_MS / 3.0) {
-					for (int p = 0; p < v->npend; p++)
-						gp_bus_in_progress(v->pend[p], &err);
-					v->renewed_ms = gp_mono_ms();
+					renew(v, &err);
 				}
 			}
 		}

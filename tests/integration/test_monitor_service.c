@@ -382,6 +382,39 @@ static int body(struct gp_test_env *env)
 	CHECK(q("SELECT coalesce(sum(n_requests), 0) FROM drift_windows w JOIN model_versions v ON "
 		"v.id = w.model_version_id WHERE v.version BETWEEN 2 AND 12") == 33);
 
+	/* late acknowledgements: a monitor stopped past the consumer's AckWait
+	 * (10 s) gets the events of its open window again; each counts once */
+	snprintf(yaml, sizeof yaml,
+		 "apiVersion: genpipe/v1\nkind: Pipeline\nmetadata: {name: watch}\nspec:\n"
+		 "  stages:\n"
+		 "    - name: monitor\n      kind: monitor\n"
+		 "      with: {model: toy, histogram: \"sha256:%s\", window: 50, window_time: 60s, "
+		 "loss_sample: 4}\n", hh);
+	long long run3 = gp_test_submit(db, yaml, NULL, 0);
+	REQUIRE(gp_test_wait_run(db, run3, 60000) == 1);
+	sleep_ms(1000); /* the monitor reads its new configuration */
+	before_w = q("SELECT count(*) FROM drift_windows");
+	pub_version = 2;
+	publish(tok, 0, 20, &seq);
+	sleep_ms(1500); /* taken into the open window, not acknowledged */
+	CHECK(kill(mon, SIGSTOP) == 0);
+	sleep_ms(12000);
+	CHECK(kill(mon, SIGCONT) == 0);
+	sleep_ms(1500); /* the redelivered twenty arrive */
+	publish(tok, 0, 30, &seq);
+	pub_version = 1;
+	for (int t = 0; t < 300 && q("SELECT count(*) FROM drift_windows") == before_w; t++)
+		sleep_ms(100);
+	char *late = gp_test_qs(db, "SELECT string_agg(n_requests || ' over seqs ' || first_seq || "
+				    "'..' || last_seq, ', ') FROM drift_windows WHERE id > (SELECT "
+				    "max(id) FROM drift_windows) - 1");
+	printf("after a stop past AckWait: window of %s\n", late);
+	free(late);
+	CHECK(q("SELECT count(*) FROM drift_windows") == before_w + 1);
+	/* fifty distinct events in a row: no redelivered one counted twice */
+	CHECK(q("SELECT count(*) FROM drift_windows WHERE id = (SELECT max(id) FROM "
+		"drift_windows) AND n_requests = 50 AND last_seq - first_seq = 49") == 1);
+
 	/* genpipe drift */
 	char cmd[1024], out[16384];
 	snprintf(cmd, sizeof cmd, "%s --database-url '%s' drift toy --json", GENPIPE_CLI,
