@@ -290,3 +290,27 @@ gp_status gp_registry_load(struct gp_store *store, const char *model,
 	*m = mm;
 	return GP_OK;
 }
+
+double gp_text_nats_per_byte(struct gp_model *m, struct gp_bpe *tok, const char *text,
+			     size_t len, struct gp_err *err)
+{
+	uint16_t *ids = NULL;
+	size_t n = 0, cap = 0;
+	if (!len || gp_bpe_encode(tok, text, len, &ids, &n, &cap, err) || n < 2) {
+		free(ids);
+		return NAN;
+	}
+	int ctx = gp_model_config(m)->context;
+	double total = 0;
+	for (size_t off = 0; off + 1 < n; off += (size_t)ctx) {
+		size_t T = n - off - 1 < (size_t)ctx ? n - off - 1 : (size_t)ctx;
+		float loss = 0;
+		if (gp_model_forward(m, ids + off, ids + off + 1, 1, (int)T, &loss, err)) {
+			free(ids);
+			return NAN;
+		}
+		total += (double)loss * (double)T;
+	}
+	free(ids);
+	return total / (double)len;
+}

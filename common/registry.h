@@ -56,6 +56,15 @@ gp_status gp_registry_load(struct gp_store *store, const char *model,
 			   struct gp_err *err);
 
 /*
+ * A model's mean loss on text in nats per byte (not per token, so that
+ * versions with different tokenizers compare), over windows of its
+ * context. NAN when the text is under two tokens or a forward pass fails
+ * (err says which).
+ */
+double gp_text_nats_per_byte(struct gp_model *m, struct gp_bpe *tok, const char *text,
+			     size_t len, struct gp_err *err);
+
+/*
  * Send fraction (0 < f < 1) of alias's requests to version as a canary, for
  * the deploy stage (run_id, stage) that watches it; replaces any canary of
  * that alias. *started_ms (may be NULL) gets when the canary began (kept

@@ -314,31 +314,6 @@ static gp_status data_gate_parse(const cJSON *g, struct data_gate *o, struct gp_
 	return GP_OK;
 }
 
-/* Natural-log loss per byte of text under model and tokenizer (NAN: too short). */
-static double nats_per_byte(struct gp_model *m, struct gp_bpe *tok, const char *text,
-			    size_t len, struct gp_err *err)
-{
-	uint16_t *ids = NULL;
-	size_t n = 0, cap = 0;
-	if (!len || gp_bpe_encode(tok, text, len, &ids, &n, &cap, err) || n < 2) {
-		free(ids);
-		return NAN;
-	}
-	int ctx = gp_model_config(m)->context;
-	double total = 0;
-	for (size_t off = 0; off + 1 < n; off += (size_t)ctx) {
-		size_t T = n - off - 1 < (size_t)ctx ? n - off - 1 : (size_t)ctx;
-		float loss = 0;
-		if (gp_model_forward(m, ids + off, ids + off + 1, 1, (int)T, &loss, err)) {
-			free(ids);
-			return NAN;
-		}
-		total += (double)loss * (double)T;
-	}
-	free(ids);
-	return total / (double)len;
-}
-
 struct gate_side {
 	struct gp_model *model;
 	struct gp_bpe *tok;
@@ -427,10 +402,11 @@ static gp_status data_gate_run(struct gp_db *db, struct gp_store *store, const c
 		}
 	}
 	if (!st) {
-		double cn = nats_per_byte(cand.model, cand.tok, (const char *)nd.p, nd.len, err);
-		double un = nats_per_byte(cur.model, cur.tok, (const char *)nd.p, nd.len, err);
-		double cv = nats_per_byte(cand.model, cand.tok, (const char *)vt, vl, err);
-		double uv = nats_per_byte(cur.model, cur.tok, (const char *)vt, vl, err);
+		const char *ndt = (const char *)nd.p, *vtt = (const char *)vt;
+		double cn = gp_text_nats_per_byte(cand.model, cand.tok, ndt, nd.len, err);
+		double un = gp_text_nats_per_byte(cur.model, cur.tok, ndt, nd.len, err);
+		double cv = gp_text_nats_per_byte(cand.model, cand.tok, vtt, vl, err);
+		double uv = gp_text_nats_per_byte(cur.model, cur.tok, vtt, vl, err);
 		if (!isfinite(cn) || !isfinite(un) || !isfinite(cv) || !isfinite(uv) || un <= 0 ||
 		    uv <= 0) {
 			st = gp_err_set(err, GP_ERR_INVALID,

@@ -57,7 +57,7 @@ static gp_status parse_cfg(const cJSON *o, const char *prefix, struct mcfg *c, s
 	    (st = gp_param_number(o, prefix, "psi_threshold", 0.2, 0, 100, &c->psi, err)) ||
 	    (st = gp_param_number(o, prefix, "js_threshold", 0.1, 0, 1, &c->js, err)) ||
 	    (st = gp_param_number(o, prefix, "perplexity_ratio", 2.0, 1, 1e9, &c->ppl_ratio, err)) ||
-	    (st = gp_param_number(o, prefix, "embedding_threshold", 0.1, 0, 2, &c->emb, err)) ||
+	    (st = gp_param_number(o, prefix, "embedding_threshold", 0.2, 0, 2, &c->emb, err)) ||
 	    (st = gp_param_number(o, prefix, "error_rate_threshold", 0.05, 0, 1, &c->err_rate,
 				  err)) ||
 	    (st = gp_param_int(o, prefix, "loss_sample", 64, 0, 4096, &c->loss_sample, err)) ||
@@ -216,6 +216,7 @@ struct vwin {
 	double val_loss;
 	float *ref_emb;      /* mean final hidden state over validation chunks */
 	int ref_len;         /* of this length (the window's mean prompt length) */
+	double ref_loss;     /* the validation text's mean loss at that length */
 	uint16_t *val;       /* validation tokens */
 	size_t nval;
 	int tried;
@@ -341,9 +342,10 @@ static void load_version(struct gp_monitor *g, struct mon *m, struct vwin *v)
 }
 
 /*
- * The reference embedding for prompts of about len tokens: the mean final
- * hidden state over validation chunks of that length (hidden states depend
- * on the position, so the lengths must match).
+ * The references for prompts of about len tokens: the mean final hidden
+ * state and the mean loss over validation chunks of that length. Both
+ * depend on the position (the first tokens of a text have little context
+ * and a high loss), so a window of short prompts is held to short chunks.
  */
 static void ref_embedding(struct vwin *v, int len)
 {
@@ -356,13 +358,17 @@ static void ref_embedding(struct vwin *v, int len)
 		return;
 	free(v->ref_emb);
 	v->ref_emb = NULL;
+	v->ref_loss = NAN;
 	float *emb = calloc((size_t)c->width, sizeof(float));
 	struct gp_err err = {0};
-	double cnt = 0;
-	for (size_t off = 0; emb && off + (size_t)len <= v->nval && cnt < (double)EMB_SEQS * c->context;
+	double cnt = 0, loss_sum = 0;
+	for (size_t off = 0;
+	     emb && off + (size_t)len + 1 <= v->nval && cnt < (double)EMB_SEQS * c->context;
 	     off += (size_t)len) {
-		if (gp_model_forward(v->model, v->val + off, NULL, 1, len, NULL, &err))
+		float loss = 0;
+		if (gp_model_forward(v->model, v->val + off, v->val + off + 1, 1, len, &loss, &err))
 			break;
+		loss_sum += (double)loss * len;
 		const float *h = gp_model_activation(v->model, GP_A_LNF);
 		for (int t = 0; t < len; t++)
 			for (int k = 0; k < c->width; k++)
@@ -374,6 +380,7 @@ static void ref_embedding(struct vwin *v, int len)
 			emb[k] /= (float)cnt;
 		v->ref_emb = emb;
 		v->ref_len = len;
+		v->ref_loss = loss_sum / cnt;
 	} else {
 		free(emb);
 	}
@@ -445,9 +452,10 @@ static void close_window(struct gp_monitor *g, struct mon *m, struct vwin *v)
 	}
 	struct gp_drift_result d;
 	gp_drift_compute(&m->ref, &v->w, 0, &d);
-	double ppl_ratio = isfinite(d.mean_loss) && isfinite(v->val_loss)
-				   ? exp(d.mean_loss - v->val_loss)
-				   : NAN;
+	/* against the validation text at the prompts' length, else (no shard)
+	 * against the version's recorded validation loss */
+	double base = v->ref_emb && isfinite(v->ref_loss) ? v->ref_loss : v->val_loss;
+	double ppl_ratio = isfinite(d.mean_loss) && isfinite(base) ? exp(d.mean_loss - base) : NAN;
 	struct figure figs[] = {
 		{"psi", d.psi, m->c.psi},
 		{"js", d.js, m->c.js},
@@ -465,6 +473,10 @@ static void close_window(struct gp_monitor *g, struct mon *m, struct vwin *v)
 		cJSON_AddNumberToObject(mj, "mean_loss", d.mean_loss);
 	if (isfinite(v->val_loss))
 		cJSON_AddNumberToObject(mj, "val_loss", v->val_loss);
+	if (v->ref_emb && isfinite(v->ref_loss)) {
+		cJSON_AddNumberToObject(mj, "ref_loss", v->ref_loss);
+		cJSON_AddNumberToObject(mj, "ref_tokens", v->ref_len);
+	}
 	if (isfinite(d.p50_ms)) {
 		cJSON_AddNumberToObject(mj, "p50_ms", d.p50_ms);
 		cJSON_AddNumberToObject(mj, "p95_ms", d.p95_ms);
