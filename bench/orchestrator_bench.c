@@ -22,7 +22,8 @@
  * queued as slots free up, so queued-to-claimed measures dispatch itself).
  *
  * usage: orchestrator_bench [STAGES (1000)] [WORKERS (2)] [RUNS (1)] [PAR (32)]
- * BENCH_KEEP=1 keeps the stack's directory (logs) afterwards; building with
+ * BENCH_KEEP=1 keeps the stack's directory (logs) afterwards, and with
+ * BENCH_PG_LOG=1 its postgres.log has every statement's duration; building with
  * -DBENCH_FAST=1 runs PostgreSQL with fsync off, to see what fsync costs.
  */
 #include <signal.h>
@@ -126,6 +127,13 @@ int main(int argc, char **argv)
 		kids[nk++] = spawn("genpipe-noop", "--lease-ms", "30000", NULL, NULL);
 	if (gp_db_connect(&db, db_url, 10000, &e))
 		goto out;
+	if (getenv("BENCH_PG_LOG")) {
+		/* every statement with its duration, in the kept stack's postgres.log */
+		if (gp_db_run(db, "log statements",
+			      "ALTER SYSTEM SET log_min_duration_statement = 0", &e))
+			goto out;
+		scalar(db, "SELECT pg_reload_conf()::int");
+	}
 	while (scalar(db, "SELECT count(*) FROM stage_kinds WHERE kind = 'noop'") < 1)
 		gp_sleep_ms(50);
 	gp_sleep_ms(500);
