@@ -59,6 +59,16 @@ static int ok_state(const char *s)
 	return !strcmp(s, "succeeded") || !strcmp(s, "cached");
 }
 
+/* run_stages rows this process has written (each bumps the run's revision) */
+static long long rows_written;
+static long long reads_all, reads_active;
+
+void gp_engine_stage_reads(long long *all, long long *active)
+{
+	*all = reads_all;
+	*active = reads_active;
+}
+
 static gp_status set_stage(struct gp_db *db, long long run_id, struct stage *s, const char *state,
 			   const char *outputs, const char *error, const char *cache_key,
 			   long long not_before_ms, struct gp_err *err)
@@ -80,8 +90,10 @@ static gp_status set_stage(struct gp_db *db, long long run_id, struct stage *s, 
 		"  THEN now() ELSE NULL END "
 		"WHERE run_id = $1::bigint AND stage = $2",
 		7, p, NULL, err);
-	if (!st)
+	if (!st) {
 		snprintf(s->state, sizeof s->state, "%s", state);
+		rows_written++;
+	}
 	return st;
 }
 
@@ -105,6 +117,7 @@ struct spec_entry {
 	int n;
 	int **needs;
 	int *nneeds;
+	int *by_name;      /* stage indices sorted by name */
 	long long used;
 };
 #define SPEC_CACHE 8
@@ -117,6 +130,7 @@ static void spec_entry_clear(struct spec_entry *e)
 		free(e->needs[i]);
 	free(e->needs);
 	free(e->nneeds);
+	free(e->by_name);
 	cJSON_Delete(e->doc);
 	memset(e, 0, sizeof *e);
 }
@@ -156,6 +170,19 @@ static struct spec_entry *spec_entry_fill(struct spec_entry *e, long long pv_id,
 	}
 	memcpy(sorted, names, sizeof *sorted * (size_t)n);
 	qsort(sorted, (size_t)n, sizeof *sorted, name_cmp);
+	/* names are unique (the spec layer checks): each sorted one has one index */
+	if (!(e->by_name = malloc(sizeof *e->by_name * ((size_t)n + 1)))) {
+		free(sorted);
+		free(names);
+		spec_entry_clear(e);
+		return NULL;
+	}
+	for (int k = 0; k < n; k++)
+		for (int j = 0; j < n; j++)
+			if (names[j] == sorted[k]) {
+				e->by_name[k] = j;
+				break;
+			}
 	i = 0;
 	cJSON_ArrayForEach(st, stages)
 	{
@@ -223,7 +250,59 @@ static struct spec_entry *spec_get(struct gp_db *db, long long pv_id, struct gp_
 	return victim;
 }
 
-/* Dispatch attempt `attempt` of stage i, or serve it from the cache. */
+/*
+ * The stage rows of the runs this process advanced last, as the advance
+ * left them, with the run's revision after its writes. Every statement
+ * that writes a run's run_stages bumps runs.revision (a trigger,
+ * migrations/0008), so a revision equal to the one kept means the rows are
+ * as kept: the advance then reads only the latest attempts of its queued
+ * and retrying stages, not all N rows (a 1000-stage fan-out is advanced
+ * about once per finished stage). Anything else, or a mismatch between the
+ * kept states and those active stages, reads every row again.
+ */
+struct run_entry {
+	long long run_id, pv_id, revision;
+	int n;
+	char (*state)[16];
+	int *base;
+	char **outputs_text;  /* owned; parsed on demand */
+	cJSON **outputs;      /* owned while kept, lent to the advance */
+	long long used;
+};
+#define RUN_CACHE 16
+static struct run_entry run_cache[RUN_CACHE];
+static long long run_clock;
+
+static void run_entry_clear(struct run_entry *e)
+{
+	for (int i = 0; i < e->n; i++) {
+		if (e->outputs_text)
+			free(e->outputs_text[i]);
+		if (e->outputs)
+			cJSON_Delete(e->outputs[i]);
+	}
+	free(e->state);
+	free(e->base);
+	free(e->outputs_text);
+	free(e->outputs);
+	memset(e, 0, sizeof *e);
+}
+
+static struct run_entry *run_entry_find(long long run_id)
+{
+	for (int i = 0; i < RUN_CACHE; i++)
+		if (run_cache[i].n && run_cache[i].run_id == run_id)
+			return &run_cache[i];
+	return NULL;
+}
+
+static void run_entry_drop(long long run_id)
+{
+	struct run_entry *e = run_entry_find(run_id);
+	if (e)
+		run_entry_clear(e);
+}
+
 /* A stage's outputs, parsed from its row the first time they are needed. */
 static const cJSON *stage_outputs(struct stage *s)
 {
@@ -243,6 +322,45 @@ static void set_outputs(struct stage *s, cJSON *o, cJSON **outs_cache)
 	/* the shared map refers to the old object: rebuild it when next needed */
 	cJSON_Delete(*outs_cache);
 	*outs_cache = NULL;
+}
+
+/* Keep the stage rows of st as the run's state at revision (takes the
+ * parsed outputs; texts are copied). Out of memory keeps nothing. */
+static void run_entry_save(long long run_id, long long pv_id, long long revision, struct stage *st,
+			   int n)
+{
+	/* built aside first: the texts of st may point into the entry it replaces */
+	struct run_entry ne = { .run_id = run_id, .pv_id = pv_id, .revision = revision, .n = n };
+	ne.state = calloc((size_t)n, sizeof *ne.state);
+	ne.base = calloc((size_t)n, sizeof *ne.base);
+	ne.outputs_text = calloc((size_t)n, sizeof *ne.outputs_text);
+	ne.outputs = calloc((size_t)n, sizeof *ne.outputs);
+	int ok = ne.state && ne.base && ne.outputs_text && ne.outputs;
+	for (int i = 0; ok && i < n; i++) {
+		struct stage *s = &st[i];
+		memcpy(ne.state[i], s->state, sizeof ne.state[i]);
+		ne.base[i] = s->base;
+		if (s->outputs_loaded) {
+			ne.outputs[i] = s->outputs;
+			s->outputs = NULL;
+		} else if (s->outputs_text) {
+			ok = (ne.outputs_text[i] = strdup(s->outputs_text)) != NULL;
+		}
+	}
+	struct run_entry *e = run_entry_find(run_id);
+	if (!e) {
+		e = &run_cache[0];
+		for (int i = 1; i < RUN_CACHE; i++)
+			if (run_cache[i].used < e->used)
+				e = &run_cache[i];
+	}
+	run_entry_clear(e);
+	if (!ok) {
+		run_entry_clear(&ne);
+		return;
+	}
+	*e = ne;
+	e->used = ++run_clock;
 }
 
 /*
@@ -367,6 +485,170 @@ static const char *kind_version(PGresult *kinds, const char *kind)
 	return "unregistered";
 }
 
+/* Columns of a stage row as both reads return them. */
+#define STAGE_COLUMNS                                                                          \
+	"rs.stage, rs.state, rs.attempt_base, "                                                \
+	"coalesce(rs.not_before <= clock_timestamp(), true), "                                 \
+	"coalesce((extract(epoch FROM rs.not_before - clock_timestamp()) * 1000)::bigint, 0), " \
+	"%s, a.id, a.attempt, a.state, a.retryable, a.error, a.outputs::text, "                \
+	"coalesce(a.state = 'running' AND a.claimed_at + a.timeout_ms * "                      \
+	"interval '1 millisecond' < clock_timestamp(), false), "                               \
+	"coalesce((extract(epoch FROM a.claimed_at + a.timeout_ms * interval "                 \
+	"'1 millisecond' - clock_timestamp()) * 1000)::bigint, -1), "                          \
+	"(SELECT z.run_id FROM stage_attempts z WHERE z.id = a.reused_from) "
+
+/* Row i of rows into s: the stage's columns, its outputs when with_outputs,
+ * and its latest attempt when the row has one. */
+static void fill_row(struct stage *s, PGresult *rows, int i, int with_outputs)
+{
+	snprintf(s->state, sizeof s->state, "%s", PQgetvalue(rows, i, 1));
+	s->base = atoi(PQgetvalue(rows, i, 2));
+	s->due = PQgetvalue(rows, i, 3)[0] == 't';
+	s->due_in = atoll(PQgetvalue(rows, i, 4));
+	if (with_outputs && !PQgetisnull(rows, i, 5))
+		s->outputs_text = PQgetvalue(rows, i, 5);
+	if (!PQgetisnull(rows, i, 6)) {
+		s->aid = atoll(PQgetvalue(rows, i, 6));
+		s->attempt = atoi(PQgetvalue(rows, i, 7));
+		snprintf(s->astate, sizeof s->astate, "%s", PQgetvalue(rows, i, 8));
+		s->retryable = PQgetvalue(rows, i, 9)[0] == 't';
+		s->aerror = PQgetisnull(rows, i, 10) ? NULL : strdup(PQgetvalue(rows, i, 10));
+		if (!PQgetisnull(rows, i, 11))
+			s->aoutputs = cJSON_Parse(PQgetvalue(rows, i, 11));
+		s->timed_out = PQgetvalue(rows, i, 12)[0] == 't';
+		s->timeout_in = atoll(PQgetvalue(rows, i, 13));
+		s->reused_run = PQgetisnull(rows, i, 14) ? 0 : atoll(PQgetvalue(rows, i, 14));
+	}
+}
+
+/* Forget what the stages were filled with (their spec bindings stay). */
+static void reset_rows(struct stage *st, int n)
+{
+	for (int i = 0; i < n; i++) {
+		struct stage *s = &st[i];
+		cJSON_Delete(s->outputs);
+		cJSON_Delete(s->aoutputs);
+		free(s->aerror);
+		const cJSON *spec = s->spec;
+		const int *needs = s->needs;
+		int nneeds = s->nneeds;
+		const char *name = s->name, *kind = s->kind;
+		memset(s, 0, sizeof *s);
+		s->spec = spec;
+		s->needs = needs;
+		s->nneeds = nneeds;
+		s->name = name;
+		s->kind = kind;
+	}
+}
+
+/* Every stage row of the run, in spec order, with the latest attempt of
+ * each queued or retrying stage. */
+static gp_status read_all(struct gp_db *db, long long run_id, struct stage *st, int n,
+			  PGresult **rows, struct gp_err *err)
+{
+	char rid[24];
+	snprintf(rid, sizeof rid, "%lld", run_id);
+	const char *p[] = { rid };
+	reset_rows(st, n);
+	PQclear(*rows);
+	*rows = NULL;
+	char sql[2048];
+	snprintf(sql, sizeof sql,
+		 "SELECT " STAGE_COLUMNS
+		 "FROM run_stages rs LEFT JOIN (SELECT DISTINCT ON (x.stage) x.* "
+		 "FROM stage_attempts x JOIN run_stages q ON q.run_id = x.run_id "
+		 "AND q.stage = x.stage AND q.state IN ('queued', 'retrying') "
+		 "WHERE x.run_id = $1::bigint "
+		 "ORDER BY x.stage, x.attempt DESC) a ON a.stage = rs.stage "
+		 "WHERE rs.run_id = $1::bigint ORDER BY rs.position",
+		 "rs.outputs::text");
+	gp_status rc = gp_db_exec(db, "read stages", sql, 1, p, rows, err);
+	if (rc)
+		return rc;
+	if (PQntuples(*rows) != n)
+		return gp_err_set(err, GP_ERR_INTERNAL, "run %lld: %d stage rows for %d stages in "
+				  "the spec", run_id, PQntuples(*rows), n);
+	for (int i = 0; i < n; i++) {
+		if (strcmp(st[i].name, PQgetvalue(*rows, i, 0)) != 0)
+			return gp_err_set(err, GP_ERR_INTERNAL, "run %lld: stage rows do not match "
+					  "the spec", run_id);
+		fill_row(&st[i], *rows, i, 1);
+	}
+	return GP_OK;
+}
+
+/* The index of the stage called name, or -1. */
+static int stage_index(const struct spec_entry *se, const struct stage *st, const char *name)
+{
+	int lo = 0, hi = se->n - 1;
+	while (lo <= hi) {
+		int mid = lo + (hi - lo) / 2, c = strcmp(name, st[se->by_name[mid]].name);
+		if (!c)
+			return se->by_name[mid];
+		if (c < 0)
+			hi = mid - 1;
+		else
+			lo = mid + 1;
+	}
+	return -1;
+}
+
+/*
+ * The kept rows, lent to st, and the rows of the queued and retrying
+ * stages with their latest attempts read now. *hit = 0 when the database
+ * does not agree with what was kept (then st is to be read again whole).
+ */
+static gp_status read_active(struct gp_db *db, long long run_id, const struct spec_entry *se,
+			     struct stage *st, struct run_entry *kept, PGresult **rows, int *hit,
+			     struct gp_err *err)
+{
+	int n = se->n, active = 0;
+	for (int i = 0; i < n; i++) {
+		struct stage *s = &st[i];
+		memcpy(s->state, kept->state[i], sizeof s->state);
+		s->base = kept->base[i];
+		if (kept->outputs[i]) {
+			s->outputs = kept->outputs[i]; /* lent: given back by run_entry_save */
+			kept->outputs[i] = NULL;
+			s->outputs_loaded = 1;
+		} else {
+			s->outputs_text = kept->outputs_text[i];
+		}
+		active += !strcmp(s->state, "queued") || !strcmp(s->state, "retrying");
+	}
+	if (!active)
+		return GP_OK;
+	char rid[24];
+	snprintf(rid, sizeof rid, "%lld", run_id);
+	const char *p[] = { rid };
+	char sql[2048];
+	snprintf(sql, sizeof sql,
+		 "SELECT " STAGE_COLUMNS
+		 "FROM run_stages rs LEFT JOIN LATERAL (SELECT * FROM stage_attempts x "
+		 "WHERE x.run_id = rs.run_id AND x.stage = rs.stage ORDER BY x.attempt DESC "
+		 "LIMIT 1) a ON true "
+		 "WHERE rs.run_id = $1::bigint AND rs.state IN ('queued', 'retrying')",
+		 "NULL");
+	gp_status rc = gp_db_exec(db, "read active stages", sql, 1, p, rows, err);
+	if (rc)
+		return rc;
+	if (PQntuples(*rows) != active) {
+		*hit = 0;
+		return GP_OK;
+	}
+	for (int r = 0; r < PQntuples(*rows); r++) {
+		int i = stage_index(se, st, PQgetvalue(*rows, r, 0));
+		if (i < 0 || strcmp(st[i].state, PQgetvalue(*rows, r, 1)) != 0 ||
+		    st[i].base != atoi(PQgetvalue(*rows, r, 2))) {
+			*hit = 0;
+			return GP_OK;
+		}
+		fill_row(&st[i], *rows, r, 0);
+	}
+	return GP_OK;
+}
+
 gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_ms,
 			    int *dispatched, struct gp_err *err)
 {
@@ -385,7 +667,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	if (rc)
 		return rc;
 	if ((rc = gp_db_exec(db, "lock run",
-			     "SELECT state, params::text, pipeline_version_id FROM runs "
+			     "SELECT state, params::text, pipeline_version_id, revision FROM runs "
 			     "WHERE id = $1::bigint FOR UPDATE",
 			     1, p, &r, err)))
 		goto rollback;
@@ -394,12 +676,15 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 		goto rollback;
 	}
 	const char *rstate = PQgetvalue(r, 0, 0);
+	long long pv_id = atoll(PQgetvalue(r, 0, 2)), revision = atoll(PQgetvalue(r, 0, 3));
+	long long writes0 = rows_written;
 	if (final_state(rstate)) {
+		run_entry_drop(run_id);
 		rc = gp_db_commit(db, err);
 		goto out;
 	}
 	params = cJSON_Parse(PQgetvalue(r, 0, 1));
-	if (!(se = spec_get(db, atoll(PQgetvalue(r, 0, 2)), err))) {
+	if (!(se = spec_get(db, pv_id, err))) {
 		rc = err ? err->status : GP_ERR_INTERNAL;
 		goto rollback;
 	}
@@ -415,35 +700,18 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 				     "WHERE id = $1::bigint",
 				     1, pp, NULL, err)))
 			goto rollback;
+		run_entry_drop(run_id);
 		rc = gp_db_commit(db, err);
 		goto out;
 	}
-	if ((rc = gp_db_exec(db, "read stages",
-			     "SELECT rs.stage, rs.state, rs.attempt_base, "
-			     "coalesce(rs.not_before <= clock_timestamp(), true), "
-			     "coalesce((extract(epoch FROM rs.not_before - clock_timestamp()) * 1000)"
-			     "::bigint, 0), rs.outputs::text, "
-			     "a.id, a.attempt, a.state, a.retryable, a.error, a.outputs::text, "
-			     "coalesce(a.state = 'running' AND a.claimed_at + a.timeout_ms * "
-			     "interval '1 millisecond' < clock_timestamp(), false), "
-			     "coalesce((extract(epoch FROM a.claimed_at + a.timeout_ms * interval "
-			     "'1 millisecond' - clock_timestamp()) * 1000)::bigint, -1), "
-			     "(SELECT z.run_id FROM stage_attempts z WHERE z.id = a.reused_from) "
-			     "FROM run_stages rs LEFT JOIN (SELECT DISTINCT ON (x.stage) x.* "
-			     "FROM stage_attempts x JOIN run_stages q ON q.run_id = x.run_id "
-			     "AND q.stage = x.stage AND q.state IN ('queued', 'retrying') "
-			     "WHERE x.run_id = $1::bigint "
-			     "ORDER BY x.stage, x.attempt DESC) a ON a.stage = rs.stage "
-			     "WHERE rs.run_id = $1::bigint ORDER BY rs.position",
-			     1, p, &rows, err)) ||
-	    (rc = gp_db_exec(db, "read stage kinds", "SELECT kind, version FROM stage_kinds", 0,
+	if ((rc = gp_db_exec(db, "read stage kinds", "SELECT kind, version FROM stage_kinds", 0,
 			     NULL, &kinds, err)))
 		goto rollback;
-	n = PQntuples(rows);
+	n = se->n;
 	st = calloc((size_t)n + 1, sizeof *st);
 	if (!st || n != cJSON_GetArraySize(stages)) {
 		rc = gp_err_set(err, st ? GP_ERR_INTERNAL : GP_ERR_NOMEM,
-				"run %lld: %d stage rows for %d stages in the spec", run_id, n,
+				"run %lld: the spec's %d stages do not match its cached form", run_id,
 				cJSON_GetArraySize(stages));
 		goto rollback;
 	}
@@ -454,29 +722,24 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 		s->nneeds = se->nneeds[i];
 		s->name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(s->spec, "name"));
 		s->kind = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(s->spec, "kind"));
-		if (!s->name || !s->kind || strcmp(s->name, PQgetvalue(rows, i, 0)) != 0) {
-			rc = gp_err_set(err, GP_ERR_INTERNAL, "run %lld: stage rows do not match the "
-					"spec", run_id);
+		if (!s->name || !s->kind) {
+			rc = gp_err_set(err, GP_ERR_INTERNAL, "run %lld: a stage without name or kind",
+					run_id);
 			goto rollback;
 		}
-		snprintf(s->state, sizeof s->state, "%s", PQgetvalue(rows, i, 1));
-		s->base = atoi(PQgetvalue(rows, i, 2));
-		s->due = PQgetvalue(rows, i, 3)[0] == 't';
-		s->due_in = atoll(PQgetvalue(rows, i, 4));
-		if (!PQgetisnull(rows, i, 5))
-			s->outputs_text = PQgetvalue(rows, i, 5);
-		if (!PQgetisnull(rows, i, 6)) {
-			s->aid = atoll(PQgetvalue(rows, i, 6));
-			s->attempt = atoi(PQgetvalue(rows, i, 7));
-			snprintf(s->astate, sizeof s->astate, "%s", PQgetvalue(rows, i, 8));
-			s->retryable = PQgetvalue(rows, i, 9)[0] == 't';
-			s->aerror = PQgetisnull(rows, i, 10) ? NULL : strdup(PQgetvalue(rows, i, 10));
-			if (!PQgetisnull(rows, i, 11))
-				s->aoutputs = cJSON_Parse(PQgetvalue(rows, i, 11));
-			s->timed_out = PQgetvalue(rows, i, 12)[0] == 't';
-			s->timeout_in = atoll(PQgetvalue(rows, i, 13));
-			s->reused_run = PQgetisnull(rows, i, 14) ? 0 : atoll(PQgetvalue(rows, i, 14));
-		}
+	}
+	/* the rows as this process left them, when nobody wrote since */
+	struct run_entry *kept = run_entry_find(run_id);
+	int hit = kept && kept->pv_id == pv_id && kept->revision == revision && kept->n == n;
+	if (hit && (rc = read_active(db, run_id, se, st, kept, &rows, &hit, err)))
+		goto rollback;
+	if (!hit) {
+		run_entry_drop(run_id);
+		if ((rc = read_all(db, run_id, st, n, &rows, err)))
+			goto rollback;
+		reads_all++;
+	} else {
+		reads_active++;
 	}
 	/* spec.parallelism: stages dispatched and not yet final count against it. */
 	long long parallelism = num(cJSON_GetObjectItemCaseSensitive(se->doc, "spec"),
@@ -656,12 +919,27 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	}
 	if (rc)
 		goto rollback;
+	if (!all_final && rows_written != writes0) {
+		/* what the trigger made of this advance's writes (the run's row is
+		 * locked: nobody else writes its stages before the commit) */
+		PGresult *rv = NULL;
+		if ((rc = gp_db_exec(db, "read revision",
+				     "SELECT revision FROM runs WHERE id = $1::bigint", 1, p, &rv, err)))
+			goto rollback;
+		revision = PQntuples(rv) == 1 ? atoll(PQgetvalue(rv, 0, 0)) : -1;
+		PQclear(rv);
+	}
 	rc = gp_db_commit(db, err);
 	if (!rc && due_ms)
 		*due_ms = due;
+	if (rc || all_final || revision < 0)
+		run_entry_drop(run_id);
+	else
+		run_entry_save(run_id, pv_id, revision, st, n);
 	goto out;
 rollback:
 	gp_db_rollback(db);
+	run_entry_drop(run_id);
 out:
 	cJSON_Delete(outs_cache); /* references only: frees no outputs */
 	for (int i = 0; st && i < n; i++) {

@@ -24,8 +24,11 @@
  * every stage is final.
  *
  * Not thread-safe: parsed specs are cached per pipeline version in static
- * storage (versions are immutable, so the cache is never stale). The
- * orchestrator calls it from its one loop thread.
+ * storage (versions are immutable, so the cache is never stale), and so are
+ * the stage rows of the last runs advanced, with the run's revision (every
+ * write to a run's stages bumps it, by trigger): an advance whose run has
+ * the revision it left reads only the latest attempts of its queued and
+ * retrying stages. The orchestrator calls it from its one loop thread.
  */
 #ifndef GP_ENGINE_H
 #define GP_ENGINE_H
@@ -39,5 +42,9 @@
  */
 gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_ms,
 			    int *dispatched, struct gp_err *err);
+
+/* Advances so far that read every stage row, and those that read only the
+ * active stages (the kept rows were current). */
+void gp_engine_stage_reads(long long *all, long long *active);
 
 #endif

@@ -38,7 +38,9 @@ struct gp_orchestrator {
 	struct due *costs; /* run -> earliest next advance (its last advance's cost later) */
 	int ncosts, capcosts;
 	struct gp_metric *m_relay_passes, *m_relayed, *m_dups, *m_reaped, *m_errors, *m_advances, *m_dispatched,
+		*m_reads_all, *m_reads_active,
 		*m_advance_seconds;
+	long long reads_all, reads_active; /* the engine's counts at the last advance */
 };
 
 static void add_pending(struct gp_orchestrator *o, long long run_id)
@@ -173,6 +175,16 @@ gp_status gp_orchestrator_create(struct gp_orchestrator **out,
 					     "Failed relay, reap or advance passes", NULL, NULL, 0);
 		o->m_advances = gp_metrics_get(metrics, GP_COUNTER, "genpipe_run_advances_total",
 					       "Run advances (one transaction each)", NULL, NULL, 0);
+		o->m_reads_all = gp_metrics_get(metrics, GP_COUNTER, "genpipe_run_stage_reads_total",
+						"Advances by how they read the run's stage rows: all "
+						"of them, or only the active ones (kept rows current)",
+						"read=\"all\"", NULL, 0);
+		o->m_reads_active = gp_metrics_get(metrics, GP_COUNTER,
+						   "genpipe_run_stage_reads_total",
+						   "Advances by how they read the run's stage rows: "
+						   "all of them, or only the active ones (kept rows "
+						   "current)",
+						   "read=\"active\"", NULL, 0);
 		o->m_dispatched = gp_metrics_get(metrics, GP_COUNTER,
 						 "genpipe_attempts_dispatched_total",
 						 "Stage attempts written with their job message",
@@ -323,6 +335,12 @@ void gp_orchestrator_step(struct gp_orchestrator *o)
 		int dispatched = 0;
 		gp_status st = gp_engine_advance(o->db, runs[i], &due, &dispatched, &err);
 		gp_metric_inc(o->m_advances, 1);
+		long long ra = 0, rx = 0;
+		gp_engine_stage_reads(&ra, &rx);
+		gp_metric_inc(o->m_reads_all, (double)(ra - o->reads_all));
+		gp_metric_inc(o->m_reads_active, (double)(rx - o->reads_active));
+		o->reads_all = ra;
+		o->reads_active = rx;
 		gp_metric_observe(o->m_advance_seconds, (double)(gp_now_ms() - t0) / 1000.0);
 		if (st) {
 			gp_metric_inc(o->m_errors, 1);

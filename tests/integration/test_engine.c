@@ -104,6 +104,34 @@ static void test_dag_parallel(void)
 		"params->>'message' = '1'", run) == 1);
 }
 
+/*
+ * The orchestrator keeps a run's stage rows between advances; a write to
+ * them by anyone else (here an operator's SQL while the first stage runs)
+ * bumps the run's revision, and the next advance reads them again: the
+ * stage the operator skipped is not dispatched.
+ */
+static void test_outside_write(void)
+{
+	long long run = gp_test_submit(db, HDR("outside") "  stages:\n"
+					      "    - {name: a, kind: noop, with: {duration: 1500ms}}\n"
+					      "    - {name: b, kind: noop, needs: a}\n"
+					      "    - {name: c, kind: noop, needs: a}\n",
+				       NULL, 0);
+	REQUIRE(wait_for(10000, "SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND "
+			 "stage = 'a' AND state = 'running'", run));
+	long long before = q("SELECT revision FROM runs WHERE id = %lld", run);
+	struct gp_err e = { 0 };
+	char sql[256];
+	snprintf(sql, sizeof sql, "UPDATE run_stages SET state = 'skipped', error = 'by hand', "
+		 "finished_at = now() WHERE run_id = %lld AND stage = 'b'", run);
+	REQUIRE_OK(gp_db_run(db, "skip by hand", sql, &e), e);
+	CHECK(q("SELECT revision FROM runs WHERE id = %lld", run) == before + 1);
+	CHECK(gp_test_wait_run(db, run, 20000) == 0); /* a skipped stage fails the run */
+	CHECK(q("SELECT count(*) FROM stage_attempts WHERE run_id = %lld AND stage = 'b'", run) == 0);
+	CHECK(q("SELECT count(*) FROM run_stages WHERE run_id = %lld AND stage = 'c' AND "
+		"state = 'succeeded'", run) == 1);
+}
+
 static void test_retry_backoff_and_exhaustion(void)
 {
 	long long run = gp_test_submit(db, HDR("retry") "  stages:\n"
@@ -391,6 +419,7 @@ static int body(struct gp_test_env *env)
 	CHECK(wait_for(10000, "SELECT count(*) FROM stage_kinds WHERE kind = 'noop'"));
 	gp_sleep_ms(300);
 	test_dag_parallel();
+	test_outside_write();
 	test_retry_backoff_and_exhaustion();
 	test_timeout_and_cancel();
 	test_cache();
