@@ -278,6 +278,67 @@ char *gp_db_bytea_param(const void *data, size_t len)
 	return s;
 }
 
+static void array_put(struct gp_db_array *a, const char *s, size_t n)
+{
+	if (a->oom)
+		return;
+	if (a->len + n + 3 > a->cap) {
+		size_t c = a->cap ? a->cap : 256;
+		while (a->len + n + 3 > c)
+			c *= 2;
+		char *q = realloc(a->p, c);
+		if (!q) {
+			a->oom = 1;
+			return;
+		}
+		a->p = q;
+		a->cap = c;
+	}
+	memcpy(a->p + a->len, s, n);
+	a->len += n;
+}
+
+void gp_db_array_add(struct gp_db_array *a, const char *elem)
+{
+	array_put(a, a->n++ ? "," : "{", 1);
+	if (!elem) {
+		array_put(a, "NULL", 4);
+		return;
+	}
+	array_put(a, "\"", 1);
+	for (const char *c = elem; *c; c++) {
+		if (*c == '"' || *c == '\\')
+			array_put(a, "\\", 1);
+		array_put(a, c, 1);
+	}
+	array_put(a, "\"", 1);
+}
+
+void gp_db_array_add_int(struct gp_db_array *a, long long v)
+{
+	char b[24];
+	int n = snprintf(b, sizeof b, "%lld", v);
+	array_put(a, a->n++ ? "," : "{", 1);
+	array_put(a, b, (size_t)n);
+}
+
+const char *gp_db_array_text(struct gp_db_array *a)
+{
+	if (!a->n)
+		array_put(a, "{", 1);
+	array_put(a, "}", 1);
+	if (a->oom)
+		return NULL;
+	a->p[a->len] = '\0';
+	return a->p;
+}
+
+void gp_db_array_free(struct gp_db_array *a)
+{
+	free(a->p);
+	memset(a, 0, sizeof *a);
+}
+
 void gp_sha256_hex(const void *data, size_t len, char out[65])
 {
 	unsigned char md[32];

@@ -77,6 +77,23 @@ gp_status gp_db_migration_status(struct gp_db *db, const char *dir, int *applied
  */
 char *gp_db_bytea_param(const void *data, size_t len);
 
+/*
+ * A PostgreSQL array literal built element by element, so that one
+ * statement carries many rows (a parameter $k::text[] read with unnest):
+ * a NULL element stays SQL NULL, others are double-quoted with " and \
+ * escaped. Zero-initialize; gp_db_array_text ends the literal (no element
+ * after it) and is NULL after out of memory.
+ */
+struct gp_db_array {
+	char *p;
+	size_t len, cap;
+	int n, oom;
+};
+void gp_db_array_add(struct gp_db_array *a, const char *elem);
+void gp_db_array_add_int(struct gp_db_array *a, long long v);
+const char *gp_db_array_text(struct gp_db_array *a);
+void gp_db_array_free(struct gp_db_array *a);
+
 /* SHA-256 of a buffer as 64 lower-case hex digits plus NUL. */
 void gp_sha256_hex(const void *data, size_t len, char out[65]);
 

@@ -413,52 +413,111 @@ static gp_status result_message(struct gp_db *db, long long attempt_id, long lon
 	return st;
 }
 
+gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *specs, int n,
+			      long long *attempt_ids, struct gp_err *err)
+{
+	if (n <= 0)
+		return GP_OK;
+	struct gp_db_array a[8] = { 0 };
+	for (int i = 0; i < n; i++) {
+		const struct gp_attempt_spec *s = &specs[i];
+		if (!gp_bus_token_ok(s->kind) || !gp_bus_token_ok(s->stage)) {
+			for (int k = 0; k < 8; k++)
+				gp_db_array_free(&a[k]);
+			return gp_err_set(err, GP_ERR_INVALID,
+					  "enqueue: stage \"%s\" and kind \"%s\" must be DNS labels",
+					  s->stage ? s->stage : "", s->kind ? s->kind : "");
+		}
+		gp_db_array_add_int(&a[0], s->run_id);
+		gp_db_array_add(&a[1], s->stage);
+		gp_db_array_add(&a[2], s->kind);
+		gp_db_array_add_int(&a[3], s->attempt);
+		gp_db_array_add(&a[4], s->params_json && *s->params_json ? s->params_json : "{}");
+		gp_db_array_add_int(&a[5], s->lease_ms > 0 ? s->lease_ms : 30000);
+		gp_db_array_add_int(&a[6], s->max_attempts > 0 ? s->max_attempts : 3);
+		gp_db_array_add_int(&a[7], s->timeout_ms > 0 ? s->timeout_ms : 86400000LL);
+	}
+	const char *p[8];
+	gp_status st = GP_OK;
+	for (int k = 0; k < 8; k++)
+		if (!(p[k] = gp_db_array_text(&a[k])))
+			st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	PGresult *r = NULL;
+	/* one statement for the batch; rows come back by position (ordinality) */
+	if (!st)
+		st = gp_db_exec(db, "insert stage attempts",
+				"INSERT INTO stage_attempts (run_id, stage, kind, attempt, params, "
+				"lease_ms, max_attempts, timeout_ms) SELECT r, s, k, a, p::jsonb, l, m, t "
+				"FROM unnest($1::bigint[], $2::text[], $3::text[], $4::integer[], "
+				"$5::text[], $6::integer[], $7::integer[], $8::bigint[]) WITH ORDINALITY "
+				"AS u(r, s, k, a, p, l, m, t, o) ORDER BY o "
+				"RETURNING id, run_id, stage, params::text",
+				8, p, &r, err);
+	for (int k = 0; k < 8; k++)
+		gp_db_array_free(&a[k]);
+	if (st)
+		return st;
+	if (PQntuples(r) != n) {
+		PQclear(r);
+		return gp_err_set(err, GP_ERR_INTERNAL, "enqueue: %d attempts written for %d",
+				  PQntuples(r), n);
+	}
+	struct gp_db_array subj = { 0 }, pay = { 0 };
+	for (int i = 0; i < n && !st; i++) {
+		/* match each row to its spec by (run, stage), unique in a batch */
+		int j = -1;
+		for (int k = 0; k < n && j < 0; k++)
+			if (atoll(PQgetvalue(r, i, 1)) == specs[k].run_id &&
+			    !strcmp(PQgetvalue(r, i, 2), specs[k].stage))
+				j = k;
+		if (j < 0) {
+			st = gp_err_set(err, GP_ERR_INTERNAL, "enqueue: an attempt row matches no spec");
+			break;
+		}
+		const struct gp_attempt_spec *s = &specs[j];
+		long long id = atoll(PQgetvalue(r, i, 0));
+		gp_stage_job job = GENPIPE__V1__STAGE_JOB__INIT;
+		job.attempt_id = id;
+		job.run_id = s->run_id;
+		job.stage = (char *)s->stage;
+		job.kind = (char *)s->kind;
+		job.attempt = (uint32_t)s->attempt;
+		job.params_json = PQgetvalue(r, i, 3);
+		job.timeout_ms = s->timeout_ms > 0 ? s->timeout_ms : 86400000LL;
+		uint8_t *buf = NULL;
+		size_t len = 0;
+		char *hex = NULL;
+		if (!(st = gp_wire_encode(&job.base, &buf, &len, err))) {
+			char subject[96];
+			snprintf(subject, sizeof subject, GP_SUBJ_JOBS "%s", s->kind);
+			if (!(hex = gp_db_bytea_param(buf, len)))
+				st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+			gp_db_array_add(&subj, subject);
+			gp_db_array_add(&pay, hex);
+		}
+		free(hex);
+		free(buf);
+		if (attempt_ids)
+			attempt_ids[j] = id;
+	}
+	PQclear(r);
+	const char *op[2] = { NULL, NULL };
+	if (!st && (!(op[0] = gp_db_array_text(&subj)) || !(op[1] = gp_db_array_text(&pay))))
+		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	if (!st)
+		st = gp_db_exec(db, "insert outbox messages",
+				"INSERT INTO outbox (subject, payload) SELECT s, p FROM "
+				"unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(s, p, o) ORDER BY o",
+				2, op, NULL, err);
+	gp_db_array_free(&subj);
+	gp_db_array_free(&pay);
+	return st;
+}
+
 gp_status gp_attempt_enqueue(struct gp_db *db, const struct gp_attempt_spec *s,
 			     long long *attempt_id, struct gp_err *err)
 {
-	if (!gp_bus_token_ok(s->kind) || !gp_bus_token_ok(s->stage))
-		return gp_err_set(err, GP_ERR_INVALID,
-				  "enqueue: stage \"%s\" and kind \"%s\" must be DNS labels",
-				  s->stage ? s->stage : "", s->kind ? s->kind : "");
-	char run[24], att[16], lease[24], maxa[16], tmo[24];
-	snprintf(tmo, sizeof tmo, "%lld", s->timeout_ms > 0 ? s->timeout_ms : 86400000LL);
-	snprintf(run, sizeof run, "%lld", s->run_id);
-	snprintf(att, sizeof att, "%d", s->attempt);
-	snprintf(lease, sizeof lease, "%lld", s->lease_ms > 0 ? s->lease_ms : 30000);
-	snprintf(maxa, sizeof maxa, "%d", s->max_attempts > 0 ? s->max_attempts : 3);
-	const char *params = s->params_json && *s->params_json ? s->params_json : "{}";
-	const char *p[] = { run, s->stage, s->kind, att, params, lease, maxa, tmo };
-	PGresult *r = NULL;
-	gp_status st = gp_db_exec(db, "insert stage attempt",
-				  "INSERT INTO stage_attempts (run_id, stage, kind, attempt, params, "
-				  "lease_ms, max_attempts, timeout_ms) VALUES ($1::bigint, $2, $3, "
-				  "$4::integer, $5::jsonb, $6::integer, $7::integer, $8::bigint) "
-				  "RETURNING id, params::text",
-				  8, p, &r, err);
-	if (st)
-		return st;
-	long long id = atoll(PQgetvalue(r, 0, 0));
-	gp_stage_job job = GENPIPE__V1__STAGE_JOB__INIT;
-	job.attempt_id = id;
-	job.run_id = s->run_id;
-	job.stage = (char *)s->stage;
-	job.kind = (char *)s->kind;
-	job.attempt = (uint32_t)s->attempt;
-	job.params_json = PQgetvalue(r, 0, 1);
-	job.timeout_ms = s->timeout_ms > 0 ? s->timeout_ms : 86400000LL;
-	uint8_t *buf = NULL;
-	size_t len = 0;
-	st = gp_wire_encode(&job.base, &buf, &len, err);
-	if (!st) {
-		char subj[96];
-		snprintf(subj, sizeof subj, GP_SUBJ_JOBS "%s", s->kind);
-		st = gp_outbox_put(db, subj, buf, len, NULL, err);
-	}
-	free(buf);
-	PQclear(r);
-	if (!st && attempt_id)
-		*attempt_id = id;
-	return st;
+	return gp_attempts_enqueue(db, s, 1, attempt_id, err);
 }
 
 /*

@@ -137,6 +137,14 @@ gp_status gp_attempt_enqueue(struct gp_db *db, const struct gp_attempt_spec *spe
 			     long long *attempt_id, struct gp_err *err);
 
 /*
+ * The same for n attempts in two statements (attempts, then their job
+ * messages); attempt_ids (may be NULL) gets the ids in the order of specs.
+ * (run_id, stage) must be unique among the specs.
+ */
+gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *specs, int n,
+			      long long *attempt_ids, struct gp_err *err);
+
+/*
  * Expire up to max running attempts whose lease has passed and queue their
  * next attempt (or fail the stage when attempts are exhausted), each in one
  * transaction with its outbox message. *reaped gets the count.

@@ -35,7 +35,27 @@ struct stage {
 	int timed_out;
 	long long timeout_in;
 	long long reused_run;   /* the attempt reused outputs of this run's attempt */
+	/* the row's write and the attempt to enqueue, deferred to flush(): an
+	 * advance writes all its stages in one statement and its attempts in
+	 * two, not three round trips per stage */
+	int dirty, w_queued;
+	char *w_outputs, *w_error; /* owned */
+	char w_key[65];
+	long long w_nb;
+	int enq;
+	struct gp_attempt_spec enq_spec;
+	char *enq_params;       /* owned */
 };
+
+static void stage_free_writes(struct stage *s)
+{
+	free(s->w_outputs);
+	free(s->w_error);
+	free(s->enq_params);
+	s->w_outputs = s->w_error = s->enq_params = NULL;
+	s->dirty = s->w_queued = s->enq = 0;
+	s->w_key[0] = 0;
+}
 
 /* A number from the normalized spec; the spec layer guarantees presence,
  * this guards the cast anyway (a NaN cast to int is undefined). */
@@ -62,6 +82,8 @@ static int ok_state(const char *s)
 /* run_stages rows this process has written (each bumps the run's revision) */
 static long long rows_written;
 static long long reads_all, reads_active;
+/* set_stage recorded a succeeded or cached stage that flush has not written */
+static int unflushed_outputs;
 
 void gp_engine_stage_reads(long long *all, long long *active)
 {
@@ -69,32 +91,129 @@ void gp_engine_stage_reads(long long *all, long long *active)
 	*active = reads_active;
 }
 
+/* Set a stage's state; the row is written by flush(). NULL outputs and
+ * cache_key keep the row's; error replaces it; not_before_ms >= 0 sets the
+ * row's not_before that far from the flush, else clears it. */
 static gp_status set_stage(struct gp_db *db, long long run_id, struct stage *s, const char *state,
 			   const char *outputs, const char *error, const char *cache_key,
 			   long long not_before_ms, struct gp_err *err)
 {
-	char rid[24], nb[24];
-	snprintf(rid, sizeof rid, "%lld", run_id);
-	snprintf(nb, sizeof nb, "%lld", not_before_ms);
-	const char *p[] = { rid, s->name, state, outputs, error, cache_key,
-			    not_before_ms >= 0 ? nb : NULL };
-	gp_status st = gp_db_exec(
-		db, "update stage",
-		"UPDATE run_stages SET state = $3, "
-		"outputs = coalesce($4::jsonb, outputs), error = $5, "
-		"cache_key = coalesce($6, cache_key), "
-		"not_before = CASE WHEN $7::bigint IS NULL THEN NULL "
-		"  ELSE clock_timestamp() + $7::bigint * interval '1 millisecond' END, "
-		"queued_at = CASE WHEN $3 = 'queued' THEN coalesce(queued_at, now()) ELSE queued_at END, "
-		"finished_at = CASE WHEN $3 IN ('succeeded','cached','failed','skipped','cancelled') "
-		"  THEN now() ELSE NULL END "
-		"WHERE run_id = $1::bigint AND stage = $2",
-		7, p, NULL, err);
-	if (!st) {
-		snprintf(s->state, sizeof s->state, "%s", state);
-		rows_written++;
+	(void)db;
+	(void)run_id;
+	char *o = NULL, *e = NULL;
+	if ((outputs && !(o = strdup(outputs))) || (error && !(e = strdup(error)))) {
+		free(o);
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	}
-	return st;
+	if (o) {
+		free(s->w_outputs);
+		s->w_outputs = o;
+	}
+	free(s->w_error);
+	s->w_error = e;
+	if (cache_key)
+		snprintf(s->w_key, sizeof s->w_key, "%s", cache_key);
+	s->w_nb = not_before_ms;
+	s->w_queued |= !strcmp(state, "queued");
+	s->dirty = 1;
+	unflushed_outputs |= !strcmp(state, "succeeded") || !strcmp(state, "cached");
+	snprintf(s->state, sizeof s->state, "%s", state);
+	return GP_OK;
+}
+
+/* Write what set_stage and dispatch deferred: the attempts with their job
+ * messages, then every changed stage row in one statement. */
+static gp_status flush(struct gp_db *db, long long run_id, struct stage *st, int n,
+		       struct gp_err *err)
+{
+	int nenq = 0, ndirty = 0;
+	for (int i = 0; i < n; i++) {
+		nenq += st[i].enq;
+		ndirty += st[i].dirty;
+	}
+	gp_status rc = GP_OK;
+	if (nenq) {
+		struct gp_attempt_spec *specs = calloc((size_t)nenq, sizeof *specs);
+		long long *ids = calloc((size_t)nenq, sizeof *ids);
+		int k = 0;
+		if (!specs || !ids)
+			rc = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		for (int i = 0; !rc && i < n; i++)
+			if (st[i].enq)
+				specs[k++] = st[i].enq_spec;
+		if (!rc)
+			rc = gp_attempts_enqueue(db, specs, nenq, ids, err);
+		k = 0;
+		for (int i = 0; !rc && i < n; i++) {
+			if (!st[i].enq)
+				continue;
+			st[i].aid = ids[k++];
+			st[i].enq = 0;
+			free(st[i].enq_params);
+			st[i].enq_params = NULL;
+		}
+		free(specs);
+		free(ids);
+		if (rc)
+			return rc;
+	}
+	if (!ndirty) {
+		unflushed_outputs = 0;
+		return GP_OK;
+	}
+	struct gp_db_array a[7] = { 0 };
+	for (int i = 0; i < n; i++) {
+		struct stage *s = &st[i];
+		if (!s->dirty)
+			continue;
+		gp_db_array_add(&a[0], s->name);
+		gp_db_array_add(&a[1], s->state);
+		gp_db_array_add(&a[2], s->w_outputs);
+		gp_db_array_add(&a[3], s->w_error);
+		gp_db_array_add(&a[4], s->w_key[0] ? s->w_key : NULL);
+		if (s->w_nb >= 0)
+			gp_db_array_add_int(&a[5], s->w_nb);
+		else
+			gp_db_array_add(&a[5], NULL);
+		gp_db_array_add(&a[6], s->w_queued ? "t" : "f");
+	}
+	char rid[24];
+	snprintf(rid, sizeof rid, "%lld", run_id);
+	const char *p[8] = { rid };
+	for (int k = 0; k < 7; k++)
+		if (!(p[k + 1] = gp_db_array_text(&a[k])))
+			rc = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	if (!rc)
+		rc = gp_db_exec(
+			db, "update stages",
+			"UPDATE run_stages rs SET state = u.state, "
+			"outputs = coalesce(u.outputs::jsonb, rs.outputs), error = u.error, "
+			"cache_key = coalesce(u.cache_key, rs.cache_key), "
+			"not_before = CASE WHEN u.nb IS NULL THEN NULL "
+			"  ELSE clock_timestamp() + u.nb * interval '1 millisecond' END, "
+			"queued_at = CASE WHEN u.queued THEN coalesce(rs.queued_at, now()) "
+			"  ELSE rs.queued_at END, "
+			"finished_at = CASE WHEN u.state IN ('succeeded','cached','failed','skipped',"
+			"'cancelled') THEN now() ELSE NULL END "
+			"FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], "
+			"$7::bigint[], $8::boolean[]) AS u(stage, state, outputs, error, cache_key, nb, "
+			"queued) WHERE rs.run_id = $1::bigint AND rs.stage = u.stage",
+			8, p, NULL, err);
+	for (int k = 0; k < 7; k++)
+		gp_db_array_free(&a[k]);
+	if (rc)
+		return rc;
+	rows_written++;
+	unflushed_outputs = 0;
+	for (int i = 0; i < n; i++)
+		if (st[i].dirty) {
+			free(st[i].w_outputs);
+			free(st[i].w_error);
+			st[i].w_outputs = st[i].w_error = NULL;
+			st[i].dirty = st[i].w_queued = 0;
+			st[i].w_key[0] = 0;
+		}
+	return GP_OK;
 }
 
 static long long backoff_ms(const cJSON *retry, int used)
@@ -118,6 +237,8 @@ struct spec_entry {
 	int **needs;
 	int *nneeds;
 	int *by_name;      /* stage indices sorted by name */
+	int **refs;        /* stages each one's `with` refers to (${stages.X...}) */
+	int *nrefs;
 	long long used;
 };
 #define SPEC_CACHE 8
@@ -131,6 +252,10 @@ static void spec_entry_clear(struct spec_entry *e)
 	free(e->needs);
 	free(e->nneeds);
 	free(e->by_name);
+	for (int i = 0; e->refs && i < e->n; i++)
+		free(e->refs[i]);
+	free(e->refs);
+	free(e->nrefs);
 	cJSON_Delete(e->doc);
 	memset(e, 0, sizeof *e);
 }
@@ -211,8 +336,53 @@ static struct spec_entry *spec_entry_fill(struct spec_entry *e, long long pv_id,
 		e->nneeds[i] = m;
 		i++;
 	}
+	/* the stages whose outputs each `with` refers to: a dispatch resolves
+	 * its templates against those alone, not a map of all N */
+	e->refs = calloc((size_t)n + 1, sizeof *e->refs);
+	e->nrefs = calloc((size_t)n + 1, sizeof *e->nrefs);
+	int ok = e->refs && e->nrefs;
+	i = 0;
+	cJSON_ArrayForEach(st, stages)
+	{
+		char *w = ok ? cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(st, "with"))
+			     : NULL;
+		for (const char *c = w; ok && c && (c = strstr(c, "${stages.")); ) {
+			c += 9;
+			size_t len = strcspn(c, ".}");
+			char name[128];
+			if (len == 0 || len >= sizeof name)
+				continue;
+			memcpy(name, c, len);
+			name[len] = 0;
+			const char *key = name;
+			const char **hit = bsearch(&key, sorted, (size_t)n, sizeof *sorted, name_cmp);
+			if (!hit)
+				continue;
+			int j = 0;
+			while (j < n && names[j] != *hit)
+				j++;
+			int dup = 0;
+			for (int k = 0; k < e->nrefs[i]; k++)
+				dup |= e->refs[i][k] == j;
+			if (dup || j == n)
+				continue;
+			int *nr = realloc(e->refs[i], sizeof *nr * (size_t)(e->nrefs[i] + 1));
+			if (!nr) {
+				ok = 0;
+				break;
+			}
+			e->refs[i] = nr;
+			e->refs[i][e->nrefs[i]++] = j;
+		}
+		free(w);
+		i++;
+	}
 	free(sorted);
 	free(names);
+	if (!ok) {
+		spec_entry_clear(e);
+		return NULL;
+	}
 	return e;
 }
 
@@ -314,14 +484,11 @@ static const cJSON *stage_outputs(struct stage *s)
 	return s->outputs;
 }
 
-static void set_outputs(struct stage *s, cJSON *o, cJSON **outs_cache)
+static void set_outputs(struct stage *s, cJSON *o)
 {
 	cJSON_Delete(s->outputs);
 	s->outputs = o;
 	s->outputs_loaded = 1;
-	/* the shared map refers to the old object: rebuild it when next needed */
-	cJSON_Delete(*outs_cache);
-	*outs_cache = NULL;
 }
 
 /* Keep the stage rows of st as the run's state at revision (takes the
@@ -364,14 +531,13 @@ static void run_entry_save(long long run_id, long long pv_id, long long revision
 }
 
 /*
- * Dispatch attempt `attempt` of stage i, or serve it from the cache.
- * *outs_cache is the map stage -> outputs used to resolve templates; built
- * once per advance from references (no copies), since a wide fan-out
- * dispatches many stages against the same outputs.
+ * Dispatch attempt `attempt` of stage i, or serve it from the cache. Its
+ * templates resolve against the outputs of the stages its `with` refers to
+ * (se->refs, by reference: no copies), whatever the size of the run.
  */
 static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, int n, int i,
 			  int attempt, const cJSON *params, const char *kind_version,
-			  int *dispatched, cJSON **outs_cache, struct gp_err *err)
+			  int *dispatched, const struct spec_entry *se, struct gp_err *err)
 {
 	struct stage *s = &st[i];
 	gp_status rc = GP_OK;
@@ -379,15 +545,12 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 	cJSON *with = NULL;
 	char *wtext = NULL, *ntext = NULL, *keytext = NULL;
 	PGresult *r = NULL;
-	if (!*outs_cache) {
-		*outs_cache = cJSON_CreateObject();
-		for (int k = 0; *outs_cache && k < n; k++) {
-			const cJSON *o = stage_outputs(&st[k]);
-			if (o)
-				cJSON_AddItemReferenceToObject(*outs_cache, st[k].name, (cJSON *)o);
-		}
+	cJSON *outs = cJSON_CreateObject();
+	for (int k = 0; outs && k < se->nrefs[i]; k++) {
+		const cJSON *o = stage_outputs(&st[se->refs[i][k]]);
+		if (o)
+			cJSON_AddItemReferenceToObject(outs, st[se->refs[i][k]].name, (cJSON *)o);
 	}
-	cJSON *outs = *outs_cache;
 	for (int k = 0; k < s->nneeds; k++) {
 		int j = s->needs[k];
 		const cJSON *o = stage_outputs(&st[j]);
@@ -424,6 +587,9 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 	snprintf(keytext, kl, "%s\n%s\n%s\n%s", s->kind, kind_version, wtext, ntext);
 	gp_sha256_hex(keytext, strlen(keytext), key);
 	if (cache && !gp_spec_kind_external(s->kind)) {
+		/* the lookup must see a sibling that succeeded in this advance */
+		if (unflushed_outputs && (rc = flush(db, run_id, st, n, err)))
+			goto out;
 		char rid[24];
 		snprintf(rid, sizeof rid, "%lld", run_id);
 		const char *p[] = { key, rid, s->name };
@@ -444,24 +610,28 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 			if ((rc = set_stage(db, run_id, s, "cached", PQgetvalue(r, 0, 1), NULL, key, -1,
 					    err)))
 				goto out;
-			set_outputs(s, cJSON_Parse(PQgetvalue(r, 0, 1)), outs_cache);
+			set_outputs(s, cJSON_Parse(PQgetvalue(r, 0, 1)));
 			goto out;
 		}
 	}
 	const cJSON *retry = cJSON_GetObjectItemCaseSensitive(s->spec, "retry");
 	int limit = (int)num(retry, "limit", 0);
-	struct gp_attempt_spec as = {
+	/* written by flush() with the other attempts of this advance */
+	free(s->enq_params);
+	s->enq_params = wtext;
+	wtext = NULL;
+	s->enq_spec = (struct gp_attempt_spec){
 		.run_id = run_id,
 		.stage = s->name,
 		.kind = s->kind,
 		.attempt = attempt,
-		.params_json = wtext,
+		.params_json = s->enq_params,
 		.lease_ms = LEASE_MS,
 		.max_attempts = s->base + limit + 1,
 		.timeout_ms = num(s->spec, "timeout_ms", 86400000LL),
 	};
-	if ((rc = gp_attempt_enqueue(db, &as, &s->aid, err)))
-		goto out;
+	s->enq = 1;
+	s->aid = 0;
 	s->attempt = attempt;
 	snprintf(s->astate, sizeof s->astate, "queued");
 	if (dispatched)
@@ -470,6 +640,7 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 out:
 	PQclear(r);
 	cJSON_Delete(needs_out);
+	cJSON_Delete(outs); /* references only */
 	cJSON_Delete(with);
 	free(wtext);
 	free(ntext);
@@ -529,6 +700,7 @@ static void reset_rows(struct stage *st, int n)
 		cJSON_Delete(s->outputs);
 		cJSON_Delete(s->aoutputs);
 		free(s->aerror);
+		stage_free_writes(s);
 		const cJSON *spec = s->spec;
 		const int *needs = s->needs;
 		int nneeds = s->nneeds;
@@ -656,7 +828,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	snprintf(rid, sizeof rid, "%lld", run_id);
 	const char *p[] = { rid };
 	PGresult *r = NULL, *rows = NULL, *kinds = NULL;
-	cJSON *params = NULL, *outs_cache = NULL;
+	cJSON *params = NULL;
 	struct spec_entry *se = NULL;
 	struct stage *st = NULL;
 	int n = 0;
@@ -678,6 +850,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	const char *rstate = PQgetvalue(r, 0, 0);
 	long long pv_id = atoll(PQgetvalue(r, 0, 2)), revision = atoll(PQgetvalue(r, 0, 3));
 	long long writes0 = rows_written;
+	unflushed_outputs = 0;
 	if (final_state(rstate)) {
 		run_entry_drop(run_id);
 		rc = gp_db_commit(db, err);
@@ -752,6 +925,10 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 		changed = 0;
 		for (int i = 0; i < n; i++) {
 			struct stage *s = &st[i];
+			/* most rows of a big run are final: skip them at the cost of a
+			 * byte (pending, queued and retrying are the only others) */
+			if (s->state[0] != 'p' && s->state[0] != 'q' && s->state[0] != 'r')
+				continue;
 			const cJSON *retry = cJSON_GetObjectItemCaseSensitive(s->spec, "retry");
 			int limit = (int)num(retry, "limit", 0);
 			if (!strcmp(s->state, "queued")) {
@@ -812,8 +989,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 					if (rc)
 						goto rollback;
 					set_outputs(s, s->aoutputs ? cJSON_Duplicate(s->aoutputs, 1)
-								   : cJSON_CreateObject(),
-						    &outs_cache);
+								   : cJSON_CreateObject());
 					continue;
 				}
 				if (!strcmp(s->astate, "cancelled")) {
@@ -858,7 +1034,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 				changed = 1;
 				if ((rc = dispatch(db, run_id, st, n, i, s->attempt + 1, params,
 						   kind_version(kinds, s->kind), dispatched,
-						   &outs_cache, err)))
+						   se, err)))
 					goto rollback;
 				in_flight += !strcmp(s->state, "queued");
 				continue;
@@ -886,13 +1062,15 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 					if ((rc = dispatch(db, run_id, st, n, i,
 							   (s->attempt > s->base ? s->attempt : s->base) + 1,
 							   params, kind_version(kinds, s->kind),
-							   dispatched, &outs_cache, err)))
+							   dispatched, se, err)))
 						goto rollback;
 					in_flight += !strcmp(s->state, "queued");
 				}
 			}
 		}
 	}
+	if ((rc = flush(db, run_id, st, n, err)))
+		goto rollback;
 	int all_final = 1, all_ok = 1;
 	for (int i = 0; i < n; i++) {
 		all_final &= final_state(st[i].state);
@@ -941,11 +1119,11 @@ rollback:
 	gp_db_rollback(db);
 	run_entry_drop(run_id);
 out:
-	cJSON_Delete(outs_cache); /* references only: frees no outputs */
 	for (int i = 0; st && i < n; i++) {
 		cJSON_Delete(st[i].outputs);
 		cJSON_Delete(st[i].aoutputs);
 		free(st[i].aerror);
+		stage_free_writes(&st[i]);
 	}
 	free(st);
 	cJSON_Delete(params);

@@ -209,6 +209,35 @@ static void test_metrics(void)
 	gp_metrics_destroy(r);
 }
 
+/* Array literals for many-row statements: quoting, NULL, empty. */
+static void test_db_array(void)
+{
+	struct gp_db_array a = { 0 };
+	gp_db_array_add(&a, "plain");
+	gp_db_array_add(&a, NULL);
+	gp_db_array_add(&a, "a \"quoted\" {brace}, comma\\x0a");
+	gp_db_array_add(&a, "");
+	gp_db_array_add(&a, "NULL");
+	CHECK_STR(gp_db_array_text(&a),
+		  "{\"plain\",NULL,\"a \\\"quoted\\\" {brace}, comma\\\\x0a\",\"\",\"NULL\"}");
+	gp_db_array_free(&a);
+	gp_db_array_add_int(&a, -5);
+	gp_db_array_add_int(&a, 1LL << 40);
+	CHECK_STR(gp_db_array_text(&a), "{-5,1099511627776}");
+	gp_db_array_free(&a);
+	CHECK_STR(gp_db_array_text(&a), "{}");
+	gp_db_array_free(&a);
+	/* long elements grow the buffer */
+	char big[5000];
+	memset(big, 'x', sizeof big - 1);
+	big[sizeof big - 1] = 0;
+	for (int i = 0; i < 10; i++)
+		gp_db_array_add(&a, big);
+	const char *t = gp_db_array_text(&a);
+	CHECK(t && strlen(t) == 2 + 10 * (2 + 4999) + 9);
+	gp_db_array_free(&a);
+}
+
 static void test_gpu(void)
 {
 	const char *why = NULL;
@@ -225,6 +254,7 @@ static void test_gpu(void)
 
 int main(void)
 {
+	test_db_array();
 	test_gpu();
 	test_err();
 	test_config();
