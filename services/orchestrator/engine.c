@@ -42,6 +42,7 @@ struct stage {
 	char *w_outputs, *w_error; /* owned */
 	char w_key[65];
 	long long w_nb;
+	long long w_cached_from; /* the run whose outputs it reused (0: none) */
 	int enq;
 	struct gp_attempt_spec enq_spec;
 	char *enq_params;       /* owned */
@@ -55,6 +56,7 @@ static void stage_free_writes(struct stage *s)
 	s->w_outputs = s->w_error = s->enq_params = NULL;
 	s->dirty = s->w_queued = s->enq = 0;
 	s->w_key[0] = 0;
+	s->w_cached_from = 0;
 }
 
 /* A number from the normalized spec; the spec layer guarantees presence,
@@ -68,15 +70,31 @@ static long long num(const cJSON *o, const char *key, long long def)
 	return (long long)v->valuedouble;
 }
 
+/* A big run's every row goes through these on every advance: the first
+ * byte tells the eight stage states apart down to two. */
 static int final_state(const char *s)
 {
-	return !strcmp(s, "succeeded") || !strcmp(s, "cached") || !strcmp(s, "failed") ||
-	       !strcmp(s, "skipped") || !strcmp(s, "cancelled");
+	switch (s[0]) {
+	case 's': return !strcmp(s, "succeeded") || !strcmp(s, "skipped");
+	case 'c': return !strcmp(s, "cached") || !strcmp(s, "cancelled");
+	case 'f': return !strcmp(s, "failed");
+	default: return 0;
+	}
 }
 
 static int ok_state(const char *s)
 {
-	return !strcmp(s, "succeeded") || !strcmp(s, "cached");
+	switch (s[0]) {
+	case 's': return !strcmp(s, "succeeded");
+	case 'c': return !strcmp(s, "cached");
+	default: return 0;
+	}
+}
+
+/* queued or retrying: the stages whose attempts an advance reads */
+static int active_state(const char *s)
+{
+	return (s[0] == 'q' && !strcmp(s, "queued")) || (s[0] == 'r' && !strcmp(s, "retrying"));
 }
 
 /* run_stages rows this process has written (each bumps the run's revision) */
@@ -161,7 +179,7 @@ static gp_status flush(struct gp_db *db, long long run_id, struct stage *st, int
 		unflushed_outputs = 0;
 		return GP_OK;
 	}
-	struct gp_db_array a[7] = { 0 };
+	struct gp_db_array a[8] = { 0 };
 	for (int i = 0; i < n; i++) {
 		struct stage *s = &st[i];
 		if (!s->dirty)
@@ -176,19 +194,25 @@ static gp_status flush(struct gp_db *db, long long run_id, struct stage *st, int
 		else
 			gp_db_array_add(&a[5], NULL);
 		gp_db_array_add(&a[6], s->w_queued ? "t" : "f");
+		if (s->w_cached_from > 0)
+			gp_db_array_add_int(&a[7], s->w_cached_from);
+		else
+			gp_db_array_add(&a[7], NULL);
 	}
 	char rid[24];
 	snprintf(rid, sizeof rid, "%lld", run_id);
-	const char *p[8] = { rid };
-	for (int k = 0; k < 7; k++)
+	const char *p[9] = { rid };
+	for (int k = 0; k < 8; k++)
 		if (!(p[k + 1] = gp_db_array_text(&a[k])))
 			rc = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	PGresult *ur = NULL;
 	if (!rc)
 		rc = gp_db_exec(
 			db, "update stages",
 			"UPDATE run_stages rs SET state = u.state, "
 			"outputs = coalesce(u.outputs::jsonb, rs.outputs), error = u.error, "
 			"cache_key = coalesce(u.cache_key, rs.cache_key), "
+			"cached_from = coalesce(u.cached_from, rs.cached_from), "
 			"not_before = CASE WHEN u.nb IS NULL THEN NULL "
 			"  ELSE clock_timestamp() + u.nb * interval '1 millisecond' END, "
 			"queued_at = CASE WHEN u.queued THEN coalesce(rs.queued_at, now()) "
@@ -196,14 +220,18 @@ static gp_status flush(struct gp_db *db, long long run_id, struct stage *st, int
 			"finished_at = CASE WHEN u.state IN ('succeeded','cached','failed','skipped',"
 			"'cancelled') THEN now() ELSE NULL END "
 			"FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], "
-			"$7::bigint[], $8::boolean[]) AS u(stage, state, outputs, error, cache_key, nb, "
-			"queued) WHERE rs.run_id = $1::bigint AND rs.stage = u.stage",
-			8, p, NULL, err);
-	for (int k = 0; k < 7; k++)
+			"$7::bigint[], $8::boolean[], $9::bigint[]) AS u(stage, state, outputs, error, "
+			"cache_key, nb, queued, cached_from) "
+			"WHERE rs.run_id = $1::bigint AND rs.stage = u.stage",
+			9, p, &ur, err);
+	for (int k = 0; k < 8; k++)
 		gp_db_array_free(&a[k]);
 	if (rc)
 		return rc;
-	rows_written++;
+	/* the revision trigger fires once for a statement that wrote rows */
+	if (atoi(PQcmdTuples(ur)) > 0)
+		rows_written++;
+	PQclear(ur);
 	unflushed_outputs = 0;
 	for (int i = 0; i < n; i++)
 		if (st[i].dirty) {
@@ -239,6 +267,8 @@ struct spec_entry {
 	int *by_name;      /* stage indices sorted by name */
 	int **refs;        /* stages each one's `with` refers to (${stages.X...}) */
 	int *nrefs;
+	const cJSON **specs; /* each stage's object, name and kind (in doc) */
+	const char **names, **kinds;
 	long long used;
 };
 #define SPEC_CACHE 8
@@ -256,6 +286,9 @@ static void spec_entry_clear(struct spec_entry *e)
 		free(e->refs[i]);
 	free(e->refs);
 	free(e->nrefs);
+	free(e->specs);
+	free(e->names);
+	free(e->kinds);
 	cJSON_Delete(e->doc);
 	memset(e, 0, sizeof *e);
 }
@@ -379,9 +412,20 @@ static struct spec_entry *spec_entry_fill(struct spec_entry *e, long long pv_id,
 	}
 	free(sorted);
 	free(names);
-	if (!ok) {
+	e->specs = calloc((size_t)n + 1, sizeof *e->specs);
+	e->names = calloc((size_t)n + 1, sizeof *e->names);
+	e->kinds = calloc((size_t)n + 1, sizeof *e->kinds);
+	if (!ok || !e->specs || !e->names || !e->kinds) {
 		spec_entry_clear(e);
 		return NULL;
+	}
+	i = 0;
+	cJSON_ArrayForEach(st, stages)
+	{
+		e->specs[i] = st;
+		e->names[i] = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(st, "name"));
+		e->kinds[i] = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(st, "kind"));
+		i++;
 	}
 	return e;
 }
@@ -601,12 +645,7 @@ static gp_status dispatch(struct gp_db *db, long long run_id, struct stage *st, 
 				     3, p, &r, err)))
 			goto out;
 		if (PQntuples(r) == 1) {
-			const char *p2[] = { rid, s->name, PQgetvalue(r, 0, 0) };
-			if ((rc = gp_db_exec(db, "mark cached",
-					     "UPDATE run_stages SET cached_from = $3::bigint "
-					     "WHERE run_id = $1::bigint AND stage = $2",
-					     3, p2, NULL, err)))
-				goto out;
+			s->w_cached_from = atoll(PQgetvalue(r, 0, 0));
 			if ((rc = set_stage(db, run_id, s, "cached", PQgetvalue(r, 0, 1), NULL, key, -1,
 					    err)))
 				goto out;
@@ -648,11 +687,11 @@ out:
 	return rc;
 }
 
-static const char *kind_version(PGresult *kinds, const char *kind)
+static const char *kind_version(const cJSON *kinds, const char *kind)
 {
-	for (int i = 0; kinds && i < PQntuples(kinds); i++)
-		if (!strcmp(PQgetvalue(kinds, i, 0), kind))
-			return PQgetvalue(kinds, i, 1);
+	const char *v = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(kinds, kind));
+	if (v)
+		return v;
 	return "unregistered";
 }
 
@@ -787,7 +826,7 @@ static gp_status read_active(struct gp_db *db, long long run_id, const struct sp
 		} else {
 			s->outputs_text = kept->outputs_text[i];
 		}
-		active += !strcmp(s->state, "queued") || !strcmp(s->state, "retrying");
+		active += active_state(s->state);
 	}
 	if (!active)
 		return GP_OK;
@@ -827,7 +866,8 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	char rid[24];
 	snprintf(rid, sizeof rid, "%lld", run_id);
 	const char *p[] = { rid };
-	PGresult *r = NULL, *rows = NULL, *kinds = NULL;
+	PGresult *r = NULL, *rows = NULL;
+	cJSON *kinds = NULL;
 	cJSON *params = NULL;
 	struct spec_entry *se = NULL;
 	struct stage *st = NULL;
@@ -839,8 +879,9 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	if (rc)
 		return rc;
 	if ((rc = gp_db_exec(db, "lock run",
-			     "SELECT state, params::text, pipeline_version_id, revision FROM runs "
-			     "WHERE id = $1::bigint FOR UPDATE",
+			     "SELECT state, params::text, pipeline_version_id, revision, "
+			     "(SELECT coalesce(json_object_agg(kind, version), '{}')::text "
+			     "FROM stage_kinds) FROM runs WHERE id = $1::bigint FOR UPDATE",
 			     1, p, &r, err)))
 		goto rollback;
 	if (PQntuples(r) != 1) {
@@ -877,24 +918,19 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 		rc = gp_db_commit(db, err);
 		goto out;
 	}
-	if ((rc = gp_db_exec(db, "read stage kinds", "SELECT kind, version FROM stage_kinds", 0,
-			     NULL, &kinds, err)))
-		goto rollback;
+	kinds = cJSON_Parse(PQgetvalue(r, 0, 4));
 	n = se->n;
-	st = calloc((size_t)n + 1, sizeof *st);
-	if (!st || n != cJSON_GetArraySize(stages)) {
-		rc = gp_err_set(err, st ? GP_ERR_INTERNAL : GP_ERR_NOMEM,
-				"run %lld: the spec's %d stages do not match its cached form", run_id,
-				cJSON_GetArraySize(stages));
+	if (!(st = calloc((size_t)n + 1, sizeof *st))) {
+		rc = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 		goto rollback;
 	}
 	for (int i = 0; i < n; i++) {
 		struct stage *s = &st[i];
-		s->spec = i == 0 ? stages->child : st[i - 1].spec->next;
+		s->spec = se->specs[i];
 		s->needs = se->needs[i];
 		s->nneeds = se->nneeds[i];
-		s->name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(s->spec, "name"));
-		s->kind = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(s->spec, "kind"));
+		s->name = se->names[i];
+		s->kind = se->kinds[i];
 		if (!s->name || !s->kind) {
 			rc = gp_err_set(err, GP_ERR_INTERNAL, "run %lld: a stage without name or kind",
 					run_id);
@@ -925,9 +961,8 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 		changed = 0;
 		for (int i = 0; i < n; i++) {
 			struct stage *s = &st[i];
-			/* most rows of a big run are final: skip them at the cost of a
-			 * byte (pending, queued and retrying are the only others) */
-			if (s->state[0] != 'p' && s->state[0] != 'q' && s->state[0] != 'r')
+			/* most rows of a big run are final */
+			if (final_state(s->state))
 				continue;
 			const cJSON *retry = cJSON_GetObjectItemCaseSensitive(s->spec, "retry");
 			int limit = (int)num(retry, "limit", 0);
@@ -971,14 +1006,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 							      : strdup("{}");
 					if (s->reused_run > 0) {
 						/* the worker reused an earlier attempt's outputs */
-						char rr[24];
-						snprintf(rr, sizeof rr, "%lld", s->reused_run);
-						const char *pc[] = { rid, s->name, rr };
-						rc = gp_db_exec(db, "mark reused",
-								"UPDATE run_stages SET cached_from = "
-								"$3::bigint WHERE run_id = $1::bigint "
-								"AND stage = $2",
-								3, pc, NULL, err);
+						s->w_cached_from = s->reused_run;
 					}
 					if (!rc)
 						rc = set_stage(db, run_id, s,
@@ -1097,16 +1125,9 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	}
 	if (rc)
 		goto rollback;
-	if (!all_final && rows_written != writes0) {
-		/* what the trigger made of this advance's writes (the run's row is
-		 * locked: nobody else writes its stages before the commit) */
-		PGresult *rv = NULL;
-		if ((rc = gp_db_exec(db, "read revision",
-				     "SELECT revision FROM runs WHERE id = $1::bigint", 1, p, &rv, err)))
-			goto rollback;
-		revision = PQntuples(rv) == 1 ? atoll(PQgetvalue(rv, 0, 0)) : -1;
-		PQclear(rv);
-	}
+	/* the run's row is locked: its stages' revision moved by our writes
+	 * alone, one for each statement that wrote rows (flush counts them) */
+	revision += rows_written - writes0;
 	rc = gp_db_commit(db, err);
 	if (!rc && due_ms)
 		*due_ms = due;
@@ -1129,6 +1150,6 @@ out:
 	cJSON_Delete(params);
 	PQclear(r);
 	PQclear(rows);
-	PQclear(kinds);
+	cJSON_Delete(kinds);
 	return rc;
 }
