@@ -371,3 +371,23 @@ int gp_test_wait_run(struct gp_db *db, long long run, long long ms)
 	fprintf(stderr, "run %lld did not finish in %lld ms\n", run, ms);
 	return -1;
 }
+
+int gp_test_cli(const struct gp_test_env *env, const char *cli, char *out, size_t cap,
+		const char *fmt, ...)
+{
+	char args[1024], cmd[2048];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(args, sizeof args, fmt, ap);
+	va_end(ap);
+	snprintf(cmd, sizeof cmd, "%s --database-url '%s' %s 2>&1", cli, env->db_url, args);
+	FILE *f = popen(cmd, "r");
+	if (!f) {
+		fprintf(stderr, "harness: cannot run %s\n", cli);
+		exit(1);
+	}
+	size_t n = fread(out, 1, cap - 1, f);
+	out[n] = 0;
+	int rc = pclose(f);
+	return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}

@@ -82,4 +82,10 @@ long long gp_test_q(struct gp_db *db, const char *fmt, ...) __attribute__((forma
  * SQL NULL); exit(1) on error. */
 char *gp_test_qs(struct gp_db *db, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Run the genpipe CLI at path cli against env's database with the
+ * arguments fmt makes; its output (stdout and stderr, up to cap - 1 bytes)
+ * in out, its exit status returned (128 when it did not exit). */
+int gp_test_cli(const struct gp_test_env *env, const char *cli, char *out, size_t cap,
+		const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
 #endif

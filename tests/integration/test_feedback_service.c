@@ -68,22 +68,7 @@ static int ask(const char *rid, const char *prompt)
 }
 
 /* Run the CLI; its output in out, its exit status returned. */
-static int cli(char *out, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int cli(char *out, size_t cap, const char *fmt, ...)
-{
-	char args[1024], cmd[2048];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(args, sizeof args, fmt, ap);
-	va_end(ap);
-	snprintf(cmd, sizeof cmd, "%s --database-url '%s' %s 2>&1", GENPIPE_CLI, ENV->db_url, args);
-	FILE *f = popen(cmd, "r");
-	REQUIRE(f);
-	size_t n = fread(out, 1, cap - 1, f);
-	out[n] = 0;
-	int rc = pclose(f);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
+#define cli(out, cap, ...) gp_test_cli(ENV, GENPIPE_CLI, out, cap, __VA_ARGS__)
 
 static void publish_feedback(const char *rid, Genpipe__V1__Rating rating, const char *corr,
 			     const char *msg_id)
