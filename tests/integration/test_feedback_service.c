@@ -33,12 +33,6 @@ static const struct gp_test_env *ENV;
 
 #define q(...) gp_test_q(db, __VA_ARGS__)
 
-static void sleep_ms(long ms)
-{
-	struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-	nanosleep(&ts, NULL);
-}
-
 static int ask(const char *rid, const char *prompt)
 {
 	Genpipe__V1__SamplingParams sp = GENPIPE__V1__SAMPLING_PARAMS__INIT;
@@ -137,14 +131,14 @@ static int body(struct gp_test_env *env)
 	int ok = 0;
 	for (int i = 0; i < 100 && !ok; i++)
 		if (!(ok = ask("fb-warmup", "You will")))
-			sleep_ms(100);
+			gp_sleep_ms(100);
 	REQUIRE(ok);
 	CHECK(ask("fb-1", "A fool and"));
 	CHECK(ask("fb-2", "You will meet"));
 	CHECK(ask("fb-3", "A tall dark"));
 	for (int i = 0; i < 100 && q("SELECT count(*) FROM inference_events WHERE request_id LIKE "
 				     "'fb-_'") < 3; i++)
-		sleep_ms(100);
+		gp_sleep_ms(100);
 	CHECK(q("SELECT count(*) FROM inference_events WHERE request_id LIKE 'fb-_' AND model = "
 		"'toy' AND version = 1 AND model_version_id IS NOT NULL AND prompt IS NOT NULL AND "
 		"cardinality(prompt_ids) > 0 AND served_at IS NOT NULL") == 3);
@@ -173,7 +167,7 @@ static int body(struct gp_test_env *env)
 	CHECK(gp_bus_publish(bus, GP_SUBJ_FEEDBACK "toy", "\x0a\xff\xff", 3, "m-3", 5000, NULL, NULL,
 			     &e2) == GP_OK);
 	for (int i = 0; i < 150 && q("SELECT count(*) FROM dead_letters") < 2; i++)
-		sleep_ms(100);
+		gp_sleep_ms(100);
 	CHECK(q("SELECT count(*) FROM feedback WHERE request_id = 'fb-3' AND rating = 'down' AND "
 		"author = 'app' AND stream_seq IS NOT NULL") == 1);
 	CHECK(q("SELECT count(*) FROM feedback_corrections WHERE request_id = 'fb-3'") == 1);
@@ -196,18 +190,18 @@ static int body(struct gp_test_env *env)
 		"max_per_day: 1}\n";
 	long long first = gp_test_submit(db, yaml, NULL, 0);
 	REQUIRE(gp_test_wait_run(db, first, 30000) == 1);
-	sleep_ms(600);
+	gp_sleep_ms(600);
 	/* three ratings so far (up, down, down): under the window of four */
 	CHECK(q("SELECT count(*) FROM retrain_triggers") == 0);
 	CHECK(ask("fb-4", "A fool"));
 	CHECK(ask("fb-5", "You will"));
 	for (int i = 0; i < 100 && q("SELECT count(*) FROM inference_events WHERE request_id IN "
 				     "('fb-4', 'fb-5')") < 2; i++)
-		sleep_ms(100);
+		gp_sleep_ms(100);
 	CHECK(cli(out, sizeof out, "feedback fb-4 --rating down") == 0);
 	CHECK(cli(out, sizeof out, "feedback fb-5 --rating down") == 0);
 	for (int i = 0; i < 100 && q("SELECT count(*) FROM retrain_triggers") < 1; i++)
-		sleep_ms(100);
+		gp_sleep_ms(100);
 	CHECK(q("SELECT count(*) FROM retrain_triggers WHERE rule = 'unhappy' AND run_id IS NOT "
 		"NULL") == 1);
 	char *reason = gp_test_qs(db, "SELECT reason FROM retrain_triggers WHERE rule = 'unhappy'");
@@ -220,7 +214,7 @@ static int body(struct gp_test_env *env)
 	/* more unhappy users within the cool-down: nothing more */
 	CHECK(cli(out, sizeof out, "feedback fb-1 --rating down") == 0);
 	CHECK(cli(out, sizeof out, "feedback fb-2 --rating down") == 0);
-	sleep_ms(1500);
+	gp_sleep_ms(1500);
 	CHECK(q("SELECT count(*) FROM runs WHERE trigger = 'feedback:unhappy'") == 1);
 	/* a drift alert fires its own rule once a day */
 	REQUIRE_OK(gp_db_run(db, "alert",
@@ -230,7 +224,7 @@ static int body(struct gp_test_env *env)
 			     &e), e);
 	for (int i = 0; i < 100 && q("SELECT count(*) FROM runs WHERE trigger = 'drift:drifted'") < 1;
 	     i++)
-		sleep_ms(100);
+		gp_sleep_ms(100);
 	CHECK(q("SELECT count(*) FROM runs WHERE trigger = 'drift:drifted'") == 1);
 	long long drun = q("SELECT run_id FROM retrain_triggers WHERE rule = 'drifted'");
 	CHECK(gp_test_wait_run(db, drun, 30000) == 1);
@@ -239,7 +233,7 @@ static int body(struct gp_test_env *env)
 			     "message) SELECT v.id, 'psi', 0.5, 0.2, 'warning', 'test' FROM "
 			     "model_versions v JOIN models m ON m.id = v.model_id WHERE m.name = 'toy'",
 			     &e), e);
-	sleep_ms(1500);
+	gp_sleep_ms(1500);
 	CHECK(q("SELECT count(*) FROM runs WHERE trigger = 'drift:drifted'") == 1);
 	/* the messages, through the outbox */
 	struct gp_consumer_def cd = {GP_STREAM_CONTROL, "test-triggers", GP_SUBJ_TRIGGERS "retrain-toy",

@@ -67,12 +67,6 @@ static long long now_ms(void)
 	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void sleep_ms(long ms)
-{
-	struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-	nanosleep(&ts, NULL);
-}
-
 /* Put a checkpoint of a random model and register it as version v. */
 static void make_version_w(struct gp_store *st, const char *tok_hash, int vocab, int v,
 			   double val_loss, int width)
@@ -274,7 +268,7 @@ static struct answer wait_ready(const char *rid)
 	for (int i = 0; i < 200 && !(a.ok && !a.code[0]); i++) {
 		a = ask(rid, "The quick", 4, 0, 0, 0);
 		if (!a.ok)
-			sleep_ms(100);
+			gp_sleep_ms(100);
 	}
 	return a;
 }
@@ -462,7 +456,7 @@ static int body(struct gp_test_env *env)
 		CHECK_CONTAINS(out, "--temperature");
 		snprintf(cmd, sizeof cmd, "%s --nats-url %s telemetry toy --limit 3 --json",
 			 GENPIPE_CLI, env->nats_url);
-		sleep_ms(300);
+		gp_sleep_ms(300);
 		f = popen(cmd, "r");
 		REQUIRE(f);
 		n = fread(out, 1, sizeof out - 1, f);
@@ -545,7 +539,7 @@ static int body(struct gp_test_env *env)
 	CHECK(kill(infer, 0) == 0);
 
 	/* telemetry: every request id above, failures included */
-	sleep_ms(500);
+	gp_sleep_ms(500);
 	char *tel = telemetry_ids();
 	CHECK_CONTAINS(tel, "req-plain:;");
 	CHECK_CONTAINS(tel, "req-again:;");
@@ -561,10 +555,10 @@ static int body(struct gp_test_env *env)
 	long long t_start = now_ms();
 	for (long i = 0; i < 3; i++)
 		pthread_create(&lt[i], NULL, load_main, (void *)i);
-	sleep_ms(1000);
+	gp_sleep_ms(1000);
 	move_ms = now_ms();
 	REQUIRE_OK(gp_registry_move_alias(db, "toy", "production", 2, "test", NULL, NULL, &e), e);
-	sleep_ms(3000);
+	gp_sleep_ms(3000);
 	atomic_store(&stop_load, 1);
 	for (int i = 0; i < 3; i++)
 		pthread_join(lt[i], NULL);
@@ -613,7 +607,7 @@ static int body(struct gp_test_env *env)
 		a = ask("after-deploy", "A bird", 4, 0.5f, 0, 0);
 		if ((a.ok && a.version == 3) || now_ms() - t0 > 5000)
 			break;
-		sleep_ms(50);
+		gp_sleep_ms(50);
 	}
 	CHECK(a.ok && a.version == 3);
 	/* the same deploy again is not taken from the cache: it decides again */
@@ -744,7 +738,7 @@ static int body(struct gp_test_env *env)
 					seen_stable++;
 				else
 					failed++;
-				sleep_ms(10);
+				gp_sleep_ms(10);
 			}
 			REQUIRE(gp_test_wait_run(db, run, 10000) == 1);
 			char *why = qs("SELECT reason FROM deploy_decisions WHERE run_id = %lld", run);
@@ -827,7 +821,7 @@ static int body(struct gp_test_env *env)
 		CHECK(q("SELECT v.version FROM model_aliases a JOIN model_versions v ON v.id = "
 			"a.model_version_id WHERE a.alias = 'production'") == 9);
 		REQUIRE_OK(gp_registry_move_alias(db, "toy", "production", 4, "test", NULL, NULL, &e), e);
-		sleep_ms(300);
+		gp_sleep_ms(300);
 	}
 
 	/* 8. shutdown, and telemetry that cannot keep up is dropped and counted */
@@ -852,7 +846,7 @@ static int body(struct gp_test_env *env)
 		REQUIRE(a.ok && !a.code[0]);
 		struct burst_result br = burst("burst", 40, 8, 10000);
 		int answered = br.ok;
-		sleep_ms(300);
+		gp_sleep_ms(300);
 		char url[128];
 		snprintf(url, sizeof url, "http://127.0.0.1:%d/metrics", port);
 		long code = 0;
@@ -906,7 +900,7 @@ static int body(struct gp_test_env *env)
 		}
 		struct answer f1 = ask("sampled-fail", "The quick", 4, 0, 0, 77);
 		CHECK_STR(f1.code, "not_found");
-		sleep_ms(500);
+		gp_sleep_ms(500);
 		char *tel2 = telemetry_ids();
 		CHECK_CONTAINS(tel2, "sampled-fail:not_found;");
 		CHECK(!strstr(tel2, "sampled-ok-"));

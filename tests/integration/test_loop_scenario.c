@@ -53,12 +53,6 @@ static const struct gp_test_env *ENV;
 
 #define q(...) gp_test_q(db, __VA_ARGS__)
 
-static void sleep_ms(long ms)
-{
-	struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-	nanosleep(&ts, NULL);
-}
-
 static char *slurp(const char *path, size_t *len)
 {
 	FILE *f = fopen(path, "rb");
@@ -281,7 +275,7 @@ static long long windows_of(int v)
 static int wait_windows(int v, long long n, long ms)
 {
 	for (long t = 0; t < ms && windows_of(v) < n; t += 200)
-		sleep_ms(200);
+		gp_sleep_ms(200);
 	return windows_of(v) >= n;
 }
 
@@ -390,7 +384,7 @@ static int body(struct gp_test_env *env)
 	REQUIRE(gp_test_wait_run(db, run1, 600000) == 1);
 	CHECK(q("SELECT count(*) FROM model_aliases a JOIN model_versions v ON v.id = "
 		"a.model_version_id WHERE a.alias = 'production' AND v.version = 1") == 1);
-	sleep_ms(1000); /* the monitor reads its configuration */
+	gp_sleep_ms(1000); /* the monitor reads its configuration */
 
 	char *a_held = NULL, *b0 = NULL, *b1 = NULL;
 	size_t a_held_len = 0, b0_len = 0, b1_len = 0;
@@ -435,7 +429,7 @@ static int body(struct gp_test_env *env)
 		rate_down(rid, corr);
 	}
 	for (int t = 0; t < 150 && q("SELECT count(*) FROM retrain_triggers") < 1; t++)
-		sleep_ms(200);
+		gp_sleep_ms(200);
 	REQUIRE(q("SELECT count(*) FROM retrain_triggers") == 1);
 	long long run2 = q("SELECT run_id FROM retrain_triggers");
 	CHECK(q("SELECT count(*) FROM runs WHERE id = %lld AND trigger = 'feedback:unhappy'", run2)
@@ -447,10 +441,10 @@ static int body(struct gp_test_env *env)
 		rate_down(rid, "#include <stddef.h>");
 	}
 	for (int t = 0; t < 150 && q("SELECT count(*) FROM feedback") < 30; t++)
-		sleep_ms(200);
+		gp_sleep_ms(200);
 	CHECK(q("SELECT count(*) FROM feedback") == 30);
 	REQUIRE(gp_test_wait_run(db, run2, 600000) == 1);
-	sleep_ms(1000); /* ten more judgements of the triggers */
+	gp_sleep_ms(1000); /* ten more judgements of the triggers */
 	CHECK(q("SELECT count(*) FROM retrain_triggers") == 1);
 	CHECK(q("SELECT count(*) FROM runs") == 2);
 
@@ -485,7 +479,7 @@ static int body(struct gp_test_env *env)
 		snprintf(rid, sizeof rid, "probe-%d", t);
 		ask(rid, "#include <stdint.h>", &served);
 		if (served != 2)
-			sleep_ms(100);
+			gp_sleep_ms(100);
 	}
 	CHECK(served == 2);
 	long long v2_windows = windows_of(2);

@@ -39,12 +39,6 @@ static struct gp_bus *bus;
 
 #define q(...) gp_test_q(db, __VA_ARGS__)
 
-static void sleep_ms(long ms)
-{
-	struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-	nanosleep(&ts, NULL);
-}
-
 static const char *corpus_a[] = {
 	"You will meet a tall dark stranger. ",
 	"A fool and his money are soon parted. ",
@@ -160,7 +154,7 @@ static int wait_windows(long long n, long long ms)
 	for (long long t = 0; t < ms; t += 50) {
 		if (q("SELECT count(*) FROM drift_windows") >= n)
 			return 1;
-		sleep_ms(50);
+		gp_sleep_ms(50);
 	}
 	return 0;
 }
@@ -258,7 +252,7 @@ static int body(struct gp_test_env *env)
 	long long run = gp_test_submit(db, yaml, NULL, 0);
 	REQUIRE(gp_test_wait_run(db, run, 60000) == 1);
 	CHECK(q("SELECT count(*) FROM monitors") == 1);
-	sleep_ms(600); /* the monitor reads its configuration */
+	gp_sleep_ms(600); /* the monitor reads its configuration */
 
 	/* A: three windows, no alert */
 	int seq = 0;
@@ -274,7 +268,7 @@ static int body(struct gp_test_env *env)
 
 	/* B: a PSI alert within three windows; kill -9 of the monitor halfway */
 	publish(tok, 1, 75, &seq);
-	sleep_ms(500);
+	gp_sleep_ms(500);
 	CHECK(kill(mon, SIGKILL) == 0);
 	waitpid(mon, NULL, 0);
 	mon = gp_test_service(env, "genpipe-monitor", "--data-dir", env->dir, "--reload-ms", "200",
@@ -284,8 +278,8 @@ static int body(struct gp_test_env *env)
 	 * AckWait (10 s); the open window closes on time (20 s) */
 	for (int t = 0; t < 600 && q("SELECT coalesce(sum(n_requests), 0) FROM drift_windows") < 300;
 	     t++)
-		sleep_ms(100);
-	sleep_ms(500);
+		gp_sleep_ms(100);
+	gp_sleep_ms(500);
 	char *sizes = gp_test_qs(db, "SELECT string_agg(n_requests::text, ' ' ORDER BY id) FROM "
 				     "drift_windows");
 	printf("after kill -9: windows of %s requests\n", sizes);
@@ -335,7 +329,7 @@ static int body(struct gp_test_env *env)
 		pthread_mutex_unlock(&hook_mu);
 		if (posts >= 1)
 			break;
-		sleep_ms(100);
+		gp_sleep_ms(100);
 	}
 	pthread_mutex_lock(&hook_mu);
 	printf("webhook: %d posts in %d attempts, last: %.200s\n", hook_posts, hook_attempts,
@@ -356,10 +350,10 @@ static int body(struct gp_test_env *env)
 	REQUIRE(gp_test_wait_run(db, run2, 60000) == 1);
 	long long before_w = q("SELECT count(*) FROM drift_windows");
 	long long before_a = q("SELECT count(*) FROM alerts");
-	sleep_ms(800);
+	gp_sleep_ms(800);
 	publish(tok, 1, 5, &seq);
 	for (int t = 0; t < 100 && q("SELECT count(*) FROM drift_windows") == before_w; t++)
-		sleep_ms(100);
+		gp_sleep_ms(100);
 	CHECK(q("SELECT count(*) FROM drift_windows") == before_w + 1);
 	CHECK(q("SELECT count(*) FROM drift_windows WHERE n_requests = 5 AND "
 		"(metrics->>'psi')::float8 > 0.2 AND (metrics->>'too_few_to_alert')::boolean") == 1);
@@ -379,7 +373,7 @@ static int body(struct gp_test_env *env)
 	for (int t = 0; t < 300 && q("SELECT coalesce(sum(n_requests), 0) FROM drift_windows w JOIN "
 				     "model_versions v ON v.id = w.model_version_id WHERE v.version "
 				     "BETWEEN 2 AND 12") < 33; t++)
-		sleep_ms(100);
+		gp_sleep_ms(100);
 	CHECK(q("SELECT count(DISTINCT v.version) FROM drift_windows w JOIN model_versions v ON "
 		"v.id = w.model_version_id WHERE v.version BETWEEN 2 AND 12") == 11);
 	CHECK(q("SELECT coalesce(sum(n_requests), 0) FROM drift_windows w JOIN model_versions v ON "
@@ -395,19 +389,19 @@ static int body(struct gp_test_env *env)
 		 "loss_sample: 4}\n", hh);
 	long long run3 = gp_test_submit(db, yaml, NULL, 0);
 	REQUIRE(gp_test_wait_run(db, run3, 60000) == 1);
-	sleep_ms(1000); /* the monitor reads its new configuration */
+	gp_sleep_ms(1000); /* the monitor reads its new configuration */
 	before_w = q("SELECT count(*) FROM drift_windows");
 	pub_version = 2;
 	publish(tok, 0, 20, &seq);
-	sleep_ms(1500); /* taken into the open window, not acknowledged */
+	gp_sleep_ms(1500); /* taken into the open window, not acknowledged */
 	CHECK(kill(mon, SIGSTOP) == 0);
-	sleep_ms(12000);
+	gp_sleep_ms(12000);
 	CHECK(kill(mon, SIGCONT) == 0);
-	sleep_ms(1500); /* the redelivered twenty arrive */
+	gp_sleep_ms(1500); /* the redelivered twenty arrive */
 	publish(tok, 0, 30, &seq);
 	pub_version = 1;
 	for (int t = 0; t < 300 && q("SELECT count(*) FROM drift_windows") == before_w; t++)
-		sleep_ms(100);
+		gp_sleep_ms(100);
 	char *late = gp_test_qs(db, "SELECT string_agg(n_requests || ' over seqs ' || first_seq || "
 				    "'..' || last_seq, ', ') FROM drift_windows WHERE id > (SELECT "
 				    "max(id) FROM drift_windows) - 1");

@@ -36,12 +36,6 @@ static struct gp_db *db;
 #define q(...) gp_test_q(db, __VA_ARGS__)
 #define qs(...) gp_test_qs(db, __VA_ARGS__)
 
-static void sleep_ms(long ms)
-{
-	struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-	nanosleep(&ts, NULL);
-}
-
 /* The step of the stage's latest recorded checkpoint (-1: none yet). */
 static long long ckpt_step(long long run)
 {
@@ -57,7 +51,7 @@ static int wait_step(long long run, long long step, long long ms)
 	for (long long t = 0; t < ms; t += 5) {
 		if (ckpt_step(run) >= step)
 			return 1;
-		sleep_ms(5);
+		gp_sleep_ms(5);
 	}
 	return 0;
 }
@@ -273,7 +267,7 @@ static int body(struct gp_test_env *env)
 	for (int k = 0; k < 3; k++) {
 		long long target = last + 10 + rand() % 30;
 		REQUIRE(wait_step(r1, target, 60000));
-		sleep_ms(rand() % 40); /* somewhere between checkpoints */
+		gp_sleep_ms(rand() % 40); /* somewhere between checkpoints */
 		long long at = ckpt_step(r1);
 		REQUIRE(kill(pid, SIGKILL) == 0);
 		waitpid(pid, NULL, 0);
