@@ -264,11 +264,12 @@ int main(int argc, char **argv)
 		double sum = metric(text, "genpipe_run_advance_seconds_sum");
 		double disp = metric(text, "genpipe_attempts_dispatched_total");
 		printf("orchestrator: %.0f advances, mean %.1f ms (%.0f read every stage row, %.0f "
-		       "only the active stages), %.0f attempts dispatched, %.0f relay passes for "
-		       "%.0f messages\n",
+		       "only the active stages), %.0f attempts dispatched, %.0f job messages published "
+		       "by the advance itself, %.0f relay passes for %.0f messages\n",
 		       adv, adv > 0 ? sum * 1000 / adv : 0,
 		       metric(text, "genpipe_run_stage_reads_total{read=\"all\"}"),
 		       metric(text, "genpipe_run_stage_reads_total{read=\"active\"}"), disp,
+		       metric(text, "genpipe_outbox_direct_total"),
 		       metric(text, "genpipe_outbox_relay_passes_total"),
 		       metric(text, "genpipe_outbox_relayed_total"));
 		free(text);

@@ -244,6 +244,18 @@ gp_status gp_db_run(struct gp_db *db, const char *what, const char *sql, struct 
 	return st;
 }
 
+gp_status gp_db_script(struct gp_db *db, const char *what, const char *sql, PGresult **res,
+		       struct gp_err *err)
+{
+	PGresult *r = PQexec(db->conn, sql);
+	gp_status st = result_status(db, r, what, err);
+	if (st || !res)
+		PQclear(r);
+	else
+		*res = r;
+	return st;
+}
+
 gp_status gp_db_begin(struct gp_db *db, struct gp_err *err)
 {
 	return gp_db_run(db, "begin transaction", "BEGIN", err);

@@ -43,6 +43,14 @@ gp_status gp_db_exec(struct gp_db *db, const char *what, const char *sql, int np
 
 /* Simple statements without parameters (BEGIN, COMMIT, DDL). */
 gp_status gp_db_run(struct gp_db *db, const char *what, const char *sql, struct gp_err *err);
+/*
+ * Several ';'-separated statements without parameters in one round trip
+ * (the simple query protocol). *res gets the last statement's result; the
+ * first failure stops the rest and is what is reported. Only for SQL built
+ * from trusted text (integers the caller printed), never from outside bytes.
+ */
+gp_status gp_db_script(struct gp_db *db, const char *what, const char *sql, PGresult **res,
+		       struct gp_err *err);
 
 gp_status gp_db_begin(struct gp_db *db, struct gp_err *err);
 gp_status gp_db_commit(struct gp_db *db, struct gp_err *err);

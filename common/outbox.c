@@ -3,6 +3,7 @@
  */
 #include "outbox.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,26 +36,24 @@ gp_status gp_outbox_put(struct gp_db *db, const char *subject, const void *paylo
 	return GP_OK;
 }
 
-static gp_status mark_sent(struct gp_db *db, const long long *ids, int n, struct gp_err *err)
+/* Mark ids sent and commit, in one round trip (the ids are integers we
+ * print). begin: open the transaction too, without waiting for the WAL
+ * flush (see gp_outbox_relay_once). */
+static gp_status mark_sent_commit(struct gp_db *db, const long long *ids, int n, int begin,
+				  struct gp_err *err)
 {
-	if (n == 0)
-		return GP_OK;
-	/* Build a Postgres array literal {1,2,3}. */
-	size_t cap = (size_t)n * 21 + 3;
-	char *arr = malloc(cap);
-	if (!arr)
+	size_t cap = (size_t)n * 21 + 200;
+	char *sql = malloc(cap);
+	if (!sql)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
-	size_t len = 0;
-	arr[len++] = '{';
+	size_t len = (size_t)snprintf(sql, cap,
+				      "%sUPDATE outbox SET sent_at = now() WHERE id = ANY('{",
+				      begin ? "BEGIN; SET LOCAL synchronous_commit TO off; " : "");
 	for (int i = 0; i < n; i++)
-		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", ids[i]);
-	arr[len++] = '}';
-	arr[len] = '\0';
-	const char *params[] = { arr };
-	gp_status st = gp_db_exec(db, "mark outbox rows sent",
-				  "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", 1,
-				  params, NULL, err);
-	free(arr);
+		len += (size_t)snprintf(sql + len, cap - len, "%s%lld", i ? "," : "", ids[i]);
+	snprintf(sql + len, cap - len, "}'::bigint[]) AND sent_at IS NULL; COMMIT");
+	gp_status st = gp_db_script(db, "mark outbox rows sent", sql, NULL, err);
+	free(sql);
 	return st;
 }
 
@@ -62,8 +61,6 @@ gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
 			       const struct gp_relay_hooks *hooks, int *published, int *duplicates,
 			       struct gp_err *err)
 {
-	char maxs[16];
-	snprintf(maxs, sizeof maxs, "%d", max > 0 ? max : 100);
 	PGresult *r = NULL;
 	long long *ids = NULL;
 	struct gp_bus_out *out = NULL;
@@ -74,19 +71,17 @@ gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
 		*published = 0;
 	if (duplicates)
 		*duplicates = 0;
-	gp_status st = gp_db_begin(db, err);
-	if (st)
-		return st;
-	/* The mark need not wait for the WAL flush: a mark lost in a crash only
-	 * means the rows are published again with the same ids, which JetStream
+	/* Two round trips a pass: begin + read, then mark + commit. The mark
+	 * need not wait for the WAL flush: a mark lost in a crash only means the
+	 * rows are published again with the same ids, which JetStream
 	 * deduplicates (and consumers absorb after the window). */
-	if ((st = gp_db_run(db, "relay commit mode", "SET LOCAL synchronous_commit TO off", err)))
-		goto out;
-	const char *params[] = { maxs };
-	st = gp_db_exec(db, "read unsent outbox rows",
-			"SELECT id, subject, payload FROM outbox WHERE sent_at IS NULL "
-			"ORDER BY id LIMIT $1::integer FOR UPDATE SKIP LOCKED",
-			1, params, &r, err);
+	char sql[320];
+	snprintf(sql, sizeof sql,
+		 "BEGIN; SET LOCAL synchronous_commit TO off; "
+		 "SELECT id, subject, payload FROM outbox WHERE sent_at IS NULL "
+		 "ORDER BY id LIMIT %d FOR UPDATE SKIP LOCKED",
+		 max > 0 ? max : 100);
+	gp_status st = gp_db_script(db, "read unsent outbox rows", sql, &r, err);
 	if (st)
 		goto out;
 	n = PQntuples(r);
@@ -115,9 +110,7 @@ gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
 		goto out;
 	if (hooks && hooks->after_publish)
 		hooks->after_publish(n, hooks->closure);
-	if ((st = mark_sent(db, ids, n, err)))
-		goto out;
-	if ((st = gp_db_commit(db, err)))
+	if ((st = mark_sent_commit(db, ids, n, 0, err)))
 		goto out;
 	marked = n;
 out:
@@ -138,6 +131,98 @@ out:
 		*published = marked;
 	if (duplicates)
 		*duplicates = dups;
+	return st;
+}
+
+gp_status gp_outbox_direct_add(struct gp_outbox_direct *d, long long id, const char *subject,
+			       const void *payload, size_t len, struct gp_err *err)
+{
+	if (len > INT_MAX)
+		return gp_err_set(err, GP_ERR_TOO_BIG, "outbox message of %zu bytes", len);
+	if (d->n == d->cap) {
+		int cap = d->cap ? d->cap * 2 : 16;
+		long long *ids = realloc(d->ids, (size_t)cap * sizeof *ids);
+		if (ids)
+			d->ids = ids;
+		char **subjects = realloc(d->subjects, (size_t)cap * sizeof *subjects);
+		if (subjects)
+			d->subjects = subjects;
+		unsigned char **payloads = realloc(d->payloads, (size_t)cap * sizeof *payloads);
+		if (payloads)
+			d->payloads = payloads;
+		int *lens = realloc(d->lens, (size_t)cap * sizeof *lens);
+		if (lens)
+			d->lens = lens;
+		if (!ids || !subjects || !payloads || !lens)
+			return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		d->cap = cap;
+	}
+	char *s = strdup(subject);
+	unsigned char *p = malloc(len ? len : 1);
+	if (!s || !p) {
+		free(s);
+		free(p);
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	}
+	memcpy(p, payload, len);
+	d->ids[d->n] = id;
+	d->subjects[d->n] = s;
+	d->payloads[d->n] = p;
+	d->lens[d->n] = (int)len;
+	d->n++;
+	return GP_OK;
+}
+
+void gp_outbox_direct_truncate(struct gp_outbox_direct *d, int n)
+{
+	if (n < 0)
+		n = 0;
+	while (d->n > n) {
+		d->n--;
+		free(d->subjects[d->n]);
+		free(d->payloads[d->n]);
+	}
+}
+
+void gp_outbox_direct_free(struct gp_outbox_direct *d)
+{
+	gp_outbox_direct_truncate(d, 0);
+	free(d->ids);
+	free(d->subjects);
+	free(d->payloads);
+	free(d->lens);
+	memset(d, 0, sizeof *d);
+}
+
+gp_status gp_outbox_publish_direct(struct gp_db *db, struct gp_bus *bus,
+				   struct gp_outbox_direct *d, int *duplicates,
+				   struct gp_err *err)
+{
+	if (duplicates)
+		*duplicates = 0;
+	if (d->n == 0)
+		return GP_OK;
+	if (PQtransactionStatus(gp_db_conn(db)) != PQTRANS_IDLE) {
+		gp_outbox_direct_truncate(d, 0);
+		return gp_err_set(err, GP_ERR_INTERNAL,
+				  "outbox: direct publish inside an open transaction");
+	}
+	struct gp_bus_out *out = calloc((size_t)d->n, sizeof *out);
+	char (*msgids)[32] = calloc((size_t)d->n, sizeof *msgids);
+	gp_status st = GP_OK;
+	if (!out || !msgids)
+		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	for (int i = 0; !st && i < d->n; i++) {
+		gp_outbox_msg_id(d->ids[i], msgids[i], sizeof msgids[i]);
+		out[i] = (struct gp_bus_out){ d->subjects[i], d->payloads[i], d->lens[i], msgids[i] };
+	}
+	if (!st)
+		st = gp_bus_publish_batch(bus, out, d->n, 5000, duplicates, err);
+	if (!st && (st = mark_sent_commit(db, d->ids, d->n, 1, err)))
+		gp_db_rollback(db);
+	free(out);
+	free(msgids);
+	gp_outbox_direct_truncate(d, 0);
 	return st;
 }
 

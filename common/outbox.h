@@ -40,6 +40,36 @@ gp_status gp_outbox_relay_once(struct gp_db *db, struct gp_bus *bus, int max,
 			       const struct gp_relay_hooks *hooks, int *published, int *duplicates,
 			       struct gp_err *err);
 
+/*
+ * Messages a producer wrote to the outbox in its transaction and publishes
+ * itself once that transaction has committed (gp_outbox_publish_direct),
+ * sparing the relay a read and the message the relay's wake-up. Whatever
+ * the producer does not get to mark sent (a crash, a failed publish) stays
+ * unsent for the relay, under the same Nats-Msg-Id.
+ */
+struct gp_outbox_direct {
+	int n, cap;
+	long long *ids;
+	char **subjects;
+	unsigned char **payloads;
+	int *lens;
+};
+/* Copy one message in. */
+gp_status gp_outbox_direct_add(struct gp_outbox_direct *d, long long id, const char *subject,
+			       const void *payload, size_t len, struct gp_err *err);
+/* Forget the messages from index n on (a transaction that rolled back). */
+void gp_outbox_direct_truncate(struct gp_outbox_direct *d, int n);
+void gp_outbox_direct_free(struct gp_outbox_direct *d);
+/*
+ * Publish d's messages (committed rows; no transaction may be open) and
+ * mark them sent, in one round trip after the acknowledgements; d is
+ * emptied either way. On failure the rows stay unsent and the caller should
+ * run the relay.
+ */
+gp_status gp_outbox_publish_direct(struct gp_db *db, struct gp_bus *bus,
+				   struct gp_outbox_direct *d, int *duplicates,
+				   struct gp_err *err);
+
 /* LISTEN for the outbox trigger's notifications on this connection. */
 gp_status gp_outbox_listen(struct gp_db *db, struct gp_err *err);
 

@@ -413,8 +413,15 @@ static gp_status result_message(struct gp_db *db, long long attempt_id, long lon
 	return st;
 }
 
+static int cmp_ll(const void *a, const void *b)
+{
+	long long x = *(const long long *)a, y = *(const long long *)b;
+	return (x > y) - (x < y);
+}
+
 gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *specs, int n,
-			      long long *attempt_ids, struct gp_err *err)
+			      long long *attempt_ids, struct gp_outbox_direct *direct,
+			      struct gp_err *err)
 {
 	if (n <= 0)
 		return GP_OK;
@@ -463,6 +470,12 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 				  PQntuples(r), n);
 	}
 	struct gp_db_array subj = { 0 }, pay = { 0 };
+	/* the job messages, kept for a direct publish, in row order */
+	uint8_t **bufs = direct ? calloc((size_t)n, sizeof *bufs) : NULL;
+	size_t *lens = direct ? calloc((size_t)n, sizeof *lens) : NULL;
+	char (*subjects)[96] = direct ? calloc((size_t)n, sizeof *subjects) : NULL;
+	if (direct && (!bufs || !lens || !subjects))
+		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	for (int i = 0; i < n && !st; i++) {
 		/* match each row to its spec by (run, stage), unique in a batch */
 		int j = -1;
@@ -494,6 +507,12 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 				st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 			gp_db_array_add(&subj, subject);
 			gp_db_array_add(&pay, hex);
+			if (direct) {
+				memcpy(subjects[i], subject, sizeof subject);
+				lens[i] = len;
+				bufs[i] = buf;
+				buf = NULL;
+			}
 		}
 		free(hex);
 		free(buf);
@@ -504,20 +523,44 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 	const char *op[2] = { NULL, NULL };
 	if (!st && (!(op[0] = gp_db_array_text(&subj)) || !(op[1] = gp_db_array_text(&pay))))
 		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	r = NULL;
 	if (!st)
 		st = gp_db_exec(db, "insert outbox messages",
 				"INSERT INTO outbox (subject, payload) SELECT s, p FROM "
-				"unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(s, p, o) ORDER BY o",
-				2, op, NULL, err);
+				"unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(s, p, o) ORDER BY o "
+				"RETURNING id",
+				2, op, direct ? &r : NULL, err);
 	gp_db_array_free(&subj);
 	gp_db_array_free(&pay);
+	if (!st && direct) {
+		/* ids come from the sequence in row order (ORDER BY o): the
+		 * ascending ids are the messages in order */
+		long long *ids = calloc((size_t)n, sizeof *ids);
+		if (!ids || PQntuples(r) != n)
+			st = ids ? gp_err_set(err, GP_ERR_INTERNAL, "enqueue: %d outbox rows for %d",
+					      PQntuples(r), n)
+				 : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+		for (int i = 0; !st && i < n; i++)
+			ids[i] = atoll(PQgetvalue(r, i, 0));
+		if (!st)
+			qsort(ids, (size_t)n, sizeof *ids, cmp_ll);
+		for (int i = 0; !st && i < n; i++)
+			st = gp_outbox_direct_add(direct, ids[i], subjects[i], bufs[i], lens[i], err);
+		free(ids);
+	}
+	PQclear(r);
+	for (int i = 0; bufs && i < n; i++)
+		free(bufs[i]);
+	free(bufs);
+	free(lens);
+	free(subjects);
 	return st;
 }
 
 gp_status gp_attempt_enqueue(struct gp_db *db, const struct gp_attempt_spec *s,
 			     long long *attempt_id, struct gp_err *err)
 {
-	return gp_attempts_enqueue(db, s, 1, attempt_id, err);
+	return gp_attempts_enqueue(db, s, 1, attempt_id, NULL, err);
 }
 
 /*

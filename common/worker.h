@@ -139,10 +139,14 @@ gp_status gp_attempt_enqueue(struct gp_db *db, const struct gp_attempt_spec *spe
 /*
  * The same for n attempts in two statements (attempts, then their job
  * messages); attempt_ids (may be NULL) gets the ids in the order of specs.
- * (run_id, stage) must be unique among the specs.
+ * (run_id, stage) must be unique among the specs. direct (may be NULL)
+ * gets a copy of each job message with its outbox id, for the caller to
+ * publish after its commit (gp_outbox_publish_direct).
  */
+struct gp_outbox_direct;
 gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *specs, int n,
-			      long long *attempt_ids, struct gp_err *err);
+			      long long *attempt_ids, struct gp_outbox_direct *direct,
+			      struct gp_err *err);
 
 /*
  * Expire up to max running attempts whose lease has passed and queue their

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "outbox.h"
 #include "spec.h"
 #include "worker.h"
 
@@ -97,6 +98,8 @@ static int active_state(const char *s)
 	return (s[0] == 'q' && !strcmp(s, "queued")) || (s[0] == 'r' && !strcmp(s, "retrying"));
 }
 
+/* the advance in progress's job messages, for the caller to publish (may be NULL) */
+static struct gp_outbox_direct *direct_sink;
 /* run_stages rows this process has written (each bumps the run's revision) */
 static long long rows_written;
 static long long reads_all, reads_active;
@@ -160,7 +163,7 @@ static gp_status flush(struct gp_db *db, long long run_id, struct stage *st, int
 			if (st[i].enq)
 				specs[k++] = st[i].enq_spec;
 		if (!rc)
-			rc = gp_attempts_enqueue(db, specs, nenq, ids, err);
+			rc = gp_attempts_enqueue(db, specs, nenq, ids, direct_sink, err);
 		k = 0;
 		for (int i = 0; !rc && i < n; i++) {
 			if (!st[i].enq)
@@ -861,8 +864,10 @@ static gp_status read_active(struct gp_db *db, long long run_id, const struct sp
 }
 
 gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_ms,
-			    int *dispatched, struct gp_err *err)
+			    int *dispatched, struct gp_outbox_direct *direct, struct gp_err *err)
 {
+	direct_sink = direct;
+	int direct0 = direct ? direct->n : 0;
 	char rid[24];
 	snprintf(rid, sizeof rid, "%lld", run_id);
 	const char *p[] = { rid };
@@ -1140,6 +1145,10 @@ rollback:
 	gp_db_rollback(db);
 	run_entry_drop(run_id);
 out:
+	/* only committed messages may go out */
+	if (rc && direct)
+		gp_outbox_direct_truncate(direct, direct0);
+	direct_sink = NULL;
 	for (int i = 0; st && i < n; i++) {
 		cJSON_Delete(st[i].outputs);
 		cJSON_Delete(st[i].aoutputs);

@@ -38,10 +38,14 @@
 /*
  * Advance one run. *due_ms (may be NULL) gets how long until something in
  * the run comes due by time (a backoff or a timeout), or -1 when nothing
- * does. *dispatched (may be NULL) counts attempts written.
+ * does. *dispatched (may be NULL) counts attempts written. direct (may be
+ * NULL) gets the job messages of a committed advance, for the caller to
+ * publish at once (gp_outbox_publish_direct); without it, or when that
+ * fails, the relay publishes them.
  */
+struct gp_outbox_direct;
 gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_ms,
-			    int *dispatched, struct gp_err *err);
+			    int *dispatched, struct gp_outbox_direct *direct, struct gp_err *err);
 
 /* Advances so far that read every stage row, and those that read only the
  * active stages (the kept rows were current). */

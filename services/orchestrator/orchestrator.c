@@ -37,7 +37,8 @@ struct gp_orchestrator {
 	int ndues, capdues;
 	struct due *costs; /* run -> earliest next advance (its last advance's cost later) */
 	int ncosts, capcosts;
-	struct gp_metric *m_relay_passes, *m_relayed, *m_dups, *m_reaped, *m_errors, *m_advances, *m_dispatched,
+	struct gp_outbox_direct direct; /* an advance's job messages, published after its commit */
+	struct gp_metric *m_direct, *m_relay_passes, *m_relayed, *m_dups, *m_reaped, *m_errors, *m_advances, *m_dispatched,
 		*m_reads_all, *m_reads_active,
 		*m_advance_seconds;
 	long long reads_all, reads_active; /* the engine's counts at the last advance */
@@ -160,6 +161,11 @@ gp_status gp_orchestrator_create(struct gp_orchestrator **out,
 		o->m_relayed = gp_metrics_get(metrics, GP_COUNTER, "genpipe_outbox_relayed_total",
 					      "Outbox messages published and marked sent", NULL,
 					      NULL, 0);
+		o->m_direct = gp_metrics_get(metrics, GP_COUNTER,
+					     "genpipe_outbox_direct_total",
+					     "Job messages an advance published itself right after "
+					     "its commit (the rest go through the relay)",
+					     NULL, NULL, 0);
 		o->m_relay_passes = gp_metrics_get(metrics, GP_COUNTER,
 						   "genpipe_outbox_relay_passes_total",
 						   "Relay transactions (each publishes a batch)", NULL,
@@ -207,6 +213,7 @@ void gp_orchestrator_destroy(struct gp_orchestrator *o)
 {
 	if (!o)
 		return;
+	gp_outbox_direct_free(&o->direct);
 	free(o->pending);
 	free(o->dues);
 	free(o->costs);
@@ -227,7 +234,10 @@ static void wait_notifications(struct gp_orchestrator *o, long long timeout_ms)
 				long long id = atoll(nt->extra);
 				if (id > 0)
 					add_pending(o, id);
-			} else {
+			} else if (nt->be_pid != PQbackendPID(c)) {
+				/* Rows this connection wrote (an advance's job messages, a
+				 * reap's) are relayed in the step that wrote them; waking
+				 * for our own notification would be a pass for nothing. */
 				o->relay_needed = 1;
 			}
 			PQfreemem(nt);
@@ -333,7 +343,7 @@ void gp_orchestrator_step(struct gp_orchestrator *o)
 			continue;
 		}
 		int dispatched = 0;
-		gp_status st = gp_engine_advance(o->db, runs[i], &due, &dispatched, &err);
+		gp_status st = gp_engine_advance(o->db, runs[i], &due, &dispatched, &o->direct, &err);
 		gp_metric_inc(o->m_advances, 1);
 		long long ra = 0, rx = 0;
 		gp_engine_stage_reads(&ra, &rx);
@@ -354,8 +364,24 @@ void gp_orchestrator_step(struct gp_orchestrator *o)
 		if (t1 - t0 >= 2)
 			set_pace(o, runs[i], t1 + (t1 - t0));
 		gp_metric_inc(o->m_dispatched, dispatched);
-		if (dispatched)
+		if (o->direct.n) {
+			/* at once, not after the other runs' advances: this is the
+			 * stages' dispatch latency */
+			int n = o->direct.n, dups = 0;
+			if (gp_outbox_publish_direct(o->db, o->bus, &o->direct, &dups, &err)) {
+				gp_metric_inc(o->m_errors, 1);
+				gp_warn("publish job messages of run %lld: %s (the relay will)",
+					runs[i], err.msg);
+				o->relay_needed = 1;
+				if (!gp_db_ok(o->db))
+					o->db_broken = 1;
+			} else {
+				gp_metric_inc(o->m_direct, n);
+				gp_metric_inc(o->m_dups, dups);
+			}
+		} else if (dispatched) {
 			o->relay_needed = 1;
+		}
 		set_due(o, runs[i], due);
 	}
 	free(runs);

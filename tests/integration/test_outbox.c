@@ -83,6 +83,22 @@ static void enqueue(struct gp_db *db, long long run, const char *kind, int n)
 	REQUIRE_OK(gp_db_commit(db, &e), e);
 }
 
+/* n attempts of kind relaya (stages PREFIX-i) in the open transaction, their
+ * job messages kept in d for a direct publish. */
+static gp_status direct_enqueue(struct gp_db *db, long long run, const char *prefix, int n,
+				struct gp_outbox_direct *d, struct gp_err *e)
+{
+	struct gp_attempt_spec specs[8];
+	char stages[8][32];
+	for (int i = 0; i < n && i < 8; i++) {
+		snprintf(stages[i], sizeof stages[i], "%s-%d", prefix, i);
+		specs[i] = (struct gp_attempt_spec){ .run_id = run, .stage = stages[i],
+						     .kind = "relaya", .attempt = 1,
+						     .lease_ms = 10000, .max_attempts = 3 };
+	}
+	return gp_attempts_enqueue(db, specs, n < 8 ? n : 8, NULL, d, e);
+}
+
 /* Drain the consumer through a real worker; returns messages taken. */
 static int drain(struct gp_worker *w)
 {
@@ -150,6 +166,55 @@ static int body(struct gp_test_env *env)
 	CHECK(gp_test_scalar(db, "SELECT count(DISTINCT attempt_id) FROM test_effects") == 5);
 	CHECK(gp_test_scalar(db, "SELECT count(*) FROM stage_attempts WHERE kind = 'relaya' "
 				 "AND state = 'succeeded'") == 5);
+
+	/* --- a producer publishing its own messages after its commit --- */
+	CHECK(gp_test_relay_all(db, bus) == 5); /* the five results above */
+	struct gp_outbox_direct d = { 0 };
+	/* rolled back: nothing may go out */
+	REQUIRE_OK(gp_db_begin(db, &e), e);
+	REQUIRE_OK(direct_enqueue(db, run, "gone", 2, &d, &e), e);
+	CHECK(d.n == 2);
+	gp_db_rollback(db);
+	gp_outbox_direct_truncate(&d, 0);
+	CHECK(d.n == 0);
+	REQUIRE_OK(gp_outbox_publish_direct(db, bus, &d, &dups, &e), e);
+	/* committed: published, marked, nothing left for the relay */
+	REQUIRE_OK(gp_db_begin(db, &e), e);
+	REQUIRE_OK(direct_enqueue(db, run, "direct", 4, &d, &e), e);
+	REQUIRE_OK(gp_db_commit(db, &e), e);
+	/* inside a transaction it refuses (and forgets the batch) */
+	struct gp_outbox_direct d2 = { 0 };
+	REQUIRE_OK(gp_outbox_direct_add(&d2, 1, "x", "y", 1, &e), e);
+	REQUIRE_OK(gp_db_begin(db, &e), e);
+	CHECK(gp_outbox_publish_direct(db, bus, &d2, &dups, &e) == GP_ERR_INTERNAL);
+	CHECK(d2.n == 0);
+	gp_db_rollback(db);
+	gp_outbox_direct_free(&d2);
+	REQUIRE_OK(gp_outbox_publish_direct(db, bus, &d, &dups, &e), e);
+	CHECK(d.n == 0);
+	CHECK(dups == 0);
+	CHECK(gp_test_scalar(db, "SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0);
+	CHECK(pending(bus, "jobs-relaya") == 4);
+	/* the relay got to the first row before the producer: the producer's
+	 * copy carries the same id (a duplicate), and each message reaches its
+	 * own attempt (a message under another row's id would claim twice) */
+	REQUIRE_OK(gp_db_begin(db, &e), e);
+	REQUIRE_OK(direct_enqueue(db, run, "raced", 3, &d, &e), e);
+	REQUIRE_OK(gp_db_commit(db, &e), e);
+	REQUIRE_OK(gp_outbox_relay_once(db, bus, 1, NULL, &pub, &dups, &e), e);
+	CHECK(pub == 1);
+	REQUIRE_OK(gp_outbox_publish_direct(db, bus, &d, &dups, &e), e);
+	CHECK(dups == 1);
+	CHECK(gp_test_scalar(db, "SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0);
+	CHECK(pending(bus, "jobs-relaya") == 7);
+	CHECK(drain(w) == 7);
+	CHECK(gp_test_scalar(db, "SELECT count(*) FROM test_effects") == 12);
+	CHECK(gp_test_scalar(db, "SELECT count(DISTINCT attempt_id) FROM test_effects") == 12);
+	CHECK(gp_test_scalar(db, "SELECT count(*) FROM stage_attempts WHERE kind = 'relaya' "
+				 "AND state = 'succeeded'") == 12);
+	CHECK(gp_test_scalar(db, "SELECT count(*) FROM stage_attempts WHERE stage LIKE 'gone-%'") ==
+	      0);
+	gp_outbox_direct_free(&d);
 	gp_worker_destroy(w);
 
 	/* --- after the window: the copy is stored; the claim absorbs it --- */
@@ -165,7 +230,7 @@ static int body(struct gp_test_env *env)
 	REQUIRE_OK(gp_worker_create(&w, &wc, db, bus, env->db_url, &e), e);
 	/* after the worker, whose declaration restores the default window */
 	REQUIRE_OK(gp_bus_declare(bus, &jobs, 1, NULL, 0, &e), e);
-	CHECK(gp_test_relay_all(db, bus) == 5); /* part one's five results */
+	CHECK(gp_test_relay_all(db, bus) == 7); /* the direct part's results */
 	enqueue(db, run, "relayb", 3);
 	gp_test_release(&relay2);
 	CHECK(gp_test_wait(&relay2) == 128 + SIGKILL);
