@@ -58,8 +58,8 @@ gp_status gp_err_wrap(struct gp_err *err, const char *fmt, ...)
 /* Programmer errors only (never input): print file:line and abort. */
 #define GP_BUG(...) gp_bug_(__FILE__, __LINE__, __VA_ARGS__)
 #define GP_ASSERT(cond) do { if (!(cond)) GP_BUG("assertion failed: %s", #cond); } while (0)
-_Noreturn void gp_bug_(const char *file, int line, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+void gp_bug_(const char *file, int line, const char *fmt, ...)
+	__attribute__((noreturn, format(printf, 3, 4)));
 
 /* Monotonic and wall clocks in milliseconds. */
 long long gp_now_ms(void);

@@ -1,0 +1,1645 @@
+/*
+ * gpt.cu: the model of model.h on an NVIDIA GPU (training and generation),
+ * behind gpu.h.
+ *
+ * The passes follow model_ops.inc operation by operation, in the same
+ * tensor layouts, so that every activation and every gradient can be held
+ * to the CPU reference (tests/gpu/test_gpu.c). Kernels are templates over
+ * the storage type T of weights and activations: float (GP_GPU_FP32) or
+ * __nv_bfloat16 (GP_GPU_BF16). Arithmetic inside a kernel is fp32; master
+ * weights, gradients and AdamW moments are fp32 in both modes; matmuls are
+ * cuBLAS with fp32 accumulation (CUBLAS_COMPUTE_32F: no TF32 in fp32 mode,
+ * tensor cores on bf16 inputs in bf16 mode).
+ *
+ * Attention: q, k, v are permuted to (B, NH, T, hs) and multiplied with
+ * strided-batched GEMMs around a causal softmax kernel (the "cuBLAS batched
+ * products with a fused softmax" first step; a flash-style kernel is the
+ * next one). The backward pass keeps one residual-gradient buffer that each
+ * LayerNorm backward adds into (llm.c's scheme), so no residual gradient
+ * is copied.
+ *
+ * Generation: per-slot KV caches, a step over rows of several slots at once
+ * (prefill rows and decode rows alike), captured once per row count as a
+ * CUDA graph whose inputs (slot, position, token of each row) are copied in
+ * by the graph itself from pinned host memory.
+ */
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "gpu.h"
+#include "model.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+/* ---- errors ---- */
+
+static gp_status cuda_fail(struct gp_err *err, const char *what, cudaError_t e)
+{
+	return gp_err_set(err, e == cudaErrorMemoryAllocation ? GP_ERR_NOMEM : GP_ERR_INTERNAL,
+			  "CUDA %s: %s", what, cudaGetErrorString(e));
+}
+
+static gp_status cublas_fail(struct gp_err *err, const char *what, cublasStatus_t s)
+{
+	return gp_err_set(err, GP_ERR_INTERNAL, "cuBLAS %s: status %d", what, (int)s);
+}
+
+#define CK(call)                                                   \
+	do {                                                       \
+		cudaError_t e_ = (call);                           \
+		if (e_ != cudaSuccess)                             \
+			return cuda_fail(err, #call, e_);          \
+	} while (0)
+#define CB(call)                                                   \
+	do {                                                       \
+		cublasStatus_t s_ = (call);                        \
+		if (s_ != CUBLAS_STATUS_SUCCESS)                   \
+			return cublas_fail(err, #call, s_);        \
+	} while (0)
+/* after a kernel launch: a bad configuration shows here */
+#define CL(what)                                                   \
+	do {                                                       \
+		cudaError_t e_ = cudaGetLastError();               \
+		if (e_ != cudaSuccess)                             \
+			return cuda_fail(err, what, e_);           \
+	} while (0)
+#define TRY(call)                                                  \
+	do {                                                       \
+		gp_status st_ = (call);                            \
+		if (st_)                                           \
+			return st_;                                \
+	} while (0)
+
+/* ---- types ---- */
+
+__device__ __forceinline__ float tof(float x)
+{
+	return x;
+}
+__device__ __forceinline__ float tof(bf16 x)
+{
+	return __bfloat162float(x);
+}
+template <typename T> __device__ __forceinline__ T fromf(float x);
+template <> __device__ __forceinline__ float fromf<float>(float x)
+{
+	return x;
+}
+template <> __device__ __forceinline__ bf16 fromf<bf16>(float x)
+{
+	return __float2bfloat16(x);
+}
+template <typename T> static cudaDataType_t dtype();
+template <> cudaDataType_t dtype<float>()
+{
+	return CUDA_R_32F;
+}
+template <> cudaDataType_t dtype<bf16>()
+{
+	return CUDA_R_16BF;
+}
+
+static unsigned blocks(size_t n, unsigned threads)
+{
+	size_t b = (n + threads - 1) / threads;
+	return (unsigned)(b < 1 ? 1 : b > 2147483647u ? 2147483647u : b);
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+	for (int o = 16; o > 0; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	return v;
+}
+__device__ __forceinline__ float warp_max(float v)
+{
+	for (int o = 16; o > 0; o >>= 1)
+		v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+	return v;
+}
+/* Block-wide sum or max (blockDim.x a multiple of 32, at most 1024); every
+ * thread gets the result. */
+__device__ float block_reduce(float v, bool is_max)
+{
+	__shared__ float part[32];
+	__shared__ float result;
+	int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+	v = is_max ? warp_max(v) : warp_sum(v);
+	if (lane == 0)
+		part[w] = v;
+	__syncthreads();
+	if (w == 0) {
+		float x = lane < nw ? part[lane] : (is_max ? -INFINITY : 0.0f);
+		x = is_max ? warp_max(x) : warp_sum(x);
+		if (lane == 0)
+			result = x;
+	}
+	__syncthreads();
+	float r = result;
+	__syncthreads(); /* part/result may be reused by the next call */
+	return r;
+}
+
+#define GELU_K 0.7978845608028654f
+
+/* ---- kernels ---- */
+
+template <typename T>
+__global__ void k_encoder_fwd(T *out, const uint16_t *inp, const T *wte, const T *wpe, int BT,
+			      int Tlen, int C)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= (size_t)BT * C)
+		return;
+	int bt = (int)(i / C), c = (int)(i % C), t = bt % Tlen;
+	out[i] = fromf<T>(tof(wte[(size_t)inp[bt] * C + c]) + tof(wpe[(size_t)t * C + c]));
+}
+
+template <typename T>
+__global__ void k_encoder_bwd(float *dwte, float *dwpe, const T *dout, const uint16_t *inp,
+			      int BT, int Tlen, int C)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= (size_t)BT * C)
+		return;
+	int bt = (int)(i / C), c = (int)(i % C), t = bt % Tlen;
+	float d = tof(dout[i]);
+	atomicAdd(&dwte[(size_t)inp[bt] * C + c], d);
+	atomicAdd(&dwpe[(size_t)t * C + c], d);
+}
+
+/* One warp per row; two passes over the row as the reference does. */
+template <typename T>
+__global__ void k_layernorm_fwd(T *out, float *mean, float *rstd, const T *inp, const T *w,
+				const T *b, int N, int C)
+{
+	int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+	if (row >= N)
+		return;
+	const T *x = inp + (size_t)row * C;
+	float s = 0;
+	for (int i = lane; i < C; i += 32)
+		s += tof(x[i]);
+	float m = warp_sum(s) / C;
+	float v = 0;
+	for (int i = lane; i < C; i += 32) {
+		float d = tof(x[i]) - m;
+		v += d * d;
+	}
+	v = warp_sum(v) / C;
+	float r = rsqrtf(v + 1e-5f);
+	T *o = out + (size_t)row * C;
+	for (int i = lane; i < C; i += 32)
+		o[i] = fromf<T>((tof(x[i]) - m) * r * tof(w[i]) + tof(b[i]));
+	if (lane == 0) {
+		mean[row] = m;
+		rstd[row] = r;
+	}
+}
+
+/* dinp += the LayerNorm's input gradient; one warp per row. */
+template <typename T>
+__global__ void k_layernorm_bwd_x(T *dinp, const T *dout, const T *inp, const T *w,
+				  const float *mean, const float *rstd, int N, int C)
+{
+	int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+	if (row >= N)
+		return;
+	const T *d = dout + (size_t)row * C, *x = inp + (size_t)row * C;
+	T *dx = dinp + (size_t)row * C;
+	float m = mean[row], r = rstd[row];
+	float a = 0, bsum = 0;
+	for (int i = lane; i < C; i += 32) {
+		float norm = (tof(x[i]) - m) * r;
+		float dn = tof(w[i]) * tof(d[i]);
+		a += dn;
+		bsum += dn * norm;
+	}
+	a = warp_sum(a) / C;
+	bsum = warp_sum(bsum) / C;
+	for (int i = lane; i < C; i += 32) {
+		float norm = (tof(x[i]) - m) * r;
+		float dn = tof(w[i]) * tof(d[i]);
+		dx[i] = fromf<T>(tof(dx[i]) + (dn - a - norm * bsum) * r);
+	}
+}
+
+/* dw += sum_n norm * dout, db += sum_n dout: threads over channels, blocks
+ * over chunks of rows, one atomic per channel and chunk. */
+template <typename T>
+__global__ void k_layernorm_bwd_wb(float *dw, float *db, const T *dout, const T *inp,
+				   const float *mean, const float *rstd, int N, int C, int chunk)
+{
+	int c = blockIdx.x * blockDim.x + threadIdx.x;
+	int n0 = blockIdx.y * chunk, n1 = min(N, n0 + chunk);
+	if (c >= C)
+		return;
+	float sw = 0, sb = 0;
+	for (int n = n0; n < n1; n++) {
+		float d = tof(dout[(size_t)n * C + c]);
+		sw += (tof(inp[(size_t)n * C + c]) - mean[n]) * rstd[n] * d;
+		sb += d;
+	}
+	atomicAdd(&dw[c], sw);
+	atomicAdd(&db[c], sb);
+}
+
+/* dbias[o] += sum_n dout[n][o], the same shape of reduction. */
+template <typename T>
+__global__ void k_colsum(float *dbias, const T *dout, int N, int OC, int chunk)
+{
+	int o = blockIdx.x * blockDim.x + threadIdx.x;
+	int n0 = blockIdx.y * chunk, n1 = min(N, n0 + chunk);
+	if (o >= OC)
+		return;
+	float s = 0;
+	for (int n = n0; n < n1; n++)
+		s += tof(dout[(size_t)n * OC + o]);
+	atomicAdd(&dbias[o], s);
+}
+
+template <typename T> __global__ void k_add_bias(T *out, const T *bias, size_t N, int OC)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= N * OC)
+		return;
+	out[i] = fromf<T>(tof(out[i]) + tof(bias[i % OC]));
+}
+
+template <typename T> __global__ void k_residual(T *out, const T *a, const T *b, size_t N)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i < N)
+		out[i] = fromf<T>(tof(a[i]) + tof(b[i]));
+}
+
+template <typename T> __global__ void k_gelu_fwd(T *out, const T *inp, size_t N)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= N)
+		return;
+	float x = tof(inp[i]);
+	out[i] = fromf<T>(0.5f * x * (1.0f + tanhf(GELU_K * (x + 0.044715f * x * x * x))));
+}
+
+/* d = gelu'(x) * d, in place (d was just written by a GEMM). */
+template <typename T> __global__ void k_gelu_bwd(T *d, const T *inp, size_t N)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= N)
+		return;
+	float x = tof(inp[i]);
+	float th = tanhf(GELU_K * (x + 0.044715f * x * x * x));
+	float du = GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
+	d[i] = fromf<T>((0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du) * tof(d[i]));
+}
+
+/* qkv (B, T, 3, NH, hs) -> q, k, v (B, NH, T, hs). */
+template <typename T>
+__global__ void k_permute(T *q, T *k, T *v, const T *qkv, int B, int Tlen, int NH, int hs)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	size_t n = (size_t)B * NH * Tlen * hs;
+	if (i >= n)
+		return;
+	int e = (int)(i % hs);
+	size_t r = i / hs;
+	int t = (int)(r % Tlen);
+	r /= Tlen;
+	int h = (int)(r % NH), b = (int)(r / NH);
+	int C = NH * hs;
+	size_t src = ((size_t)b * Tlen + t) * 3 * C + (size_t)h * hs + e;
+	q[i] = qkv[src];
+	k[i] = qkv[src + C];
+	v[i] = qkv[src + 2 * C];
+}
+
+/* The reverse: dq, dk, dv (B, NH, T, hs) -> dqkv (B, T, 3C), overwriting. */
+template <typename T>
+__global__ void k_permute_bwd(T *dqkv, const T *dq, const T *dk, const T *dv, int B, int Tlen,
+			      int NH, int hs)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	size_t n = (size_t)B * NH * Tlen * hs;
+	if (i >= n)
+		return;
+	int e = (int)(i % hs);
+	size_t r = i / hs;
+	int t = (int)(r % Tlen);
+	r /= Tlen;
+	int h = (int)(r % NH), b = (int)(r / NH);
+	int C = NH * hs;
+	size_t dst = ((size_t)b * Tlen + t) * 3 * C + (size_t)h * hs + e;
+	dqkv[dst] = dq[i];
+	dqkv[dst + C] = dk[i];
+	dqkv[dst + 2 * C] = dv[i];
+}
+
+/* y (B, NH, T, hs) -> out (B, T, C); dir 1: the reverse (for the backward). */
+template <typename T>
+__global__ void k_unpermute(T *out, const T *y, int B, int Tlen, int NH, int hs, int reverse)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	size_t n = (size_t)B * NH * Tlen * hs;
+	if (i >= n)
+		return;
+	int e = (int)(i % hs);
+	size_t r = i / hs;
+	int t = (int)(r % Tlen);
+	r /= Tlen;
+	int h = (int)(r % NH), b = (int)(r / NH);
+	size_t o = ((size_t)b * Tlen + t) * NH * hs + (size_t)h * hs + e;
+	if (reverse)
+		out[i] = y[o]; /* out is (B, NH, T, hs) here, y (B, T, C) */
+	else
+		out[o] = y[i];
+}
+
+/* Causal softmax of pre (already scaled) into att, rows of T; one warp per
+ * row; zero above the diagonal. */
+template <typename T>
+__global__ void k_softmax_causal(T *att, const T *pre, size_t rows, int Tlen)
+{
+	size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+	int lane = threadIdx.x & 31;
+	if (row >= rows)
+		return;
+	int t = (int)(row % Tlen);
+	const T *p = pre + row * Tlen;
+	T *a = att + row * Tlen;
+	float mx = -INFINITY;
+	for (int j = lane; j <= t; j += 32)
+		mx = fmaxf(mx, tof(p[j]));
+	mx = warp_max(mx);
+	float s = 0;
+	for (int j = lane; j <= t; j += 32)
+		s += expf(tof(p[j]) - mx);
+	s = warp_sum(s);
+	float inv = s > 0 ? 1.0f / s : 0.0f;
+	for (int j = lane; j < Tlen; j += 32)
+		a[j] = fromf<T>(j <= t ? expf(tof(p[j]) - mx) * inv : 0.0f);
+}
+
+/* datt -> dpreatt in place: att * (datt - <att, datt>) * scale, zero above
+ * the diagonal. */
+template <typename T>
+__global__ void k_softmax_causal_bwd(T *d, const T *att, size_t rows, int Tlen, float scale)
+{
+	size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+	int lane = threadIdx.x & 31;
+	if (row >= rows)
+		return;
+	int t = (int)(row % Tlen);
+	T *dr = d + row * Tlen;
+	const T *a = att + row * Tlen;
+	float dot = 0;
+	for (int j = lane; j <= t; j += 32)
+		dot += tof(a[j]) * tof(dr[j]);
+	dot = warp_sum(dot);
+	for (int j = lane; j < Tlen; j += 32)
+		dr[j] = fromf<T>(j <= t ? tof(a[j]) * (tof(dr[j]) - dot) * scale : 0.0f);
+}
+
+/* Per row: loss = log(sum exp(l - max)) + max - l[target] over the first V
+ * logits. One block per row. */
+template <typename T>
+__global__ void k_crossentropy_fwd(float *losses, const T *logits, const uint16_t *targets, int V,
+				   int Vp)
+{
+	size_t row = blockIdx.x;
+	const T *l = logits + row * Vp;
+	float mx = -INFINITY;
+	for (int i = threadIdx.x; i < V; i += blockDim.x)
+		mx = fmaxf(mx, tof(l[i]));
+	mx = block_reduce(mx, true);
+	float s = 0;
+	for (int i = threadIdx.x; i < V; i += blockDim.x)
+		s += expf(tof(l[i]) - mx);
+	s = block_reduce(s, false);
+	if (threadIdx.x == 0) {
+		float p = expf(tof(l[targets[row]]) - mx) / s;
+		/* as the reference: a probability that underflowed gives 1e-30 */
+		losses[row] = -logf(p > 0 ? p : 1e-30f);
+	}
+}
+
+/* logits -> dlogits in place: (softmax - onehot) * dloss over the first V,
+ * zero over the padding. */
+template <typename T>
+__global__ void k_crossentropy_bwd(T *logits, const uint16_t *targets, float dloss, int V, int Vp)
+{
+	size_t row = blockIdx.x;
+	T *l = logits + row * Vp;
+	float mx = -INFINITY;
+	for (int i = threadIdx.x; i < V; i += blockDim.x)
+		mx = fmaxf(mx, tof(l[i]));
+	mx = block_reduce(mx, true);
+	float s = 0;
+	for (int i = threadIdx.x; i < V; i += blockDim.x)
+		s += expf(tof(l[i]) - mx);
+	s = block_reduce(s, false);
+	int tg = targets[row];
+	for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+		float g = 0;
+		if (i < V)
+			g = (expf(tof(l[i]) - mx) / s - (i == tg ? 1.0f : 0.0f)) * dloss;
+		l[i] = fromf<T>(g);
+	}
+}
+
+/* Mean of n floats into *out, one block. */
+__global__ void k_mean(float *out, const float *x, int n)
+{
+	float s = 0;
+	for (int i = threadIdx.x; i < n; i += blockDim.x)
+		s += x[i];
+	s = block_reduce(s, false);
+	if (threadIdx.x == 0)
+		*out = s / n;
+}
+
+__global__ void k_sumsq(double *out, const float *g, size_t n)
+{
+	double s = 0;
+	for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+	     i += (size_t)gridDim.x * blockDim.x)
+		s += (double)g[i] * g[i];
+	/* warp, then one atomic per warp */
+	for (int o = 16; o > 0; o >>= 1)
+		s += __shfl_xor_sync(0xffffffffu, s, o);
+	if ((threadIdx.x & 31) == 0)
+		atomicAdd(out, s);
+}
+
+/* norm and the clip scale AdamW applies (1 when not clipping). */
+__global__ void k_clip_scale(float *norm, float *scale, const double *sumsq, float max_norm)
+{
+	float n = (float)sqrt(*sumsq);
+	*norm = n;
+	*scale = max_norm > 0 && n > max_norm ? max_norm / n : 1.0f;
+}
+
+__global__ void k_set(float *p, float v)
+{
+	*p = v;
+}
+
+template <typename T> __global__ void k_to_T(T *dst, const float *src, size_t n)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i < n)
+		dst[i] = fromf<T>(src[i]);
+}
+
+template <typename T> __global__ void k_to_f32(float *dst, const T *src, size_t n)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i < n)
+		dst[i] = tof(src[i]);
+}
+
+/* AdamW as gp_model_adamw, gradients scaled by *gscale (the clip), then
+ * zeroed; wT (may be NULL) gets the bf16 copy of the new parameters. */
+__global__ void k_adamw(float *p, float *g, float *m, float *v, bf16 *wT, size_t n, float lr,
+			float b1, float b2, float eps, float wd, float b1c, float b2c,
+			const float *gscale)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= n)
+		return;
+	float gi = g[i] * *gscale;
+	float mi = b1 * m[i] + (1.0f - b1) * gi;
+	float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+	m[i] = mi;
+	v[i] = vi;
+	float mh = mi / b1c, vh = vi / b2c;
+	float pi = p[i];
+	pi -= lr * (mh / (sqrtf(vh) + eps) + wd * pi);
+	p[i] = pi;
+	g[i] = 0.0f;
+	if (wT)
+		wT[i] = __float2bfloat16(pi);
+}
+
+/* ---- the model ---- */
+
+struct gp_gpu_model {
+	struct gp_model_config cfg;
+	enum gp_gpu_precision prec;
+	int maxB, maxT;
+	size_t esz; /* bytes of T */
+	size_t sizes[GP_P_COUNT], offs[GP_P_COUNT], nparams;
+	float *master, *grads, *mom, *vel;
+	void *wT; /* bf16 copy of master (bf16 mode); master itself in fp32 mode */
+	/* activations (type T) and statistics (fp32), laid out per (B, T) */
+	void *acts;
+	float *stats;
+	size_t acts_bytes, stats_bytes;
+	size_t asz[GP_A_COUNT], aoff[GP_A_COUNT]; /* elements, in acts or stats */
+	/* scratch (type T) */
+	void *qkvr, *vacc, *pre, *dres, *dbig, *dqkv, *dx, *dqkvr, *datt, *dvacc;
+	size_t scratch_bytes;
+	uint16_t *inp, *tgt;
+	float *d_loss, *d_norm, *d_scale;
+	double *d_sumsq;
+	int B, T, have_targets, have_forward;
+	cudaStream_t stream;
+	cublasHandle_t blas;
+	void *blas_ws;
+	size_t total_bytes;
+};
+
+static int is_stat(int a)
+{
+	return a == GP_A_LN1_MEAN || a == GP_A_LN1_RSTD || a == GP_A_LN2_MEAN ||
+	       a == GP_A_LN2_RSTD || a == GP_A_LNF_MEAN || a == GP_A_LNF_RSTD || a == GP_A_LOSSES;
+}
+
+/* Offsets of each activation for (B, T); PREATT and PROBS are not kept. */
+static void layout(struct gp_gpu_model *g, int B, int T, size_t *acts_elems, size_t *stat_elems)
+{
+	gp_model_act_sizes(&g->cfg, B, T, g->asz);
+	g->asz[GP_A_PREATT] = g->asz[GP_A_PROBS] = 0;
+	size_t na = 0, ns = 0;
+	for (int a = 0; a < GP_A_COUNT; a++) {
+		size_t *n = is_stat(a) ? &ns : &na;
+		g->aoff[a] = *n;
+		*n += (g->asz[a] + 63) & ~(size_t)63;
+	}
+	*acts_elems = na;
+	*stat_elems = ns;
+}
+
+#define ACT(g, T, a) ((T *)(g)->acts + (g)->aoff[a])
+#define STAT(g, a) ((g)->stats + (g)->aoff[a])
+#define PW(g, T, p) ((T *)(g)->wT + (g)->offs[p])
+#define PG(g, p) ((g)->grads + (g)->offs[p])
+
+static gp_status dalloc(struct gp_gpu_model *g, void **p, size_t bytes, struct gp_err *err)
+{
+	CK(cudaMalloc(p, bytes ? bytes : 16));
+	g->total_bytes += bytes;
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_model_create(struct gp_gpu_model **out, const struct gp_model_config *c,
+					 enum gp_gpu_precision prec, int max_B, int max_T,
+					 struct gp_err *err)
+{
+	*out = NULL;
+	TRY(gp_model_config_check(c, err));
+	if (max_B < 1 || max_T < 1 || max_T > c->context)
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "GPU model: batch %d x %d: need B >= 1 and 1 <= T <= context %d",
+				  max_B, max_T, c->context);
+	const char *why = NULL;
+	if (gp_gpu_available(&why) <= 0)
+		return gp_err_set(err, GP_ERR_UNAVAILABLE, "GPU model: %s", why);
+	struct gp_gpu_model *g = (struct gp_gpu_model *)calloc(1, sizeof *g);
+	if (!g)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	g->cfg = *c;
+	g->prec = prec;
+	g->maxB = max_B;
+	g->maxT = max_T;
+	g->esz = prec == GP_GPU_BF16 ? sizeof(bf16) : sizeof(float);
+	g->nparams = gp_model_param_sizes(c, g->sizes);
+	size_t off = 0;
+	for (int p = 0; p < GP_P_COUNT; p++) {
+		g->offs[p] = off;
+		off += g->sizes[p];
+	}
+	gp_status st = GP_OK;
+#define A_(ptr, bytes)                                                         \
+	do {                                                                   \
+		if (!st)                                                       \
+			st = dalloc(g, (void **)&(ptr), (bytes), err);         \
+	} while (0)
+	size_t np = g->nparams;
+	A_(g->master, np * 4);
+	A_(g->grads, np * 4);
+	A_(g->mom, np * 4);
+	A_(g->vel, np * 4);
+	if (prec == GP_GPU_BF16)
+		A_(g->wT, np * sizeof(bf16));
+	else
+		g->wT = g->master;
+	size_t na = 0, ns = 0;
+	layout(g, max_B, max_T, &na, &ns);
+	g->acts_bytes = na * g->esz;
+	g->stats_bytes = ns * 4;
+	A_(g->acts, g->acts_bytes);
+	A_(g->stats, g->stats_bytes);
+	size_t BTC = (size_t)max_B * max_T * c->width;
+	size_t att = (size_t)max_B * c->heads * max_T * max_T;
+	size_t e = g->esz;
+	A_(g->qkvr, 3 * BTC * e);
+	A_(g->vacc, BTC * e);
+	A_(g->pre, att * e);
+	A_(g->dres, BTC * e);
+	A_(g->dbig, 4 * BTC * e);
+	A_(g->dqkv, 3 * BTC * e);
+	A_(g->dx, BTC * e);
+	A_(g->dqkvr, 3 * BTC * e);
+	A_(g->datt, att * e);
+	A_(g->dvacc, BTC * e);
+	A_(g->inp, (size_t)max_B * max_T * 2);
+	A_(g->tgt, (size_t)max_B * max_T * 2);
+	A_(g->d_loss, 4);
+	A_(g->d_norm, 4);
+	A_(g->d_scale, 4);
+	A_(g->d_sumsq, 8);
+	size_t ws = 32u << 20; /* cuBLAS workspace: set, so that graph capture never allocates */
+	A_(g->blas_ws, ws);
+#undef A_
+	if (!st) {
+		cudaError_t ce = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking);
+		if (ce != cudaSuccess)
+			st = cuda_fail(err, "stream", ce);
+	}
+	if (!st) {
+		cublasStatus_t bs = cublasCreate(&g->blas);
+		if (bs != CUBLAS_STATUS_SUCCESS)
+			st = cublas_fail(err, "create", bs);
+		else if ((bs = cublasSetStream(g->blas, g->stream)) != CUBLAS_STATUS_SUCCESS ||
+			 (bs = cublasSetWorkspace(g->blas, g->blas_ws, ws)) != CUBLAS_STATUS_SUCCESS ||
+			 (bs = cublasSetMathMode(g->blas, CUBLAS_DEFAULT_MATH)) !=
+				 CUBLAS_STATUS_SUCCESS)
+			st = cublas_fail(err, "setup", bs);
+	}
+	if (!st) {
+		cudaMemsetAsync(g->master, 0, np * 4, g->stream);
+		cudaMemsetAsync(g->grads, 0, np * 4, g->stream);
+		cudaMemsetAsync(g->mom, 0, np * 4, g->stream);
+		cudaMemsetAsync(g->vel, 0, np * 4, g->stream);
+		if (prec == GP_GPU_BF16)
+			cudaMemsetAsync(g->wT, 0, np * sizeof(bf16), g->stream);
+		k_set<<<1, 1, 0, g->stream>>>(g->d_scale, 1.0f);
+		cudaError_t ce = cudaStreamSynchronize(g->stream);
+		if (ce != cudaSuccess)
+			st = cuda_fail(err, "initialize", ce);
+	}
+	if (st) {
+		gp_gpu_model_destroy(g);
+		return st;
+	}
+	*out = g;
+	return GP_OK;
+}
+
+extern "C" void gp_gpu_model_destroy(struct gp_gpu_model *g)
+{
+	if (!g)
+		return;
+	if (g->stream)
+		cudaStreamSynchronize(g->stream);
+	if (g->blas)
+		cublasDestroy(g->blas);
+	void *ptrs[] = { g->master, g->grads, g->mom,  g->vel,	 g->acts,  g->stats, g->qkvr,
+			 g->vacc,   g->pre,   g->dres, g->dbig,	 g->dqkv,  g->dx,    g->dqkvr,
+			 g->datt,   g->dvacc, g->inp,  g->tgt,	 g->d_loss, g->d_norm, g->d_scale,
+			 g->d_sumsq, g->blas_ws };
+	for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
+		if (ptrs[i])
+			cudaFree(ptrs[i]);
+	if (g->prec == GP_GPU_BF16 && g->wT)
+		cudaFree(g->wT);
+	if (g->stream)
+		cudaStreamDestroy(g->stream);
+	free(g);
+}
+
+extern "C" size_t gp_gpu_model_bytes(const struct gp_gpu_model *g)
+{
+	return g ? g->total_bytes : 0;
+}
+
+static gp_status sync_weights(struct gp_gpu_model *g, struct gp_err *err)
+{
+	if (g->prec == GP_GPU_BF16) {
+		k_to_T<bf16><<<blocks(g->nparams, 256), 256, 0, g->stream>>>((bf16 *)g->wT, g->master,
+									   g->nparams);
+		CL("convert weights");
+	}
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_model_upload(struct gp_gpu_model *g, const float *params,
+					 const float *mom, const float *vel, struct gp_err *err)
+{
+	size_t b = g->nparams * 4;
+	CK(cudaMemcpyAsync(g->master, params, b, cudaMemcpyHostToDevice, g->stream));
+	if (mom)
+		CK(cudaMemcpyAsync(g->mom, mom, b, cudaMemcpyHostToDevice, g->stream));
+	else
+		CK(cudaMemsetAsync(g->mom, 0, b, g->stream));
+	if (vel)
+		CK(cudaMemcpyAsync(g->vel, vel, b, cudaMemcpyHostToDevice, g->stream));
+	else
+		CK(cudaMemsetAsync(g->vel, 0, b, g->stream));
+	TRY(sync_weights(g, err));
+	CK(cudaStreamSynchronize(g->stream));
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_model_download(struct gp_gpu_model *g, float *params, float *mom,
+					   float *vel, struct gp_err *err)
+{
+	size_t b = g->nparams * 4;
+	if (params)
+		CK(cudaMemcpyAsync(params, g->master, b, cudaMemcpyDeviceToHost, g->stream));
+	if (mom)
+		CK(cudaMemcpyAsync(mom, g->mom, b, cudaMemcpyDeviceToHost, g->stream));
+	if (vel)
+		CK(cudaMemcpyAsync(vel, g->vel, b, cudaMemcpyDeviceToHost, g->stream));
+	CK(cudaStreamSynchronize(g->stream));
+	return GP_OK;
+}
+
+/* ---- GEMMs (column-major cuBLAS over our row-major tensors) ---- */
+
+template <typename T>
+static gp_status gemm(struct gp_gpu_model *g, cublasOperation_t ta, cublasOperation_t tb, int m,
+		      int n, int k, float alpha, const T *A, int lda, const T *B, int ldb,
+		      float beta, void *C, cudaDataType_t ctype, int ldc, struct gp_err *err)
+{
+	CB(cublasGemmEx(g->blas, ta, tb, m, n, k, &alpha, A, dtype<T>(), lda, B, dtype<T>(), ldb,
+			&beta, C, ctype, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+	return GP_OK;
+}
+
+template <typename T>
+static gp_status gemm_batched(struct gp_gpu_model *g, cublasOperation_t ta, cublasOperation_t tb,
+			      int m, int n, int k, float alpha, const T *A, int lda, long long sa,
+			      const T *B, int ldb, long long sb, T *C, int ldc, long long sc,
+			      int batch, struct gp_err *err)
+{
+	float beta = 0.0f;
+	CB(cublasGemmStridedBatchedEx(g->blas, ta, tb, m, n, k, &alpha, A, dtype<T>(), lda, sa, B,
+				      dtype<T>(), ldb, sb, &beta, C, dtype<T>(), ldc, sc, batch,
+				      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+	return GP_OK;
+}
+
+/* out (N, OC) = inp (N, C) . w (OC, C)^T + bias */
+template <typename T>
+static gp_status matmul_fwd(struct gp_gpu_model *g, T *out, const T *inp, const T *w,
+			    const T *bias, int N, int C, int OC, struct gp_err *err)
+{
+	TRY(gemm<T>(g, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, 1.0f, w, C, inp, C, 0.0f, out, dtype<T>(),
+		    OC, err));
+	if (bias) {
+		k_add_bias<T><<<blocks((size_t)N * OC, 256), 256, 0, g->stream>>>(out, bias,
+										   (size_t)N, OC);
+		CL("bias");
+	}
+	return GP_OK;
+}
+
+static void reduce_grid(int cols, int N, dim3 *grid, int *chunk)
+{
+	int cb = (cols + 255) / 256;
+	int chunks = N < 256 ? N : 256;
+	/* enough blocks to fill the device, few enough atomics */
+	if (cb >= 128)
+		chunks = chunks < 8 ? chunks : 8;
+	*chunk = (N + chunks - 1) / chunks;
+	*grid = dim3((unsigned)cb, (unsigned)((N + *chunk - 1) / *chunk));
+}
+
+/* dinp (N, C) = dout . w (overwrites); dw (OC, C) += dout^T . inp; dbias += colsum(dout) */
+template <typename T>
+static gp_status matmul_bwd(struct gp_gpu_model *g, T *dinp, float *dw, float *dbias,
+			    const T *dout, const T *inp, const T *w, int N, int C, int OC,
+			    struct gp_err *err)
+{
+	TRY(gemm<T>(g, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, 1.0f, w, C, dout, OC, 0.0f, dinp,
+		    dtype<T>(), C, err));
+	TRY(gemm<T>(g, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, 1.0f, inp, C, dout, OC, 1.0f, dw,
+		    CUDA_R_32F, C, err));
+	if (dbias) {
+		dim3 grid;
+		int chunk;
+		reduce_grid(OC, N, &grid, &chunk);
+		k_colsum<T><<<grid, 256, 0, g->stream>>>(dbias, dout, N, OC, chunk);
+		CL("bias gradient");
+	}
+	return GP_OK;
+}
+
+template <typename T>
+static gp_status layernorm_fwd(struct gp_gpu_model *g, T *out, float *mean, float *rstd,
+			       const T *inp, const T *w, const T *b, int N, int C,
+			       struct gp_err *err)
+{
+	k_layernorm_fwd<T><<<blocks((size_t)N * 32, 256), 256, 0, g->stream>>>(out, mean, rstd, inp,
+									       w, b, N, C);
+	CL("layernorm");
+	return GP_OK;
+}
+
+template <typename T>
+static gp_status layernorm_bwd(struct gp_gpu_model *g, T *dinp, float *dw, float *db,
+			       const T *dout, const T *inp, const T *w, const float *mean,
+			       const float *rstd, int N, int C, struct gp_err *err)
+{
+	k_layernorm_bwd_x<T><<<blocks((size_t)N * 32, 256), 256, 0, g->stream>>>(
+		dinp, dout, inp, w, mean, rstd, N, C);
+	CL("layernorm backward");
+	dim3 grid;
+	int chunk;
+	reduce_grid(C, N, &grid, &chunk);
+	k_layernorm_bwd_wb<T><<<grid, 256, 0, g->stream>>>(dw, db, dout, inp, mean, rstd, N, C,
+							   chunk);
+	CL("layernorm parameter gradient");
+	return GP_OK;
+}
+
+/* Attention forward for one layer: atty (B,T,C), att (B,NH,T,T) from qkv. */
+template <typename T>
+static gp_status attention_fwd(struct gp_gpu_model *g, T *atty, T *att, const T *qkv, int B,
+			       int Tl, struct gp_err *err)
+{
+	int C = g->cfg.width, NH = g->cfg.heads, hs = C / NH;
+	size_t n = (size_t)B * Tl * C;
+	T *q = (T *)g->qkvr, *k = q + n, *v = k + n, *pre = (T *)g->pre, *y = (T *)g->vacc;
+	k_permute<T><<<blocks(n, 256), 256, 0, g->stream>>>(q, k, v, qkv, B, Tl, NH, hs);
+	CL("permute");
+	float scale = 1.0f / sqrtf((float)hs);
+	long long sq = (long long)Tl * hs, sa = (long long)Tl * Tl;
+	/* pre (T,T) = scale q k^T, per (b, h) */
+	TRY(gemm_batched<T>(g, CUBLAS_OP_T, CUBLAS_OP_N, Tl, Tl, hs, scale, k, hs, sq, q, hs, sq,
+			    pre, Tl, sa, B * NH, err));
+	size_t rows = (size_t)B * NH * Tl;
+	k_softmax_causal<T><<<blocks(rows * 32, 256), 256, 0, g->stream>>>(att, pre, rows, Tl);
+	CL("softmax");
+	/* y (T,hs) = att v */
+	TRY(gemm_batched<T>(g, CUBLAS_OP_N, CUBLAS_OP_N, hs, Tl, Tl, 1.0f, v, hs, sq, att, Tl, sa, y,
+			    hs, sq, B * NH, err));
+	k_unpermute<T><<<blocks(n, 256), 256, 0, g->stream>>>(atty, y, B, Tl, NH, hs, 0);
+	CL("unpermute");
+	return GP_OK;
+}
+
+/* dqkv (overwritten) from datty, given the layer's qkv and att. */
+template <typename T>
+static gp_status attention_bwd(struct gp_gpu_model *g, T *dqkv, const T *datty, const T *qkv,
+			       const T *att, int B, int Tl, struct gp_err *err)
+{
+	int C = g->cfg.width, NH = g->cfg.heads, hs = C / NH;
+	size_t n = (size_t)B * Tl * C;
+	T *q = (T *)g->qkvr, *k = q + n, *v = k + n;
+	T *dq = (T *)g->dqkvr, *dk = dq + n, *dv = dk + n;
+	T *dy = (T *)g->dvacc, *da = (T *)g->datt;
+	k_permute<T><<<blocks(n, 256), 256, 0, g->stream>>>(q, k, v, qkv, B, Tl, NH, hs);
+	CL("permute");
+	k_unpermute<T><<<blocks(n, 256), 256, 0, g->stream>>>(dy, datty, B, Tl, NH, hs, 1);
+	CL("unpermute backward");
+	long long sq = (long long)Tl * hs, sa = (long long)Tl * Tl;
+	int nb = B * NH;
+	/* datt (T,T) = dy v^T */
+	TRY(gemm_batched<T>(g, CUBLAS_OP_T, CUBLAS_OP_N, Tl, Tl, hs, 1.0f, v, hs, sq, dy, hs, sq, da,
+			    Tl, sa, nb, err));
+	/* dv (T,hs) = att^T dy */
+	TRY(gemm_batched<T>(g, CUBLAS_OP_N, CUBLAS_OP_T, hs, Tl, Tl, 1.0f, dy, hs, sq, att, Tl, sa,
+			    dv, hs, sq, nb, err));
+	size_t rows = (size_t)nb * Tl;
+	k_softmax_causal_bwd<T><<<blocks(rows * 32, 256), 256, 0, g->stream>>>(
+		da, att, rows, Tl, 1.0f / sqrtf((float)hs));
+	CL("softmax backward");
+	/* dq = dpre k ; dk = dpre^T q */
+	TRY(gemm_batched<T>(g, CUBLAS_OP_N, CUBLAS_OP_N, hs, Tl, Tl, 1.0f, k, hs, sq, da, Tl, sa, dq,
+			    hs, sq, nb, err));
+	TRY(gemm_batched<T>(g, CUBLAS_OP_N, CUBLAS_OP_T, hs, Tl, Tl, 1.0f, q, hs, sq, da, Tl, sa, dk,
+			    hs, sq, nb, err));
+	k_permute_bwd<T><<<blocks(n, 256), 256, 0, g->stream>>>(dqkv, dq, dk, dv, B, Tl, NH, hs);
+	CL("permute backward");
+	return GP_OK;
+}
+
+template <typename T>
+static gp_status forward_impl(struct gp_gpu_model *g, int B, int Tl, int targets,
+			      struct gp_err *err)
+{
+	const struct gp_model_config *c = &g->cfg;
+	int C = c->width, L = c->layers, V = c->vocab, Vp = c->padded_vocab;
+	int BT = B * Tl;
+	size_t BTC = (size_t)BT * C, attn = (size_t)B * c->heads * Tl * Tl;
+	size_t na, ns;
+	layout(g, B, Tl, &na, &ns);
+	cudaStream_t s = g->stream;
+	k_encoder_fwd<T><<<blocks(BTC, 256), 256, 0, s>>>(ACT(g, T, GP_A_ENCODED), g->inp,
+							   PW(g, T, GP_P_WTE), PW(g, T, GP_P_WPE),
+							   BT, Tl, C);
+	CL("encoder");
+	for (int l = 0; l < L; l++) {
+		T *res = l == 0 ? ACT(g, T, GP_A_ENCODED) : ACT(g, T, GP_A_RESIDUAL3) + (l - 1) * BTC;
+		T *ln1 = ACT(g, T, GP_A_LN1) + l * BTC, *qkv = ACT(g, T, GP_A_QKV) + l * 3 * BTC,
+		  *atty = ACT(g, T, GP_A_ATTY) + l * BTC, *att = ACT(g, T, GP_A_ATT) + l * attn,
+		  *proj = ACT(g, T, GP_A_ATTPROJ) + l * BTC,
+		  *res2 = ACT(g, T, GP_A_RESIDUAL2) + l * BTC, *ln2 = ACT(g, T, GP_A_LN2) + l * BTC,
+		  *fch = ACT(g, T, GP_A_FCH) + l * 4 * BTC,
+		  *fchg = ACT(g, T, GP_A_FCH_GELU) + l * 4 * BTC,
+		  *fcp = ACT(g, T, GP_A_FCPROJ) + l * BTC,
+		  *res3 = ACT(g, T, GP_A_RESIDUAL3) + l * BTC;
+		TRY(layernorm_fwd<T>(g, ln1, STAT(g, GP_A_LN1_MEAN) + l * BT,
+				     STAT(g, GP_A_LN1_RSTD) + l * BT, res, PW(g, T, GP_P_LN1W) + l * C,
+				     PW(g, T, GP_P_LN1B) + l * C, BT, C, err));
+		TRY(matmul_fwd<T>(g, qkv, ln1, PW(g, T, GP_P_QKVW) + (size_t)l * 3 * C * C,
+				  PW(g, T, GP_P_QKVB) + l * 3 * C, BT, C, 3 * C, err));
+		TRY(attention_fwd<T>(g, atty, att, qkv, B, Tl, err));
+		TRY(matmul_fwd<T>(g, proj, atty, PW(g, T, GP_P_ATTPROJW) + (size_t)l * C * C,
+				  PW(g, T, GP_P_ATTPROJB) + l * C, BT, C, C, err));
+		k_residual<T><<<blocks(BTC, 256), 256, 0, s>>>(res2, res, proj, BTC);
+		CL("residual");
+		TRY(layernorm_fwd<T>(g, ln2, STAT(g, GP_A_LN2_MEAN) + l * BT,
+				     STAT(g, GP_A_LN2_RSTD) + l * BT, res2, PW(g, T, GP_P_LN2W) + l * C,
+				     PW(g, T, GP_P_LN2B) + l * C, BT, C, err));
+		TRY(matmul_fwd<T>(g, fch, ln2, PW(g, T, GP_P_FCW) + (size_t)l * 4 * C * C,
+				  PW(g, T, GP_P_FCB) + l * 4 * C, BT, C, 4 * C, err));
+		k_gelu_fwd<T><<<blocks(4 * BTC, 256), 256, 0, s>>>(fchg, fch, 4 * BTC);
+		CL("gelu");
+		TRY(matmul_fwd<T>(g, fcp, fchg, PW(g, T, GP_P_FCPROJW) + (size_t)l * 4 * C * C,
+				  PW(g, T, GP_P_FCPROJB) + l * C, BT, 4 * C, C, err));
+		k_residual<T><<<blocks(BTC, 256), 256, 0, s>>>(res3, res2, fcp, BTC);
+		CL("residual");
+	}
+	TRY(layernorm_fwd<T>(g, ACT(g, T, GP_A_LNF), STAT(g, GP_A_LNF_MEAN),
+			     STAT(g, GP_A_LNF_RSTD), ACT(g, T, GP_A_RESIDUAL3) + (L - 1) * BTC,
+			     PW(g, T, GP_P_LNFW), PW(g, T, GP_P_LNFB), BT, C, err));
+	TRY(matmul_fwd<T>(g, ACT(g, T, GP_A_LOGITS), ACT(g, T, GP_A_LNF), PW(g, T, GP_P_WTE),
+			  (const T *)NULL, BT, C, Vp, err));
+	if (targets) {
+		k_crossentropy_fwd<T><<<BT, 512, 0, s>>>(STAT(g, GP_A_LOSSES),
+							 ACT(g, T, GP_A_LOGITS), g->tgt, V, Vp);
+		CL("cross-entropy");
+		k_mean<<<1, 1024, 0, s>>>(g->d_loss, STAT(g, GP_A_LOSSES), BT);
+		CL("mean loss");
+	}
+	return GP_OK;
+}
+
+template <typename T> static gp_status backward_impl(struct gp_gpu_model *g, struct gp_err *err)
+{
+	const struct gp_model_config *c = &g->cfg;
+	int C = c->width, L = c->layers, V = c->vocab, Vp = c->padded_vocab;
+	int B = g->B, Tl = g->T, BT = B * Tl;
+	size_t BTC = (size_t)BT * C, attn = (size_t)B * c->heads * Tl * Tl;
+	cudaStream_t s = g->stream;
+	T *dres = (T *)g->dres, *dbig = (T *)g->dbig, *dx = (T *)g->dx, *dqkv = (T *)g->dqkv;
+	T *logits = ACT(g, T, GP_A_LOGITS);
+	k_crossentropy_bwd<T><<<BT, 512, 0, s>>>(logits, g->tgt, 1.0f / BT, V, Vp);
+	CL("cross-entropy backward");
+	/* dlnf = dlogits . wte ; dwte += dlogits^T . lnf */
+	TRY(matmul_bwd<T>(g, dx, PG(g, GP_P_WTE), NULL, logits, ACT(g, T, GP_A_LNF),
+			  PW(g, T, GP_P_WTE), BT, C, Vp, err));
+	CK(cudaMemsetAsync(dres, 0, BTC * g->esz, s));
+	TRY(layernorm_bwd<T>(g, dres, PG(g, GP_P_LNFW), PG(g, GP_P_LNFB), dx,
+			     ACT(g, T, GP_A_RESIDUAL3) + (L - 1) * BTC, PW(g, T, GP_P_LNFW),
+			     STAT(g, GP_A_LNF_MEAN), STAT(g, GP_A_LNF_RSTD), BT, C, err));
+	for (int l = L - 1; l >= 0; l--) {
+		T *res = l == 0 ? ACT(g, T, GP_A_ENCODED) : ACT(g, T, GP_A_RESIDUAL3) + (l - 1) * BTC;
+		/* dres holds d residual3[l] */
+		TRY(matmul_bwd<T>(g, dbig, PG(g, GP_P_FCPROJW) + (size_t)l * 4 * C * C,
+				  PG(g, GP_P_FCPROJB) + l * C, dres,
+				  ACT(g, T, GP_A_FCH_GELU) + l * 4 * BTC,
+				  PW(g, T, GP_P_FCPROJW) + (size_t)l * 4 * C * C, BT, 4 * C, C, err));
+		k_gelu_bwd<T><<<blocks(4 * BTC, 256), 256, 0, s>>>(
+			dbig, ACT(g, T, GP_A_FCH) + l * 4 * BTC, 4 * BTC);
+		CL("gelu backward");
+		TRY(matmul_bwd<T>(g, dx, PG(g, GP_P_FCW) + (size_t)l * 4 * C * C,
+				  PG(g, GP_P_FCB) + l * 4 * C, dbig, ACT(g, T, GP_A_LN2) + l * BTC,
+				  PW(g, T, GP_P_FCW) + (size_t)l * 4 * C * C, BT, C, 4 * C, err));
+		TRY(layernorm_bwd<T>(g, dres, PG(g, GP_P_LN2W) + l * C, PG(g, GP_P_LN2B) + l * C, dx,
+				     ACT(g, T, GP_A_RESIDUAL2) + l * BTC, PW(g, T, GP_P_LN2W) + l * C,
+				     STAT(g, GP_A_LN2_MEAN) + l * BT, STAT(g, GP_A_LN2_RSTD) + l * BT,
+				     BT, C, err));
+		/* dres holds d residual2[l] */
+		TRY(matmul_bwd<T>(g, dx, PG(g, GP_P_ATTPROJW) + (size_t)l * C * C,
+				  PG(g, GP_P_ATTPROJB) + l * C, dres, ACT(g, T, GP_A_ATTY) + l * BTC,
+				  PW(g, T, GP_P_ATTPROJW) + (size_t)l * C * C, BT, C, C, err));
+		TRY(attention_bwd<T>(g, dqkv, dx, ACT(g, T, GP_A_QKV) + l * 3 * BTC,
+				     ACT(g, T, GP_A_ATT) + l * attn, B, Tl, err));
+		TRY(matmul_bwd<T>(g, dx, PG(g, GP_P_QKVW) + (size_t)l * 3 * C * C,
+				  PG(g, GP_P_QKVB) + l * 3 * C, dqkv, ACT(g, T, GP_A_LN1) + l * BTC,
+				  PW(g, T, GP_P_QKVW) + (size_t)l * 3 * C * C, BT, C, 3 * C, err));
+		TRY(layernorm_bwd<T>(g, dres, PG(g, GP_P_LN1W) + l * C, PG(g, GP_P_LN1B) + l * C, dx,
+				     res, PW(g, T, GP_P_LN1W) + l * C, STAT(g, GP_A_LN1_MEAN) + l * BT,
+				     STAT(g, GP_A_LN1_RSTD) + l * BT, BT, C, err));
+	}
+	k_encoder_bwd<T><<<blocks(BTC, 256), 256, 0, s>>>(PG(g, GP_P_WTE), PG(g, GP_P_WPE), dres,
+							   g->inp, BT, Tl, C);
+	CL("encoder backward");
+	return GP_OK;
+}
+
+static gp_status check_batch(struct gp_gpu_model *g, const uint16_t *inputs,
+			     const uint16_t *targets, int B, int T, struct gp_err *err)
+{
+	if (B < 1 || T < 1 || B > g->maxB || T > g->maxT)
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "GPU batch %d x %d tokens: the model was made for at most %d x %d",
+				  B, T, g->maxB, g->maxT);
+	size_t BT = (size_t)B * T;
+	for (size_t i = 0; i < BT; i++)
+		if (inputs[i] >= g->cfg.vocab || (targets && targets[i] >= g->cfg.vocab))
+			return gp_err_set(err, GP_ERR_INVALID,
+					  "token %u at position %zu is outside the vocabulary (%d)",
+					  inputs[i] >= g->cfg.vocab ? inputs[i] : targets[i], i,
+					  g->cfg.vocab);
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_forward(struct gp_gpu_model *g, const uint16_t *inputs,
+				    const uint16_t *targets, int B, int T, float *loss,
+				    struct gp_err *err)
+{
+	TRY(check_batch(g, inputs, targets, B, T, err));
+	size_t BT = (size_t)B * T;
+	CK(cudaMemcpyAsync(g->inp, inputs, BT * 2, cudaMemcpyHostToDevice, g->stream));
+	if (targets)
+		CK(cudaMemcpyAsync(g->tgt, targets, BT * 2, cudaMemcpyHostToDevice, g->stream));
+	g->B = B;
+	g->T = T;
+	g->have_targets = targets != NULL;
+	g->have_forward = 1;
+	if (g->prec == GP_GPU_BF16)
+		TRY(forward_impl<bf16>(g, B, T, targets != NULL, err));
+	else
+		TRY(forward_impl<float>(g, B, T, targets != NULL, err));
+	if (targets && loss) {
+		CK(cudaMemcpyAsync(loss, g->d_loss, 4, cudaMemcpyDeviceToHost, g->stream));
+		CK(cudaStreamSynchronize(g->stream));
+	}
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_zero_grad(struct gp_gpu_model *g, struct gp_err *err)
+{
+	CK(cudaMemsetAsync(g->grads, 0, g->nparams * 4, g->stream));
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_backward(struct gp_gpu_model *g, struct gp_err *err)
+{
+	if (!g->have_forward || !g->have_targets)
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "GPU backward needs a forward pass with targets before it");
+	g->have_forward = 0; /* the logits are now their gradient */
+	if (g->prec == GP_GPU_BF16)
+		return backward_impl<bf16>(g, err);
+	return backward_impl<float>(g, err);
+}
+
+extern "C" gp_status gp_gpu_clip_grad(struct gp_gpu_model *g, float max_norm, float *norm,
+				      struct gp_err *err)
+{
+	CK(cudaMemsetAsync(g->d_sumsq, 0, 8, g->stream));
+	k_sumsq<<<1024, 256, 0, g->stream>>>(g->d_sumsq, g->grads, g->nparams);
+	CL("gradient norm");
+	k_clip_scale<<<1, 1, 0, g->stream>>>(g->d_norm, g->d_scale, g->d_sumsq, max_norm);
+	CL("clip");
+	if (norm) {
+		CK(cudaMemcpyAsync(norm, g->d_norm, 4, cudaMemcpyDeviceToHost, g->stream));
+		CK(cudaStreamSynchronize(g->stream));
+	}
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_adamw(struct gp_gpu_model *g, const struct gp_adamw *o, long step,
+				  struct gp_err *err)
+{
+	float b1c = 1.0f - powf(o->beta1, (float)step), b2c = 1.0f - powf(o->beta2, (float)step);
+	for (int t = 0; t < GP_P_COUNT; t++) {
+		size_t off = g->offs[t], n = g->sizes[t];
+		float wd = gp_model_param_decays(t) ? o->weight_decay : 0.0f;
+		bf16 *wT = g->prec == GP_GPU_BF16 ? (bf16 *)g->wT + off : NULL;
+		k_adamw<<<blocks(n, 256), 256, 0, g->stream>>>(g->master + off, g->grads + off,
+							       g->mom + off, g->vel + off, wT, n,
+							       o->lr, o->beta1, o->beta2, o->eps, wd,
+							       b1c, b2c, g->d_scale);
+		CL("AdamW");
+	}
+	k_set<<<1, 1, 0, g->stream>>>(g->d_scale, 1.0f); /* the clip applies to one update */
+	CL("reset clip");
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_train_step(struct gp_gpu_model *g, const uint16_t *inputs,
+				       const uint16_t *targets, int B, int T,
+				       const struct gp_adamw *o, long step, float max_norm,
+				       float *loss, float *norm, struct gp_err *err)
+{
+	if (!targets)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU training step without targets");
+	TRY(gp_gpu_zero_grad(g, err));
+	TRY(gp_gpu_forward(g, inputs, targets, B, T, NULL, err));
+	TRY(gp_gpu_backward(g, err));
+	TRY(gp_gpu_clip_grad(g, max_norm, NULL, err));
+	TRY(gp_gpu_adamw(g, o, step, err));
+	if (loss)
+		CK(cudaMemcpyAsync(loss, g->d_loss, 4, cudaMemcpyDeviceToHost, g->stream));
+	if (norm)
+		CK(cudaMemcpyAsync(norm, g->d_norm, 4, cudaMemcpyDeviceToHost, g->stream));
+	if (loss || norm)
+		CK(cudaStreamSynchronize(g->stream));
+	return GP_OK;
+}
+
+/* ---- inspection ---- */
+
+extern "C" gp_status gp_gpu_read_activation(struct gp_gpu_model *g, int act, float *out, size_t n,
+					    struct gp_err *err)
+{
+	if (act < 0 || act >= GP_A_COUNT || act == GP_A_PREATT || act == GP_A_PROBS)
+		return gp_err_set(err, GP_ERR_INVALID, "activation %d is not kept on the GPU", act);
+	if (!g->B)
+		return gp_err_set(err, GP_ERR_INVALID, "no forward pass yet");
+	size_t na, ns;
+	layout(g, g->B, g->T, &na, &ns);
+	if (n != g->asz[act])
+		return gp_err_set(err, GP_ERR_INVALID, "activation %d has %zu values, not %zu", act,
+				  g->asz[act], n);
+	if (is_stat(act)) {
+		CK(cudaMemcpyAsync(out, STAT(g, act), n * 4, cudaMemcpyDeviceToHost, g->stream));
+	} else if (g->prec == GP_GPU_FP32) {
+		CK(cudaMemcpyAsync(out, ACT(g, float, act), n * 4, cudaMemcpyDeviceToHost,
+				   g->stream));
+	} else {
+		/* through a float copy in the (free between passes) scratch */
+		float *tmp = NULL;
+		CK(cudaMallocAsync((void **)&tmp, n * 4, g->stream));
+		k_to_f32<bf16><<<blocks(n, 256), 256, 0, g->stream>>>(tmp, ACT(g, bf16, act), n);
+		cudaError_t e1 = cudaGetLastError();
+		cudaError_t e2 = cudaMemcpyAsync(out, tmp, n * 4, cudaMemcpyDeviceToHost, g->stream);
+		cudaFreeAsync(tmp, g->stream);
+		if (e1 != cudaSuccess)
+			return cuda_fail(err, "convert activation", e1);
+		if (e2 != cudaSuccess)
+			return cuda_fail(err, "copy activation", e2);
+	}
+	CK(cudaStreamSynchronize(g->stream));
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_read_grads(struct gp_gpu_model *g, float *out, struct gp_err *err)
+{
+	CK(cudaMemcpyAsync(out, g->grads, g->nparams * 4, cudaMemcpyDeviceToHost, g->stream));
+	CK(cudaStreamSynchronize(g->stream));
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_poison(struct gp_gpu_model *g, struct gp_err *err)
+{
+	/* all-ones bytes are NaN in fp32 and in bf16 */
+	CK(cudaMemsetAsync(g->acts, 0xff, g->acts_bytes, g->stream));
+	CK(cudaMemsetAsync(g->stats, 0xff, g->stats_bytes, g->stream));
+	size_t BTC = (size_t)g->maxB * g->maxT * g->cfg.width;
+	size_t att = (size_t)g->maxB * g->cfg.heads * g->maxT * g->maxT;
+	void *scr[] = { g->qkvr, g->vacc, g->pre, g->dres, g->dbig, g->dqkv, g->dx, g->dqkvr,
+			g->datt, g->dvacc };
+	size_t n[] = { 3 * BTC, BTC, att, BTC, 4 * BTC, 3 * BTC, BTC, 3 * BTC, att, BTC };
+	for (int i = 0; i < 10; i++)
+		CK(cudaMemsetAsync(scr[i], 0xff, n[i] * g->esz, g->stream));
+	CK(cudaMemsetAsync(g->d_loss, 0xff, 4, g->stream));
+	CK(cudaStreamSynchronize(g->stream));
+	return GP_OK;
+}
+
+/* ---- generation ---- */
+
+struct row_info {
+	int slot, pos, token, pad;
+};
+
+struct gp_gpu_decoder {
+	struct gp_gpu_model *g;
+	int slots, max_rows, use_graphs;
+	int *len;
+	void *kc, *vc; /* (slots, L, context, C) of T */
+	void *x, *xn, *qkv, *y, *proj, *h, *hg;
+	float *mean, *rstd, *logits;
+	struct row_info *d_rows, *h_rows; /* h_rows pinned */
+	float *h_logits;                  /* pinned */
+	cudaStream_t stream;
+	cublasHandle_t blas;
+	void *blas_ws;
+	cudaGraphExec_t *graphs; /* by mode * max_rows + row count - 1 */
+	int *d_next, *h_next;     /* greedy ids (h_next pinned) */
+	size_t smem;
+};
+
+template <typename T>
+__global__ void k_embed_rows(T *x, const struct row_info *rows, const T *wte, const T *wpe, int n,
+			     int C)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= (size_t)n * C)
+		return;
+	int r = (int)(i / C), c = (int)(i % C);
+	x[i] = fromf<T>(tof(wte[(size_t)rows[r].token * C + c]) +
+			tof(wpe[(size_t)rows[r].pos * C + c]));
+}
+
+template <typename T>
+__global__ void k_kv_write(T *kc, T *vc, const T *qkv, const struct row_info *rows, int n, int l,
+			   int L, int ctx, int C)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= (size_t)n * C)
+		return;
+	int r = (int)(i / C), c = (int)(i % C);
+	size_t at = (((size_t)rows[r].slot * L + l) * ctx + rows[r].pos) * C + c;
+	kc[at] = qkv[(size_t)r * 3 * C + C + c];
+	vc[at] = qkv[(size_t)r * 3 * C + 2 * C + c];
+}
+
+/* One block per (row, head): scores over positions 0..pos of the row's
+ * slot (in shared memory), softmax, weighted sum of values. */
+template <typename T>
+__global__ void k_decode_attn(T *y, const T *qkv, const T *kc, const T *vc,
+			      const struct row_info *rows, int l, int L, int ctx, int C, int NH)
+{
+	extern __shared__ float sc[];
+	int r = blockIdx.x, h = blockIdx.y, hs = C / NH;
+	int pos = rows[r].pos;
+	const T *q = qkv + (size_t)r * 3 * C + (size_t)h * hs;
+	size_t base = ((size_t)rows[r].slot * L + l) * ctx * C + (size_t)h * hs;
+	float scale = rsqrtf((float)hs);
+	float mx = -INFINITY;
+	for (int p = threadIdx.x; p <= pos; p += blockDim.x) {
+		const T *k = kc + base + (size_t)p * C;
+		float d = 0;
+		for (int i = 0; i < hs; i++)
+			d += tof(q[i]) * tof(k[i]);
+		d *= scale;
+		sc[p] = d;
+		mx = fmaxf(mx, d);
+	}
+	mx = block_reduce(mx, true);
+	float s = 0;
+	for (int p = threadIdx.x; p <= pos; p += blockDim.x) {
+		float e = expf(sc[p] - mx);
+		sc[p] = e;
+		s += e;
+	}
+	s = block_reduce(s, false); /* synchronizes: sc is complete */
+	float inv = 1.0f / s;
+	for (int i = threadIdx.x; i < hs; i += blockDim.x) {
+		float acc = 0;
+		for (int p = 0; p <= pos; p++)
+			acc += sc[p] * inv * tof(vc[base + (size_t)p * C + i]);
+		y[(size_t)r * C + (size_t)h * hs + i] = fromf<T>(acc);
+	}
+}
+
+/* Greedy: the first index of the largest of the first V logits, per row. */
+__global__ void k_argmax(int *out, const float *logits, int V, int Vp)
+{
+	__shared__ float bv[256];
+	__shared__ int bi[256];
+	const float *l = logits + (size_t)blockIdx.x * Vp;
+	float best = -INFINITY;
+	int idx = 0x7fffffff;
+	for (int i = threadIdx.x; i < V; i += blockDim.x)
+		if (l[i] > best) { /* strided in increasing i: the first of equals stays */
+			best = l[i];
+			idx = i;
+		}
+	bv[threadIdx.x] = best;
+	bi[threadIdx.x] = idx;
+	__syncthreads();
+	for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+		if (threadIdx.x < s) {
+			float ov = bv[threadIdx.x + s];
+			int oi = bi[threadIdx.x + s];
+			if (ov > bv[threadIdx.x] || (ov == bv[threadIdx.x] && oi < bi[threadIdx.x])) {
+				bv[threadIdx.x] = ov;
+				bi[threadIdx.x] = oi;
+			}
+		}
+		__syncthreads();
+	}
+	if (threadIdx.x == 0)
+		out[blockIdx.x] = bi[0];
+}
+
+template <typename T>
+static gp_status dgemm(struct gp_gpu_decoder *d, T *out, const T *inp, const T *w, const T *bias,
+		       int N, int C, int OC, void *out_f32, struct gp_err *err)
+{
+	float one = 1.0f, zero = 0.0f;
+	void *o = out_f32 ? out_f32 : (void *)out;
+	CB(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, &one, w, dtype<T>(), C, inp,
+			dtype<T>(), C, &zero, o, out_f32 ? CUDA_R_32F : dtype<T>(), OC,
+			CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+	if (bias) {
+		k_add_bias<T><<<blocks((size_t)N * OC, 256), 256, 0, d->stream>>>(out, bias,
+										   (size_t)N, OC);
+		CL("bias");
+	}
+	return GP_OK;
+}
+
+/* Every kernel of one step over n rows (rows already in d_rows). */
+template <typename T> static gp_status decode_impl(struct gp_gpu_decoder *d, int n, struct gp_err *err)
+{
+	struct gp_gpu_model *g = d->g;
+	const struct gp_model_config *c = &g->cfg;
+	int C = c->width, L = c->layers, NH = c->heads, ctx = c->context, Vp = c->padded_vocab;
+	size_t nC = (size_t)n * C;
+	cudaStream_t s = d->stream;
+	T *x = (T *)d->x, *xn = (T *)d->xn, *qkv = (T *)d->qkv, *y = (T *)d->y, *proj = (T *)d->proj,
+	  *h = (T *)d->h, *hg = (T *)d->hg;
+	k_embed_rows<T><<<blocks(nC, 256), 256, 0, s>>>(x, d->d_rows, PW(g, T, GP_P_WTE),
+							 PW(g, T, GP_P_WPE), n, C);
+	CL("embed");
+	for (int l = 0; l < L; l++) {
+		k_layernorm_fwd<T><<<blocks((size_t)n * 32, 256), 256, 0, s>>>(
+			xn, d->mean, d->rstd, x, PW(g, T, GP_P_LN1W) + l * C,
+			PW(g, T, GP_P_LN1B) + l * C, n, C);
+		CL("layernorm");
+		TRY(dgemm<T>(d, qkv, xn, PW(g, T, GP_P_QKVW) + (size_t)l * 3 * C * C,
+			     PW(g, T, GP_P_QKVB) + l * 3 * C, n, C, 3 * C, NULL, err));
+		k_kv_write<T><<<blocks(nC, 256), 256, 0, s>>>((T *)d->kc, (T *)d->vc, qkv, d->d_rows,
+							       n, l, L, ctx, C);
+		CL("kv write");
+		k_decode_attn<T><<<dim3((unsigned)n, (unsigned)NH), 128, d->smem, s>>>(
+			y, qkv, (const T *)d->kc, (const T *)d->vc, d->d_rows, l, L, ctx, C, NH);
+		CL("decode attention");
+		TRY(dgemm<T>(d, proj, y, PW(g, T, GP_P_ATTPROJW) + (size_t)l * C * C,
+			     PW(g, T, GP_P_ATTPROJB) + l * C, n, C, C, NULL, err));
+		k_residual<T><<<blocks(nC, 256), 256, 0, s>>>(x, x, proj, nC);
+		CL("residual");
+		k_layernorm_fwd<T><<<blocks((size_t)n * 32, 256), 256, 0, s>>>(
+			xn, d->mean, d->rstd, x, PW(g, T, GP_P_LN2W) + l * C,
+			PW(g, T, GP_P_LN2B) + l * C, n, C);
+		CL("layernorm");
+		TRY(dgemm<T>(d, h, xn, PW(g, T, GP_P_FCW) + (size_t)l * 4 * C * C,
+			     PW(g, T, GP_P_FCB) + l * 4 * C, n, C, 4 * C, NULL, err));
+		k_gelu_fwd<T><<<blocks(4 * nC, 256), 256, 0, s>>>(hg, h, 4 * nC);
+		CL("gelu");
+		TRY(dgemm<T>(d, proj, hg, PW(g, T, GP_P_FCPROJW) + (size_t)l * 4 * C * C,
+			     PW(g, T, GP_P_FCPROJB) + l * C, n, 4 * C, C, NULL, err));
+		k_residual<T><<<blocks(nC, 256), 256, 0, s>>>(x, x, proj, nC);
+		CL("residual");
+	}
+	k_layernorm_fwd<T><<<blocks((size_t)n * 32, 256), 256, 0, s>>>(
+		xn, d->mean, d->rstd, x, PW(g, T, GP_P_LNFW), PW(g, T, GP_P_LNFB), n, C);
+	CL("layernorm");
+	TRY(dgemm<T>(d, (T *)NULL, xn, PW(g, T, GP_P_WTE), (const T *)NULL, n, C, Vp, d->logits,
+		     err));
+	return GP_OK;
+}
+
+/* Copy rows in, run the step, copy logits out (mode 0) or the greedy ids
+ * (mode 1): what a graph captures. */
+static gp_status decode_all(struct gp_gpu_decoder *d, int n, int mode, struct gp_err *err)
+{
+	CK(cudaMemcpyAsync(d->d_rows, d->h_rows, (size_t)n * sizeof *d->h_rows,
+			   cudaMemcpyHostToDevice, d->stream));
+	if (d->g->prec == GP_GPU_BF16)
+		TRY(decode_impl<bf16>(d, n, err));
+	else
+		TRY(decode_impl<float>(d, n, err));
+	if (mode == 1) {
+		k_argmax<<<n, 256, 0, d->stream>>>(d->d_next, d->logits, d->g->cfg.vocab,
+						   d->g->cfg.padded_vocab);
+		CL("argmax");
+		CK(cudaMemcpyAsync(d->h_next, d->d_next, (size_t)n * sizeof(int),
+				   cudaMemcpyDeviceToHost, d->stream));
+	} else {
+		CK(cudaMemcpyAsync(d->h_logits, d->logits,
+				   (size_t)n * d->g->cfg.padded_vocab * 4, cudaMemcpyDeviceToHost,
+				   d->stream));
+	}
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_decoder_create(struct gp_gpu_decoder **out, struct gp_gpu_model *g,
+					   int slots, int max_rows, struct gp_err *err)
+{
+	*out = NULL;
+	if (slots < 1 || slots > 4096 || max_rows < 1 || max_rows > GP_BATCH_MAX_ROWS)
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "GPU decoder: %d slots, %d rows (1..4096 and 1..%d)", slots,
+				  max_rows, GP_BATCH_MAX_ROWS);
+	struct gp_gpu_decoder *d = (struct gp_gpu_decoder *)calloc(1, sizeof *d);
+	if (!d)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	const struct gp_model_config *c = &g->cfg;
+	d->g = g;
+	d->slots = slots;
+	d->max_rows = max_rows;
+	d->use_graphs = 1;
+	d->len = (int *)calloc((size_t)slots, sizeof *d->len);
+	d->graphs = (cudaGraphExec_t *)calloc((size_t)max_rows * 2, sizeof *d->graphs);
+	gp_status st = (d->len && d->graphs) ? GP_OK
+					      : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	size_t e = g->esz, C = c->width, R = max_rows;
+	size_t cache = (size_t)slots * c->layers * c->context * C * e;
+	struct {
+		void **p;
+		size_t bytes;
+	} al[] = {
+		{ &d->kc, cache },
+		{ &d->vc, cache },
+		{ &d->x, R * C * e },
+		{ &d->xn, R * C * e },
+		{ &d->qkv, R * 3 * C * e },
+		{ &d->y, R * C * e },
+		{ &d->proj, R * C * e },
+		{ &d->h, R * 4 * C * e },
+		{ &d->hg, R * 4 * C * e },
+		{ (void **)&d->mean, R * 4 },
+		{ (void **)&d->rstd, R * 4 },
+		{ (void **)&d->logits, R * c->padded_vocab * 4 },
+		{ (void **)&d->d_rows, R * sizeof(struct row_info) },
+		{ (void **)&d->d_next, R * sizeof(int) },
+		{ &d->blas_ws, 32u << 20 },
+	};
+	for (size_t i = 0; !st && i < sizeof al / sizeof *al; i++) {
+		cudaError_t ce = cudaMalloc(al[i].p, al[i].bytes);
+		if (ce != cudaSuccess)
+			st = cuda_fail(err, "decoder memory", ce);
+	}
+	if (!st) {
+		cudaError_t ce = cudaMallocHost((void **)&d->h_rows, R * sizeof(struct row_info));
+		if (ce == cudaSuccess)
+			ce = cudaMallocHost((void **)&d->h_logits, R * c->padded_vocab * 4);
+		if (ce == cudaSuccess)
+			ce = cudaMallocHost((void **)&d->h_next, R * sizeof(int));
+		if (ce == cudaSuccess)
+			ce = cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking);
+		if (ce != cudaSuccess)
+			st = cuda_fail(err, "decoder setup", ce);
+	}
+	if (!st) {
+		cublasStatus_t bs = cublasCreate(&d->blas);
+		if (bs == CUBLAS_STATUS_SUCCESS)
+			bs = cublasSetStream(d->blas, d->stream);
+		if (bs == CUBLAS_STATUS_SUCCESS)
+			bs = cublasSetWorkspace(d->blas, d->blas_ws, 32u << 20);
+		if (bs != CUBLAS_STATUS_SUCCESS)
+			st = cublas_fail(err, "decoder setup", bs);
+	}
+	if (!st) {
+		d->smem = (size_t)c->context * 4;
+		cudaError_t ce = cudaSuccess;
+		if (d->smem > 48 * 1024) {
+			if (g->prec == GP_GPU_BF16)
+				ce = cudaFuncSetAttribute(k_decode_attn<bf16>,
+							  cudaFuncAttributeMaxDynamicSharedMemorySize,
+							  (int)d->smem);
+			else
+				ce = cudaFuncSetAttribute(k_decode_attn<float>,
+							  cudaFuncAttributeMaxDynamicSharedMemorySize,
+							  (int)d->smem);
+		}
+		if (ce != cudaSuccess)
+			st = cuda_fail(err, "decoder attention shared memory", ce);
+	}
+	if (st) {
+		gp_gpu_decoder_destroy(d);
+		return st;
+	}
+	*out = d;
+	return GP_OK;
+}
+
+extern "C" void gp_gpu_decoder_destroy(struct gp_gpu_decoder *d)
+{
+	if (!d)
+		return;
+	if (d->stream)
+		cudaStreamSynchronize(d->stream);
+	for (int i = 0; d->graphs && i < 2 * d->max_rows; i++)
+		if (d->graphs[i])
+			cudaGraphExecDestroy(d->graphs[i]);
+	if (d->blas)
+		cublasDestroy(d->blas);
+	void *p[] = { d->kc,   d->vc,	  d->x,	     d->xn,	d->qkv,	    d->y,
+		      d->proj, d->h,	  d->hg,     d->mean,	d->rstd,    d->logits,
+		      d->d_rows, d->d_next, d->blas_ws };
+	for (size_t i = 0; i < sizeof p / sizeof *p; i++)
+		if (p[i])
+			cudaFree(p[i]);
+	if (d->h_rows)
+		cudaFreeHost(d->h_rows);
+	if (d->h_logits)
+		cudaFreeHost(d->h_logits);
+	if (d->h_next)
+		cudaFreeHost(d->h_next);
+	if (d->stream)
+		cudaStreamDestroy(d->stream);
+	free(d->graphs);
+	free(d->len);
+	free(d);
+}
+
+extern "C" void gp_gpu_decoder_reset(struct gp_gpu_decoder *d, int slot)
+{
+	if (slot >= 0 && slot < d->slots)
+		d->len[slot] = 0;
+}
+
+extern "C" int gp_gpu_decoder_len(const struct gp_gpu_decoder *d, int slot)
+{
+	return slot >= 0 && slot < d->slots ? d->len[slot] : 0;
+}
+
+extern "C" void gp_gpu_decoder_use_graphs(struct gp_gpu_decoder *d, int on)
+{
+	d->use_graphs = on;
+}
+
+static gp_status step_impl(struct gp_gpu_decoder *d, const int *slots, const uint16_t *tokens,
+			   int n, int mode, struct gp_err *err)
+{
+	const struct gp_model_config *c = &d->g->cfg;
+	if (n < 1 || n > d->max_rows)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU step of %d rows (1..%d)", n, d->max_rows);
+	/* check everything before any cache changes */
+	for (int i = 0; i < n; i++) {
+		if (slots[i] < 0 || slots[i] >= d->slots)
+			return gp_err_set(err, GP_ERR_INVALID, "row %d: slot %d out of range 0..%d", i,
+					  slots[i], d->slots - 1);
+		if (tokens[i] >= c->vocab)
+			return gp_err_set(err, GP_ERR_INVALID,
+					  "row %d: token %u is outside the vocabulary (%d)", i,
+					  tokens[i], c->vocab);
+		if (i > 0 && slots[i] != slots[i - 1])
+			for (int j = 0; j < i - 1; j++)
+				if (slots[j] == slots[i])
+					return gp_err_set(err, GP_ERR_INVALID,
+							  "row %d: rows of slot %d are not consecutive",
+							  i, slots[i]);
+	}
+	int run = 0;
+	for (int i = 0; i < n; i++) {
+		run = i > 0 && slots[i] == slots[i - 1] ? run + 1 : 0;
+		int pos = d->len[slots[i]] + run;
+		if (pos >= c->context)
+			return gp_err_set(err, GP_ERR_TOO_BIG,
+					  "slot %d is full (context %d tokens)", slots[i], c->context);
+		d->h_rows[i] = (struct row_info){ slots[i], pos, tokens[i], 0 };
+	}
+	if (d->use_graphs) {
+		cudaGraphExec_t *ge = &d->graphs[mode * d->max_rows + n - 1];
+		if (!*ge) {
+			cudaGraph_t graph = NULL;
+			CK(cudaStreamBeginCapture(d->stream, cudaStreamCaptureModeThreadLocal));
+			gp_status st = decode_all(d, n, mode, err);
+			cudaError_t ce = cudaStreamEndCapture(d->stream, &graph);
+			if (st) {
+				if (graph)
+					cudaGraphDestroy(graph);
+				return st;
+			}
+			if (ce != cudaSuccess)
+				return cuda_fail(err, "capture decode step", ce);
+			ce = cudaGraphInstantiate(ge, graph, 0);
+			cudaGraphDestroy(graph);
+			if (ce != cudaSuccess) {
+				*ge = NULL;
+				return cuda_fail(err, "instantiate decode step", ce);
+			}
+		}
+		CK(cudaGraphLaunch(*ge, d->stream));
+	} else {
+		TRY(decode_all(d, n, mode, err));
+	}
+	CK(cudaStreamSynchronize(d->stream));
+	for (int i = 0; i < n; i++)
+		d->len[slots[i]]++;
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_decoder_step(struct gp_gpu_decoder *d, const int *slots,
+					 const uint16_t *tokens, int n, float *logits,
+					 struct gp_err *err)
+{
+	TRY(step_impl(d, slots, tokens, n, 0, err));
+	if (logits)
+		memcpy(logits, d->h_logits, (size_t)n * d->g->cfg.padded_vocab * 4);
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_decoder_greedy(struct gp_gpu_decoder *d, const int *slots,
+					   const uint16_t *tokens, int n, uint16_t *next,
+					   struct gp_err *err)
+{
+	TRY(step_impl(d, slots, tokens, n, 1, err));
+	for (int i = 0; i < n; i++)
+		next[i] = (uint16_t)d->h_next[i];
+	return GP_OK;
+}
