@@ -54,7 +54,9 @@ struct gp_gpu_model;
 /*
  * A model on the current device with room for batches of up to max_B x
  * max_T tokens (activations are sized for that at creation: no allocation
- * during training). Parameters start at zero: upload them.
+ * during training). Parameters start at zero: upload them. max_B = max_T =
+ * 0 makes a model for generation only (weights, no gradients, optimizer
+ * state or activations): the training calls refuse it.
  */
 gp_status gp_gpu_model_create(struct gp_gpu_model **out, const struct gp_model_config *c,
 			      enum gp_gpu_precision prec, int max_B, int max_T,

@@ -17,7 +17,7 @@ gp_status gp_gpu_choose(const char *device, int *use_gpu, struct gp_err *err)
 		return GP_OK;
 	if (!strcmp(device, "cuda")) {
 		if (gp_gpu_available(&why) <= 0)
-			return gp_err_set(err, GP_ERR_UNAVAILABLE, "device cuda: %s",
+			return gp_err_set(err, GP_ERR_UNAVAILABLE, "\"cuda\" was asked for and no GPU is usable: %s",
 					  why ? why : "no CUDA device");
 		*use_gpu = 1;
 		return GP_OK;

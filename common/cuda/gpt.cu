@@ -23,6 +23,7 @@
  * CUDA graph whose inputs (slot, position, token of each row) are copied in
  * by the graph itself from pinned host memory.
  */
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -552,11 +553,28 @@ struct gp_gpu_model {
 	float *d_loss, *d_norm, *d_scale;
 	double *d_sumsq;
 	int B, T, have_targets, have_forward;
+	int infer_only; /* made with max_B = max_T = 0: weights only */
 	cudaStream_t stream;
 	cublasHandle_t blas;
 	void *blas_ws;
+	size_t blas_ws_bytes;
+	cublasLtHandle_t lt;  /* fused-epilogue matmuls; NULL: plain GEMM + kernels */
+	struct lt_plan *plans;
+	int nplans;
 	size_t total_bytes;
 };
+
+/* A cuBLASLt matmul shape with its chosen algorithm (the pointers, which
+ * change per layer, are set on the descriptor at each call). */
+struct lt_plan {
+	int M, N, K, epi;
+	cudaDataType_t t;
+	cublasLtMatmulDesc_t desc;
+	cublasLtMatrixLayout_t a, b, d;
+	cublasLtMatmulAlgo_t algo;
+	int ok; /* 0: no algorithm for this shape, use the plain path */
+};
+#define LT_PLANS 64
 
 static int is_stat(int a)
 {
@@ -597,9 +615,11 @@ extern "C" gp_status gp_gpu_model_create(struct gp_gpu_model **out, const struct
 {
 	*out = NULL;
 	TRY(gp_model_config_check(c, err));
-	if (max_B < 1 || max_T < 1 || max_T > c->context)
+	int infer_only = max_B == 0 && max_T == 0;
+	if (!infer_only && (max_B < 1 || max_T < 1 || max_T > c->context))
 		return gp_err_set(err, GP_ERR_INVALID,
-				  "GPU model: batch %d x %d: need B >= 1 and 1 <= T <= context %d",
+				  "GPU model: batch %d x %d: need B >= 1 and 1 <= T <= context %d "
+				  "(or 0 x 0 for generation only)",
 				  max_B, max_T, c->context);
 	const char *why = NULL;
 	if (gp_gpu_available(&why) <= 0)
@@ -611,6 +631,7 @@ extern "C" gp_status gp_gpu_model_create(struct gp_gpu_model **out, const struct
 	g->prec = prec;
 	g->maxB = max_B;
 	g->maxT = max_T;
+	g->infer_only = infer_only;
 	g->esz = prec == GP_GPU_BF16 ? sizeof(bf16) : sizeof(float);
 	g->nparams = gp_model_param_sizes(c, g->sizes);
 	size_t off = 0;
@@ -626,38 +647,40 @@ extern "C" gp_status gp_gpu_model_create(struct gp_gpu_model **out, const struct
 	} while (0)
 	size_t np = g->nparams;
 	A_(g->master, np * 4);
-	A_(g->grads, np * 4);
-	A_(g->mom, np * 4);
-	A_(g->vel, np * 4);
 	if (prec == GP_GPU_BF16)
 		A_(g->wT, np * sizeof(bf16));
 	else
 		g->wT = g->master;
-	size_t na = 0, ns = 0;
-	layout(g, max_B, max_T, &na, &ns);
-	g->acts_bytes = na * g->esz;
-	g->stats_bytes = ns * 4;
-	A_(g->acts, g->acts_bytes);
-	A_(g->stats, g->stats_bytes);
-	size_t BTC = (size_t)max_B * max_T * c->width;
-	size_t att = (size_t)max_B * c->heads * max_T * max_T;
-	size_t e = g->esz;
-	A_(g->qkvr, 3 * BTC * e);
-	A_(g->vacc, BTC * e);
-	A_(g->pre, att * e);
-	A_(g->dres, BTC * e);
-	A_(g->dbig, 4 * BTC * e);
-	A_(g->dqkv, 3 * BTC * e);
-	A_(g->dx, BTC * e);
-	A_(g->dqkvr, 3 * BTC * e);
-	A_(g->datt, att * e);
-	A_(g->dvacc, BTC * e);
-	A_(g->inp, (size_t)max_B * max_T * 2);
-	A_(g->tgt, (size_t)max_B * max_T * 2);
-	A_(g->d_loss, 4);
-	A_(g->d_norm, 4);
-	A_(g->d_scale, 4);
-	A_(g->d_sumsq, 8);
+	if (!infer_only) {
+		A_(g->grads, np * 4);
+		A_(g->mom, np * 4);
+		A_(g->vel, np * 4);
+		size_t na = 0, ns = 0;
+		layout(g, max_B, max_T, &na, &ns);
+		g->acts_bytes = na * g->esz;
+		g->stats_bytes = ns * 4;
+		A_(g->acts, g->acts_bytes);
+		A_(g->stats, g->stats_bytes);
+		size_t BTC = (size_t)max_B * max_T * c->width;
+		size_t att = (size_t)max_B * c->heads * max_T * max_T;
+		size_t e = g->esz;
+		A_(g->qkvr, 3 * BTC * e);
+		A_(g->vacc, BTC * e);
+		A_(g->pre, att * e);
+		A_(g->dres, BTC * e);
+		A_(g->dbig, 4 * BTC * e);
+		A_(g->dqkv, 3 * BTC * e);
+		A_(g->dx, BTC * e);
+		A_(g->dqkvr, 3 * BTC * e);
+		A_(g->datt, att * e);
+		A_(g->dvacc, BTC * e);
+		A_(g->inp, (size_t)max_B * max_T * 2);
+		A_(g->tgt, (size_t)max_B * max_T * 2);
+		A_(g->d_loss, 4);
+		A_(g->d_norm, 4);
+		A_(g->d_scale, 4);
+		A_(g->d_sumsq, 8);
+	}
 	size_t ws = 32u << 20; /* cuBLAS workspace: set, so that graph capture never allocates */
 	A_(g->blas_ws, ws);
 #undef A_
@@ -665,6 +688,17 @@ extern "C" gp_status gp_gpu_model_create(struct gp_gpu_model **out, const struct
 		cudaError_t ce = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking);
 		if (ce != cudaSuccess)
 			st = cuda_fail(err, "stream", ce);
+	}
+	g->blas_ws_bytes = ws;
+	if (!st && !getenv("GENPIPE_GPU_NO_LT")) {
+		/* without cuBLASLt the plain GEMM path still works */
+		if (cublasLtCreate(&g->lt) != CUBLAS_STATUS_SUCCESS)
+			g->lt = NULL;
+		g->plans = (struct lt_plan *)calloc(LT_PLANS, sizeof *g->plans);
+		if (!g->plans && g->lt) {
+			cublasLtDestroy(g->lt);
+			g->lt = NULL;
+		}
 	}
 	if (!st) {
 		cublasStatus_t bs = cublasCreate(&g->blas);
@@ -678,12 +712,14 @@ extern "C" gp_status gp_gpu_model_create(struct gp_gpu_model **out, const struct
 	}
 	if (!st) {
 		cudaMemsetAsync(g->master, 0, np * 4, g->stream);
-		cudaMemsetAsync(g->grads, 0, np * 4, g->stream);
-		cudaMemsetAsync(g->mom, 0, np * 4, g->stream);
-		cudaMemsetAsync(g->vel, 0, np * 4, g->stream);
 		if (prec == GP_GPU_BF16)
 			cudaMemsetAsync(g->wT, 0, np * sizeof(bf16), g->stream);
-		k_set<<<1, 1, 0, g->stream>>>(g->d_scale, 1.0f);
+		if (!infer_only) {
+			cudaMemsetAsync(g->grads, 0, np * 4, g->stream);
+			cudaMemsetAsync(g->mom, 0, np * 4, g->stream);
+			cudaMemsetAsync(g->vel, 0, np * 4, g->stream);
+			k_set<<<1, 1, 0, g->stream>>>(g->d_scale, 1.0f);
+		}
 		cudaError_t ce = cudaStreamSynchronize(g->stream);
 		if (ce != cudaSuccess)
 			st = cuda_fail(err, "initialize", ce);
@@ -704,6 +740,15 @@ extern "C" void gp_gpu_model_destroy(struct gp_gpu_model *g)
 		cudaStreamSynchronize(g->stream);
 	if (g->blas)
 		cublasDestroy(g->blas);
+	for (int i = 0; i < g->nplans; i++) {
+		cublasLtMatmulDescDestroy(g->plans[i].desc);
+		cublasLtMatrixLayoutDestroy(g->plans[i].a);
+		cublasLtMatrixLayoutDestroy(g->plans[i].b);
+		cublasLtMatrixLayoutDestroy(g->plans[i].d);
+	}
+	free(g->plans);
+	if (g->lt)
+		cublasLtDestroy(g->lt);
 	void *ptrs[] = { g->master, g->grads, g->mom,  g->vel,	 g->acts,  g->stats, g->qkvr,
 			 g->vacc,   g->pre,   g->dres, g->dbig,	 g->dqkv,  g->dx,    g->dqkvr,
 			 g->datt,   g->dvacc, g->inp,  g->tgt,	 g->d_loss, g->d_norm, g->d_scale,
@@ -738,7 +783,9 @@ extern "C" gp_status gp_gpu_model_upload(struct gp_gpu_model *g, const float *pa
 {
 	size_t b = g->nparams * 4;
 	CK(cudaMemcpyAsync(g->master, params, b, cudaMemcpyHostToDevice, g->stream));
-	if (mom)
+	if (g->infer_only)
+		; /* no optimizer state */
+	else if (mom)
 		CK(cudaMemcpyAsync(g->mom, mom, b, cudaMemcpyHostToDevice, g->stream));
 	else
 		CK(cudaMemsetAsync(g->mom, 0, b, g->stream));
@@ -759,6 +806,8 @@ extern "C" gp_status gp_gpu_model_download(struct gp_gpu_model *g, float *params
 		CK(cudaMemcpyAsync(params, g->master, b, cudaMemcpyDeviceToHost, g->stream));
 	if (mom)
 		CK(cudaMemcpyAsync(mom, g->mom, b, cudaMemcpyDeviceToHost, g->stream));
+	if ((mom || vel) && g->infer_only)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU model made for generation only");
 	if (vel)
 		CK(cudaMemcpyAsync(vel, g->vel, b, cudaMemcpyDeviceToHost, g->stream));
 	CK(cudaStreamSynchronize(g->stream));
@@ -790,17 +839,100 @@ static gp_status gemm_batched(struct gp_gpu_model *g, cublasOperation_t ta, cubl
 	return GP_OK;
 }
 
-/* out (N, OC) = inp (N, C) . w (OC, C)^T + bias */
+static int aligned16(const void *p)
+{
+	return ((uintptr_t)p & 15) == 0;
+}
+
+/* The plan for (M, N, K, epilogue, type), made on first use; NULL when
+ * cuBLASLt is off or has no algorithm for it. */
+static struct lt_plan *lt_plan_for(struct gp_gpu_model *g, int M, int N, int K, int epi,
+				   cudaDataType_t t)
+{
+	if (!g->lt)
+		return NULL;
+	for (int i = 0; i < g->nplans; i++) {
+		struct lt_plan *p = &g->plans[i];
+		if (p->M == M && p->N == N && p->K == K && p->epi == epi && p->t == t)
+			return p->ok ? p : NULL;
+	}
+	if (g->nplans == LT_PLANS)
+		return NULL;
+	struct lt_plan *p = &g->plans[g->nplans++];
+	memset(p, 0, sizeof *p);
+	p->M = M;
+	p->N = N;
+	p->K = K;
+	p->epi = epi;
+	p->t = t;
+	cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+	cublasLtEpilogue_t e = (cublasLtEpilogue_t)epi;
+	cublasLtMatmulPreference_t pref = NULL;
+	cublasLtMatmulHeuristicResult_t h;
+	int found = 0;
+	if (cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) ||
+	    cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) ||
+	    cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) ||
+	    cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e) ||
+	    cublasLtMatrixLayoutCreate(&p->a, t, K, M, K) ||
+	    cublasLtMatrixLayoutCreate(&p->b, t, K, N, K) ||
+	    cublasLtMatrixLayoutCreate(&p->d, t, M, N, M) || cublasLtMatmulPreferenceCreate(&pref) ||
+	    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+						 &g->blas_ws_bytes, sizeof g->blas_ws_bytes) ||
+	    cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->a, p->b, p->d, p->d, pref, 1, &h,
+					   &found) ||
+	    found < 1)
+		p->ok = 0;
+	else {
+		p->algo = h.algo;
+		p->ok = 1;
+	}
+	if (pref)
+		cublasLtMatmulPreferenceDestroy(pref);
+	return p->ok ? p : NULL;
+}
+
+/* out (N, OC) = inp (N, C) . w (OC, C)^T + bias; with pre (may be NULL)
+ * out = gelu(that) and pre = that. One cuBLASLt call with the bias (and
+ * GELU) epilogue where it can, else a GEMM and the kernels. */
 template <typename T>
 static gp_status matmul_fwd(struct gp_gpu_model *g, T *out, const T *inp, const T *w,
-			    const T *bias, int N, int C, int OC, struct gp_err *err)
+			    const T *bias, int N, int C, int OC, struct gp_err *err, T *pre = NULL)
 {
-	TRY(gemm<T>(g, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, 1.0f, w, C, inp, C, 0.0f, out, dtype<T>(),
+	int epi = !bias ? CUBLASLT_EPILOGUE_DEFAULT
+		  : pre ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+			: CUBLASLT_EPILOGUE_BIAS;
+	struct lt_plan *p = NULL;
+	if (aligned16(out) && aligned16(inp) && aligned16(w) && (!bias || aligned16(bias)) &&
+	    (!pre || (aligned16(pre) && OC % 8 == 0)))
+		p = lt_plan_for(g, OC, N, C, epi, dtype<T>());
+	if (p) {
+		int64_t ld = OC;
+		float one = 1.0f, zero = 0.0f;
+		if ((!bias || !cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+							       &bias, sizeof bias)) &&
+		    (!pre ||
+		     (!cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+						      &pre, sizeof pre) &&
+		      !cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld,
+						      sizeof ld))) &&
+		    !cublasLtMatmul(g->lt, p->desc, &one, w, p->a, inp, p->b, &zero, out, p->d, out,
+				    p->d, &p->algo, g->blas_ws, g->blas_ws_bytes, g->stream))
+			return GP_OK;
+		p->ok = 0; /* refused at run time: the plain path from now on */
+	}
+	T *o = pre ? pre : out;
+	TRY(gemm<T>(g, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, 1.0f, w, C, inp, C, 0.0f, o, dtype<T>(),
 		    OC, err));
 	if (bias) {
-		k_add_bias<T><<<blocks((size_t)N * OC, 256), 256, 0, g->stream>>>(out, bias,
-										   (size_t)N, OC);
+		k_add_bias<T><<<blocks((size_t)N * OC, 256), 256, 0, g->stream>>>(o, bias, (size_t)N,
+										   OC);
 		CL("bias");
+	}
+	if (pre) {
+		k_gelu_fwd<T><<<blocks((size_t)N * OC, 256), 256, 0, g->stream>>>(out, pre,
+										   (size_t)N * OC);
+		CL("gelu");
 	}
 	return GP_OK;
 }
@@ -964,10 +1096,9 @@ static gp_status forward_impl(struct gp_gpu_model *g, int B, int Tl, int targets
 		TRY(layernorm_fwd<T>(g, ln2, STAT(g, GP_A_LN2_MEAN) + l * BT,
 				     STAT(g, GP_A_LN2_RSTD) + l * BT, res2, PW(g, T, GP_P_LN2W) + l * C,
 				     PW(g, T, GP_P_LN2B) + l * C, BT, C, err));
-		TRY(matmul_fwd<T>(g, fch, ln2, PW(g, T, GP_P_FCW) + (size_t)l * 4 * C * C,
-				  PW(g, T, GP_P_FCB) + l * 4 * C, BT, C, 4 * C, err));
-		k_gelu_fwd<T><<<blocks(4 * BTC, 256), 256, 0, s>>>(fchg, fch, 4 * BTC);
-		CL("gelu");
+		/* fch = ln2 . fcw + fcb and fchg = gelu(fch), one call */
+		TRY(matmul_fwd<T>(g, fchg, ln2, PW(g, T, GP_P_FCW) + (size_t)l * 4 * C * C,
+				  PW(g, T, GP_P_FCB) + l * 4 * C, BT, C, 4 * C, err, fch));
 		TRY(matmul_fwd<T>(g, fcp, fchg, PW(g, T, GP_P_FCPROJW) + (size_t)l * 4 * C * C,
 				  PW(g, T, GP_P_FCPROJB) + l * C, BT, 4 * C, C, err));
 		k_residual<T><<<blocks(BTC, 256), 256, 0, s>>>(res3, res2, fcp, BTC);
@@ -1045,6 +1176,8 @@ template <typename T> static gp_status backward_impl(struct gp_gpu_model *g, str
 static gp_status check_batch(struct gp_gpu_model *g, const uint16_t *inputs,
 			     const uint16_t *targets, int B, int T, struct gp_err *err)
 {
+	if (g->infer_only)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU model made for generation only");
 	if (B < 1 || T < 1 || B > g->maxB || T > g->maxT)
 		return gp_err_set(err, GP_ERR_INVALID,
 				  "GPU batch %d x %d tokens: the model was made for at most %d x %d",
@@ -1085,6 +1218,8 @@ extern "C" gp_status gp_gpu_forward(struct gp_gpu_model *g, const uint16_t *inpu
 
 extern "C" gp_status gp_gpu_zero_grad(struct gp_gpu_model *g, struct gp_err *err)
 {
+	if (g->infer_only)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU model made for generation only");
 	CK(cudaMemsetAsync(g->grads, 0, g->nparams * 4, g->stream));
 	return GP_OK;
 }
@@ -1103,6 +1238,8 @@ extern "C" gp_status gp_gpu_backward(struct gp_gpu_model *g, struct gp_err *err)
 extern "C" gp_status gp_gpu_clip_grad(struct gp_gpu_model *g, float max_norm, float *norm,
 				      struct gp_err *err)
 {
+	if (g->infer_only)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU model made for generation only");
 	CK(cudaMemsetAsync(g->d_sumsq, 0, 8, g->stream));
 	k_sumsq<<<1024, 256, 0, g->stream>>>(g->d_sumsq, g->grads, g->nparams);
 	CL("gradient norm");
@@ -1118,6 +1255,8 @@ extern "C" gp_status gp_gpu_clip_grad(struct gp_gpu_model *g, float max_norm, fl
 extern "C" gp_status gp_gpu_adamw(struct gp_gpu_model *g, const struct gp_adamw *o, long step,
 				  struct gp_err *err)
 {
+	if (g->infer_only)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU model made for generation only");
 	float b1c = 1.0f - powf(o->beta1, (float)step), b2c = 1.0f - powf(o->beta2, (float)step);
 	for (int t = 0; t < GP_P_COUNT; t++) {
 		size_t off = g->offs[t], n = g->sizes[t];
@@ -1193,6 +1332,8 @@ extern "C" gp_status gp_gpu_read_activation(struct gp_gpu_model *g, int act, flo
 
 extern "C" gp_status gp_gpu_read_grads(struct gp_gpu_model *g, float *out, struct gp_err *err)
 {
+	if (g->infer_only)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU model made for generation only");
 	CK(cudaMemcpyAsync(out, g->grads, g->nparams * 4, cudaMemcpyDeviceToHost, g->stream));
 	CK(cudaStreamSynchronize(g->stream));
 	return GP_OK;
@@ -1200,6 +1341,8 @@ extern "C" gp_status gp_gpu_read_grads(struct gp_gpu_model *g, float *out, struc
 
 extern "C" gp_status gp_gpu_poison(struct gp_gpu_model *g, struct gp_err *err)
 {
+	if (g->infer_only)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU model made for generation only");
 	/* all-ones bytes are NaN in fp32 and in bf16 */
 	CK(cudaMemsetAsync(g->acts, 0xff, g->acts_bytes, g->stream));
 	CK(cudaMemsetAsync(g->stats, 0xff, g->stats_bytes, g->stream));

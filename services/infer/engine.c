@@ -3,6 +3,8 @@
  */
 #include "engine.h"
 
+#include "gpu.h"
+
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -118,6 +120,17 @@ struct slot {
 
 #define NBATCH 4
 
+/* A version's weights on the GPU with a decoder whose slot i is engine slot i. */
+struct gpu_lm {
+	struct gp_lm *lm; /* a reference */
+	struct gp_gpu_model *g;
+	struct gp_gpu_decoder *d;
+	float *logits;    /* max_rows x padded_vocab */
+	int *slot_of;     /* engine slot of each row */
+	uint16_t *tok;
+	long long used;   /* loop count of the last use */
+};
+
 struct gp_engine {
 	struct gp_engine_config cfg;
 	pthread_t thread;
@@ -129,7 +142,10 @@ struct gp_engine {
 	struct slot *slots;
 	struct gp_batch *batch[NBATCH];
 	int batch_next;
+	struct gpu_lm gpu[NBATCH]; /* use_gpu: the versions on the device */
+	long long loops;
 	struct gp_step_row *rows;
+	int *row_any;              /* slot of each row */
 	int *row_slot;             /* slot of each logits row */
 	float *sp;                 /* sampling scratch */
 	int *si;
@@ -440,6 +456,101 @@ static int req_token(struct gp_engine *e, struct req *r, int t, int ctx_len, int
 
 static int slots_free(const struct gp_engine *e) { return e->cfg.slots - e->active; }
 
+static void gpu_lm_free(struct gpu_lm *x)
+{
+	gp_gpu_decoder_destroy(x->d);
+	gp_gpu_model_destroy(x->g);
+	free(x->logits);
+	free(x->slot_of);
+	free(x->tok);
+	gp_lm_unref(x->lm);
+	memset(x, 0, sizeof(*x));
+}
+
+/* lm's weights and decoder on the GPU, made on first use; the least
+ * recently used entry goes when all are taken. */
+static struct gpu_lm *gpu_for(struct gp_engine *e, struct gp_lm *lm, struct gp_err *err)
+{
+	int lru = 0;
+	for (int i = 0; i < NBATCH; i++) {
+		if (e->gpu[i].lm == lm) {
+			e->gpu[i].used = e->loops;
+			return &e->gpu[i];
+		}
+		if (!e->gpu[i].lm || (e->gpu[lru].lm && e->gpu[i].used < e->gpu[lru].used))
+			lru = i;
+	}
+	/* an entry in use by a running sequence is not evicted */
+	struct gpu_lm *x = &e->gpu[lru];
+	for (int s = 0; x->lm && s < e->cfg.slots; s++)
+		if (e->slots[s].r && e->slots[s].r->lm == x->lm) {
+			gp_err_set(err, GP_ERR_UNAVAILABLE, "more model versions running at once "
+					  "than the GPU engine holds (%d)", NBATCH);
+			return NULL;
+		}
+	gpu_lm_free(x);
+	const struct gp_model_config *c = gp_model_config(lm->model);
+	x->logits = malloc((size_t)e->cfg.max_rows * c->padded_vocab * sizeof(float));
+	x->slot_of = malloc((size_t)e->cfg.max_rows * sizeof(int));
+	x->tok = malloc((size_t)e->cfg.max_rows * sizeof(uint16_t));
+	gp_status st = x->logits && x->slot_of && x->tok
+			       ? GP_OK
+			       : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	if (!st)
+		st = gp_gpu_model_create(&x->g, c, e->cfg.gpu_fp32 ? GP_GPU_FP32 : GP_GPU_BF16, 0,
+					 0, err);
+	if (!st)
+		st = gp_gpu_model_upload(x->g, gp_model_params(lm->model), NULL, NULL, err);
+	if (!st)
+		st = gp_gpu_decoder_create(&x->d, x->g, e->cfg.slots, e->cfg.max_rows, err);
+	if (st) {
+		gpu_lm_free(x);
+		return NULL;
+	}
+	x->lm = gp_lm_ref(lm);
+	x->used = e->loops;
+	return x;
+}
+
+/* Tokens in slot s's cache. */
+static int slot_len(struct gp_engine *e, struct gp_lm *lm, int s)
+{
+	if (!e->cfg.use_gpu)
+		return gp_kv_len(e->slots[s].kv);
+	for (int i = 0; i < NBATCH; i++)
+		if (e->gpu[i].lm == lm)
+			return gp_gpu_decoder_len(e->gpu[i].d, s);
+	return 0;
+}
+
+/* gp_model_step on the GPU: the same rows (rows[i].kv unused; slot_of[i]
+ * names the slot), logits of the rows with .logits set, in order. */
+static gp_status gpu_step(struct gp_engine *e, struct gp_lm *lm, const struct gp_step_row *rows,
+			  const int *slot_of, int n, const float **logits, int *n_logits,
+			  struct gp_err *err)
+{
+	struct gpu_lm *x = gpu_for(e, lm, err);
+	if (!x)
+		return err->status;
+	int Vp = gp_model_config(lm->model)->padded_vocab;
+	for (int i = 0; i < n; i++)
+		x->tok[i] = rows[i].token;
+	gp_status st = gp_gpu_decoder_step(x->d, slot_of, x->tok, n, x->logits, err);
+	if (st)
+		return st;
+	int k = 0;
+	for (int i = 0; i < n; i++)
+		if (rows[i].logits) {
+			if (k != i)
+				memmove(x->logits + (size_t)k * Vp, x->logits + (size_t)i * Vp,
+					(size_t)Vp * sizeof(float));
+			k++;
+		}
+	*logits = x->logits;
+	*n_logits = k;
+	return GP_OK;
+}
+
 /* One step of the version lm over its active slots; finished ones go to *done. */
 static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done,
 			struct gp_batch *b)
@@ -454,6 +565,7 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 				continue;
 			int prefill = (size_t)r->fed < r->n_ids;
 			if (pass == 0 && !prefill) {
+				e->row_any[n] = s;
 				e->rows[n++] = (struct gp_step_row){ e->slots[s].kv, (uint16_t)r->last, 1 };
 				e->row_slot[nl++] = s;
 			} else if (pass == 1 && prefill) {
@@ -464,6 +576,7 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 					k = budget - n;
 				for (int i = 0; i < k; i++) {
 					int last = (size_t)(r->fed + i + 1) == r->n_ids;
+					e->row_any[n] = s;
 					e->rows[n++] = (struct gp_step_row){ e->slots[s].kv,
 									     r->ids[r->fed + i], last };
 					if (last)
@@ -478,8 +591,13 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 	int got = 0;
 	struct gp_err err = {0};
 	double t0 = gp_mono_ms();
-	gp_model_set_path(lm->model, e->cfg.path);
-	gp_status st = gp_model_step(lm->model, b, e->rows, n, &logits, &got, &err);
+	gp_status st;
+	if (e->cfg.use_gpu) {
+		st = gpu_step(e, lm, e->rows, e->row_any, n, &logits, &got, &err);
+	} else {
+		gp_model_set_path(lm->model, e->cfg.path);
+		st = gp_model_step(lm->model, b, e->rows, n, &logits, &got, &err);
+	}
 	e->steps++;
 	e->nrows += n;
 	metric_inc(e->m_steps, 1);
@@ -515,7 +633,7 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 				  e->si);
 		e->tokens++;
 		metric_inc(e->m_tokens, 1);
-		if (req_token(e, r, t, gp_kv_len(e->slots[s].kv), c->context)) {
+		if (req_token(e, r, t, slot_len(e, lm, s), c->context)) {
 			e->slots[s].r = NULL;
 			r->next = *done;
 			*done = r;
@@ -579,12 +697,23 @@ gp_status gp_engine_create(struct gp_engine **out, const struct gp_engine_config
 	e->slots = calloc((size_t)c->slots, sizeof(*e->slots));
 	e->rows = calloc((size_t)c->max_rows, sizeof(*e->rows));
 	e->row_slot = calloc((size_t)c->max_rows, sizeof(int));
-	if (!e->slots || !e->rows || !e->row_slot) {
+	e->row_any = calloc((size_t)c->max_rows, sizeof(int));
+	if (!e->slots || !e->rows || !e->row_slot || !e->row_any) {
 		free(e->slots);
 		free(e->rows);
 		free(e->row_slot);
+		free(e->row_any);
 		free(e);
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	}
+	const char *why = NULL;
+	if (c->use_gpu && gp_gpu_available(&why) <= 0) {
+		free(e->slots);
+		free(e->rows);
+		free(e->row_slot);
+		free(e->row_any);
+		free(e);
+		return gp_err_set(err, GP_ERR_UNAVAILABLE, "engine on the GPU: %s", why);
 	}
 	pthread_mutex_init(&e->mu, NULL);
 	pthread_mutex_init(&e->cmu, NULL);
@@ -633,12 +762,15 @@ void gp_engine_destroy(struct gp_engine *e)
 	pthread_join(e->thread, NULL);
 	for (int i = 0; i < e->cfg.slots; i++)
 		gp_kv_destroy(e->slots[i].kv);
-	for (int i = 0; i < NBATCH; i++)
+	for (int i = 0; i < NBATCH; i++) {
 		gp_batch_destroy(e->batch[i]);
+		gpu_lm_free(&e->gpu[i]);
+	}
 	gp_engine_cache_drop(e, 0);
 	free(e->slots);
 	free(e->rows);
 	free(e->row_slot);
+	free(e->row_any);
 	free(e->sp);
 	free(e->si);
 	pthread_mutex_destroy(&e->mu);
@@ -879,11 +1011,21 @@ static void *engine_main(void *arg)
 				continue;
 			r->fresh = 0;
 			const struct gp_model_config *c = gp_model_config(r->lm->model);
-			if (sl->kv && memcmp(&sl->cfg, c, sizeof(*c))) {
-				gp_kv_destroy(sl->kv);
-				sl->kv = NULL;
+			gp_status st = GP_OK;
+			if (e->cfg.use_gpu) {
+				/* the slot's cache is the version's decoder's slot s */
+				struct gpu_lm *x = gpu_for(e, r->lm, &err);
+				if (!x)
+					st = err.status;
+				else
+					gp_gpu_decoder_reset(x->d, s);
+			} else {
+				if (sl->kv && memcmp(&sl->cfg, c, sizeof(*c))) {
+					gp_kv_destroy(sl->kv);
+					sl->kv = NULL;
+				}
+				st = sl->kv ? GP_OK : gp_kv_create(&sl->kv, c, &err);
 			}
-			gp_status st = sl->kv ? GP_OK : gp_kv_create(&sl->kv, c, &err);
 			if (!st)
 				st = ensure_scratch(e, c->padded_vocab, &err);
 			if (st) {
@@ -895,7 +1037,8 @@ static void *engine_main(void *arg)
 				continue;
 			}
 			sl->cfg = *c;
-			gp_kv_reset(sl->kv);
+			if (sl->kv)
+				gp_kv_reset(sl->kv);
 		}
 		/* one step per loaded version with active sequences */
 		struct gp_lm *seen[16];
@@ -912,7 +1055,12 @@ static void *engine_main(void *arg)
 			if (nseen < 16)
 				seen[nseen++] = r->lm;
 		}
+		e->loops++;
 		for (int i = 0; i < nseen; i++) {
+			if (e->cfg.use_gpu) { /* the decoder holds the step's scratch */
+				run_version(e, seen[i], &done, NULL);
+				continue;
+			}
 			const struct gp_model_config *c = gp_model_config(seen[i]->model);
 			struct gp_batch *b = NULL;
 			for (int k = 0; k < NBATCH && !b; k++)

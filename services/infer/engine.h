@@ -63,6 +63,8 @@ struct gp_engine_config {
 	long long max_deadline_ms;  /* default 300000 */
 	size_t cache_bytes;         /* response cache; 0: off */
 	enum gp_model_path path;    /* GP_MODEL_FAST unless testing */
+	int use_gpu;                /* steps on the GPU (gpu.h); create fails where none is usable */
+	int gpu_fp32;               /* GPU weights in fp32 (tests: identical to the CPU) rather than bf16 */
 	struct gp_metrics *metrics; /* may be NULL */
 };
 

@@ -8,12 +8,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gpu.h"
 #include "log.h"
 #include "serve.h"
 #include "service.h"
 #include "stages.h"
 
-#define NOPTS (GP_SERVICE_NOPTS + GP_WORKER_NOPTS + GP_STORE_NOPTS + 14)
+#define NOPTS (GP_SERVICE_NOPTS + GP_WORKER_NOPTS + GP_STORE_NOPTS + 15)
 
 /* The batch-infer worker: its own thread and database connection. */
 struct bworker {
@@ -41,7 +42,7 @@ int main(int argc, char **argv)
 		  deadline = 0, max_deadline = 0, cache_mb = 0, memory_mb = 0, tqueue = 0,
 		  poll_ms = 0;
 	const char *data_dir = NULL, *store_uri = NULL, *model = NULL, *alias = NULL,
-		   *sample = NULL;
+		   *sample = NULL, *device = NULL;
 	int payloads = 1;
 	struct gp_opt opts[NOPTS];
 	gp_service_options(&svc, opts);
@@ -77,6 +78,9 @@ int main(int argc, char **argv)
 				 "8192", "telemetry events buffered before dropping", &tqueue };
 	o[13] = (struct gp_opt){ "registry-poll-ms", "GENPIPE_INFER_REGISTRY_POLL_MS", GP_OPT_INT,
 				 "5000", "backstop check of the aliases served", &poll_ms };
+	o[14] = (struct gp_opt){ "device", "GENPIPE_INFER_DEVICE", GP_OPT_STR, "auto",
+				 "cpu, cuda (bf16 weights on the GPU) or auto (the GPU when one is "
+				 "usable)", &device };
 	int rc = gp_service_parse("infer", opts, NOPTS, argc, argv);
 	if (rc >= 0)
 		return rc;
@@ -95,13 +99,19 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	struct gp_err err = { 0 };
+	int use_gpu = 0;
+	if (gp_gpu_choose(device, &use_gpu, &err)) {
+		fprintf(stderr, "genpipe-infer: --device: %s\n", err.msg);
+		return 2;
+	}
 	struct gp_server_config cfg = {
 		.model = model,
 		.alias = alias,
 		.engine = { .slots = (int)slots, .queue = queue ? (int)queue : -1,
 			    .max_prompt_tokens = (int)max_prompt, .max_new_tokens = (int)max_new,
 			    .default_deadline_ms = deadline, .max_deadline_ms = max_deadline,
-			    .cache_bytes = (size_t)cache_mb << 20, .path = GP_MODEL_FAST },
+			    .cache_bytes = (size_t)cache_mb << 20, .path = GP_MODEL_FAST,
+			    .use_gpu = use_gpu },
 		.memory_budget = (size_t)memory_mb << 20,
 		.telemetry_sample = share,
 		.log_payloads = payloads,
@@ -128,7 +138,8 @@ int main(int argc, char **argv)
 		.handler = gp_deploy_handle, .closure = &dc, .metrics = svc.metrics,
 		.version = GP_KIND_UNCACHED,
 	};
-	struct gp_batch_infer_config bc = { .store = cfg.store, .slots = (int)slots };
+	struct gp_batch_infer_config bc = { .store = cfg.store, .slots = (int)slots,
+					    .use_gpu = use_gpu };
 	struct gp_worker_config bwc = {
 		.kind = "batch-infer", .lease_ms = lease, .heartbeat_ms = hb, .ack_wait_ms = lease,
 		.handler = gp_batch_infer_handle, .closure = &bc, .metrics = svc.metrics,

@@ -771,7 +771,8 @@ void gp_batch_infer_handle(struct gp_job *job, void *closure)
 				      .max_new_tokens = (int)max_tokens,
 				      .default_deadline_ms = 3600000,
 				      .max_deadline_ms = 3600000,
-				      .path = GP_MODEL_FAST};
+				      .path = GP_MODEL_FAST,
+				      .use_gpu = cfg->use_gpu};
 	if ((st = gp_engine_create(&eng, &ec, &err))) {
 		gp_job_fail(job, 0, err.msg);
 		goto done;

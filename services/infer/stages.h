@@ -74,6 +74,7 @@ void gp_deploy_handle(struct gp_job *job, void *closure);
 struct gp_batch_infer_config {
 	struct gp_store *store;
 	int slots;
+	int use_gpu; /* the engine steps on the GPU */
 };
 void gp_batch_infer_handle(struct gp_job *job, void *closure);
 

@@ -139,6 +139,8 @@ uint64_t gp_train_fingerprint(const struct gp_train_params *p)
 struct gp_trainer {
 	struct gp_train_params p;
 	struct gp_model *m;
+	struct gp_gpu_model *g; /* training on the GPU: m is the host copy */
+	int host_stale;         /* the GPU's state is newer than m, mom, vel */
 	float *mom, *vel;
 	const uint16_t *train, *val;
 	size_t n_train, n_val;
@@ -182,14 +184,44 @@ gp_status gp_trainer_create(struct gp_trainer **out, const struct gp_train_param
 	}
 	gp_model_init(t->m, p->seed);
 	t->rng = gp_mix64(p->seed ^ 0x64617461ULL);
+	int use_gpu = 0;
+	if ((st = gp_gpu_choose(p->device, &use_gpu, err))) {
+		gp_err_wrap(err, "with.device");
+		gp_trainer_destroy(t);
+		return st;
+	}
+	if (use_gpu &&
+	    ((st = gp_gpu_model_create(&t->g, &p->config, GP_GPU_BF16, p->batch, p->seq_len, err)) ||
+	     (st = gp_gpu_model_upload(t->g, gp_model_params(t->m), t->mom, t->vel, err)))) {
+		gp_err_wrap(err, "GPU trainer");
+		gp_trainer_destroy(t);
+		return st;
+	}
 	*out = t;
 	return GP_OK;
+}
+
+const char *gp_trainer_device(const struct gp_trainer *t)
+{
+	return t->g ? "cuda" : "cpu";
+}
+
+/* Bring the host copy up to the GPU's state (before anything reads it). */
+static gp_status to_host(struct gp_trainer *t, struct gp_err *err)
+{
+	if (!t->g || !t->host_stale)
+		return GP_OK;
+	gp_status st = gp_gpu_model_download(t->g, gp_model_params(t->m), t->mom, t->vel, err);
+	if (!st)
+		t->host_stale = 0;
+	return st;
 }
 
 void gp_trainer_destroy(struct gp_trainer *t)
 {
 	if (!t)
 		return;
+	gp_gpu_model_destroy(t->g);
 	gp_model_destroy(t->m);
 	free(t->mom);
 	free(t->vel);
@@ -226,6 +258,9 @@ gp_status gp_trainer_resume(struct gp_trainer *t, const char *path, struct gp_er
 	t->tokens = meta.tokens_seen;
 	t->rng = meta.rng[0];
 	t->seconds = meta.train_seconds;
+	t->host_stale = 0;
+	if (t->g)
+		return gp_gpu_model_upload(t->g, gp_model_params(t->m), t->mom, t->vel, err);
 	return GP_OK;
 }
 
@@ -241,20 +276,34 @@ gp_status gp_trainer_step(struct gp_trainer *t, float *loss, float *lr, struct g
 		memcpy(t->tg + (size_t)b * T, t->train + off + 1, (size_t)T * sizeof(uint16_t));
 	}
 	float l = 0;
-	gp_status st = gp_model_forward(t->m, t->in, t->tg, B, T, &l, err);
-	if (!st && t->step == 0)
-		gp_model_zero_grad(t->m);
-	if (st || (st = gp_model_backward(t->m, err)))
-		return st;
-	if (!isfinite(l))
-		return gp_err_set(err, GP_ERR_INTERNAL,
-				  "loss is not finite at step %lld (lower with.lr?)", t->step + 1);
-	gp_model_clip_grad(t->m, (float)p->grad_clip);
 	float rate = gp_lr_cosine(t->step, p->steps, p->warmup, (float)p->lr,
 				  (float)(p->lr * p->min_lr_frac));
 	struct gp_adamw o = {.lr = rate, .beta1 = (float)p->beta1, .beta2 = (float)p->beta2,
 			     .eps = 1e-8f, .weight_decay = (float)p->weight_decay};
-	gp_model_adamw(t->m, t->mom, t->vel, &o, t->step + 1);
+	if (t->g) {
+		/* the whole step on the device; only the loss comes back */
+		gp_status st = gp_gpu_train_step(t->g, t->in, t->tg, B, T, &o, t->step + 1,
+						 (float)p->grad_clip, &l, NULL, err);
+		if (st)
+			return st;
+		t->host_stale = 1;
+		if (!isfinite(l))
+			return gp_err_set(err, GP_ERR_INTERNAL,
+					  "loss is not finite at step %lld (lower with.lr?)",
+					  t->step + 1);
+	} else {
+		gp_status st = gp_model_forward(t->m, t->in, t->tg, B, T, &l, err);
+		if (!st && t->step == 0)
+			gp_model_zero_grad(t->m);
+		if (st || (st = gp_model_backward(t->m, err)))
+			return st;
+		if (!isfinite(l))
+			return gp_err_set(err, GP_ERR_INTERNAL,
+					  "loss is not finite at step %lld (lower with.lr?)",
+					  t->step + 1);
+		gp_model_clip_grad(t->m, (float)p->grad_clip);
+		gp_model_adamw(t->m, t->mom, t->vel, &o, t->step + 1);
+	}
 	t->step++;
 	t->tokens += (unsigned long long)B * T;
 	t->seconds += (gp_now_ms() / 1000.0) - t0;
@@ -288,7 +337,8 @@ gp_status gp_trainer_eval(struct gp_trainer *t, double *val_loss, struct gp_err 
 			memcpy(t->tg + (size_t)b * T, t->val + off + 1, (size_t)T * sizeof(uint16_t));
 		}
 		float l = 0;
-		gp_status st = gp_model_forward(t->m, t->in, t->tg, nb, T, &l, err);
+		gp_status st = t->g ? gp_gpu_forward(t->g, t->in, t->tg, nb, T, &l, err)
+				    : gp_model_forward(t->m, t->in, t->tg, nb, T, &l, err);
 		if (st)
 			return st;
 		sum += l;
@@ -308,6 +358,9 @@ static void meta_of(struct gp_trainer *t, struct gp_ckpt_meta *meta)
 
 gp_status gp_trainer_save(struct gp_trainer *t, const char *path, struct gp_err *err)
 {
+	gp_status st = to_host(t, err);
+	if (st)
+		return st;
 	struct gp_ckpt_meta meta;
 	meta_of(t, &meta);
 	return gp_ckpt_save(path, t->m, t->mom, t->vel, &meta, err);
@@ -315,6 +368,9 @@ gp_status gp_trainer_save(struct gp_trainer *t, const char *path, struct gp_err 
 
 gp_status gp_trainer_encode(struct gp_trainer *t, uint8_t **out, size_t *len, struct gp_err *err)
 {
+	gp_status st = to_host(t, err);
+	if (st)
+		return st;
 	struct gp_ckpt_meta meta;
 	meta_of(t, &meta);
 	return gp_ckpt_encode(t->m, t->mom, t->vel, &meta, out, len, err);
@@ -323,10 +379,17 @@ gp_status gp_trainer_encode(struct gp_trainer *t, uint8_t **out, size_t *len, st
 long long gp_trainer_steps_done(const struct gp_trainer *t) { return t->step; }
 unsigned long long gp_trainer_tokens_seen(const struct gp_trainer *t) { return t->tokens; }
 double gp_trainer_seconds(const struct gp_trainer *t) { return t->seconds; }
-struct gp_model *gp_trainer_model(struct gp_trainer *t) { return t->m; }
+struct gp_model *gp_trainer_model(struct gp_trainer *t)
+{
+	struct gp_err err = {0};
+	if (to_host(t, &err))
+		gp_warn("reading the model back from the GPU: %s", err.msg);
+	return t->m;
+}
 
 void gp_trainer_params_sha256(struct gp_trainer *t, char out[65])
 {
+	gp_trainer_model(t);
 	gp_sha256_hex(gp_model_params(t->m), gp_model_num_params(t->m) * sizeof(float), out);
 }
 
@@ -564,16 +627,14 @@ void gp_train_handle(struct gp_job *job, void *closure)
 		gp_job_fail(job, 1, err.msg);
 		goto done;
 	}
-	if (!strcmp(s.p.device, "cuda")) {
-		const char *why = NULL;
-		if (!gp_gpu_available(&why)) {
-			gp_job_fail(job, 0, "with.device cuda: no GPU here");
+	{
+		/* cuda without a GPU here: another worker may have one (retryable) */
+		int use_gpu = 0;
+		if ((st = gp_gpu_choose(s.p.device, &use_gpu, &err))) {
+			gp_err_wrap(&err, "with.device");
+			gp_job_fail(job, 0, err.msg);
 			goto done;
 		}
-		/* the CUDA trainer is not built yet: fail permanently rather than
-		 * train on the CPU when the pipeline asked for the GPU */
-		gp_job_fail(job, 1, "with.device cuda: this build trains on the CPU only");
-		goto done;
 	}
 	/* inputs */
 	if ((st = gp_store_get(s.cfg->store, s.p.tokenizer_ref, 64u << 20, &s.tokbuf, &s.tok_len,
@@ -747,7 +808,7 @@ void gp_train_handle(struct gp_job *job, void *closure)
 	cJSON_AddNumberToObject(metrics, "resumed_from_step", (double)resumed_step);
 	cJSON_AddNumberToObject(metrics, "parameters", (double)gp_model_num_params(gp_trainer_model(s.t)));
 	cJSON_AddStringToObject(metrics, "params_sha256", psha);
-	cJSON_AddStringToObject(metrics, "device", "cpu");
+	cJSON_AddStringToObject(metrics, "device", gp_trainer_device(s.t));
 	/* a few samples, from end-of-text, so that a person can judge the style */
 	cJSON *samples = cJSON_AddArrayToObject(metrics, "samples");
 	if (s.p.samples && !gp_kv_create(&kv, &s.p.config, &err)) {

@@ -15,7 +15,10 @@
  * Resumption: the trainer's whole state (parameters, AdamW moments, step,
  * the data sampler's RNG, tokens seen) is in the checkpoint, and the fast
  * path is deterministic for a fixed thread count, so a run resumed from a
- * checkpoint reaches the same weights as one never interrupted.
+ * checkpoint reaches the same weights as one never interrupted. On the GPU
+ * (with.device cuda, or auto where one is present) a resumed run continues
+ * from the same state, but its sums use atomics, so "the same weights"
+ * holds to rounding, not to the bit.
  */
 #ifndef GP_TRAIN_H
 #define GP_TRAIN_H
@@ -73,7 +76,12 @@ gp_status gp_trainer_encode(struct gp_trainer *t, uint8_t **out, size_t *len, st
 long long gp_trainer_steps_done(const struct gp_trainer *t);
 unsigned long long gp_trainer_tokens_seen(const struct gp_trainer *t);
 double gp_trainer_seconds(const struct gp_trainer *t); /* training time, across resumes */
+/* The model on the host (brought back from the GPU first when it trains
+ * there). */
 struct gp_model *gp_trainer_model(struct gp_trainer *t);
+/* "cuda" when the trainer runs on the GPU (with.device cuda, or auto with
+ * a GPU present; bf16 with fp32 master weights), else "cpu". */
+const char *gp_trainer_device(const struct gp_trainer *t);
 /* SHA-256 of the parameters' bytes (what "the same weights" means). */
 void gp_trainer_params_sha256(struct gp_trainer *t, char out[65]);
 

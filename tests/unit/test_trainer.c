@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "../check.h"
+#include "gpu.h"
 #include "bytes.h"
 #include "train.h"
 
@@ -97,6 +98,7 @@ static void test_resume(void)
 {
 	struct gp_err err = {0};
 	struct gp_train_params p = small_params();
+	snprintf(p.device, sizeof(p.device), "cpu"); /* bitwise resumption is the CPU's */
 	size_t nt = 20000, nv = 2000;
 	uint16_t *tr = corpus(nt, 40, 1), *va = corpus(nv, 40, 2);
 	double h = gp_unigram_entropy(tr, nt, 40);
@@ -180,9 +182,68 @@ static void test_resume(void)
 	free(va);
 }
 
+/* with.device cuda: refused with the reason where there is no GPU; where
+ * there is one, the same training reaches the CPU's validation loss. */
+static void test_device(void)
+{
+	struct gp_err err = {0};
+	struct gp_train_params p = small_params();
+	size_t nt = 20000, nv = 2000;
+	uint16_t *tr = corpus(nt, 40, 1), *va = corpus(nv, 40, 2);
+	struct gp_trainer *g = NULL, *c = NULL;
+	snprintf(p.device, sizeof(p.device), "cuda");
+	const char *why = NULL;
+	if (gp_gpu_available(&why) <= 0) {
+		CHECK(gp_trainer_create(&g, &p, tr, nt, va, nv, &err) == GP_ERR_UNAVAILABLE);
+		CHECK_CONTAINS(err.msg, "with.device");
+		CHECK(g == NULL);
+		printf("with.device cuda here: %s\n", err.msg);
+	} else {
+		REQUIRE_OK(gp_trainer_create(&g, &p, tr, nt, va, nv, &err), err);
+		CHECK_STR(gp_trainer_device(g), "cuda");
+		snprintf(p.device, sizeof(p.device), "cpu");
+		REQUIRE_OK(gp_trainer_create(&c, &p, tr, nt, va, nv, &err), err);
+		CHECK_STR(gp_trainer_device(c), "cpu");
+		float lg = 0, lc = 0, lr = 0, first = 0;
+		for (int i = 0; i < 40; i++) {
+			REQUIRE_OK(gp_trainer_step(g, &lg, &lr, &err), err);
+			REQUIRE_OK(gp_trainer_step(c, &lc, &lr, &err), err);
+			if (i == 0)
+				first = lg;
+		}
+		double vg = 0, vc = 0;
+		REQUIRE_OK(gp_trainer_eval(g, &vg, &err), err);
+		REQUIRE_OK(gp_trainer_eval(c, &vc, &err), err);
+		printf("40 steps: train loss gpu %.4f cpu %.4f, val gpu %.4f cpu %.4f\n", lg, lc, vg,
+		       vc);
+		CHECK(lg < first);
+		CHECK(fabs(vg - vc) <= 0.05 * vc);
+		/* a checkpoint made on the GPU resumes on the CPU */
+		char path[] = "/tmp/gp-train-gpu-XXXXXX";
+		int fd = mkstemp(path);
+		REQUIRE(fd >= 0);
+		close(fd);
+		REQUIRE_OK(gp_trainer_save(g, path, &err), err);
+		struct gp_trainer *r = NULL;
+		REQUIRE_OK(gp_trainer_create(&r, &p, tr, nt, va, nv, &err), err);
+		REQUIRE_OK(gp_trainer_resume(r, path, &err), err);
+		double vr = 0;
+		REQUIRE_OK(gp_trainer_eval(r, &vr, &err), err);
+		CHECK(gp_trainer_steps_done(r) == 40);
+		CHECK(fabs(vr - vg) <= 0.02 * vg);
+		unlink(path);
+		gp_trainer_destroy(r);
+		gp_trainer_destroy(c);
+		gp_trainer_destroy(g);
+	}
+	free(tr);
+	free(va);
+}
+
 int main(void)
 {
 	test_params();
 	test_resume();
+	test_device();
 	return CHECK_RESULT();
 }
