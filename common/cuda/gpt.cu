@@ -304,6 +304,18 @@ template <typename T> __global__ void k_gelu_bwd(T *d, const T *inp, size_t N)
 	d[i] = fromf<T>((0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du) * tof(d[i]));
 }
 
+/* Element i of a (B, NH, T, hs) tensor: its b, h, t, e, and its place in
+ * a (B, T, C) tensor with row stride `row` (C, or 3C for qkv). */
+__device__ __forceinline__ size_t bnth_to_btc(size_t i, int Tlen, int NH, int hs, size_t row)
+{
+	int e = (int)(i % hs);
+	size_t r = i / hs;
+	int t = (int)(r % Tlen);
+	r /= Tlen;
+	int h = (int)(r % NH), b = (int)(r / NH);
+	return ((size_t)b * Tlen + t) * row + (size_t)h * hs + e;
+}
+
 /* qkv (B, T, 3, NH, hs) -> q, k, v (B, NH, T, hs). */
 template <typename T>
 __global__ void k_permute(T *q, T *k, T *v, const T *qkv, int B, int Tlen, int NH, int hs)
@@ -312,13 +324,8 @@ __global__ void k_permute(T *q, T *k, T *v, const T *qkv, int B, int Tlen, int N
 	size_t n = (size_t)B * NH * Tlen * hs;
 	if (i >= n)
 		return;
-	int e = (int)(i % hs);
-	size_t r = i / hs;
-	int t = (int)(r % Tlen);
-	r /= Tlen;
-	int h = (int)(r % NH), b = (int)(r / NH);
 	int C = NH * hs;
-	size_t src = ((size_t)b * Tlen + t) * 3 * C + (size_t)h * hs + e;
+	size_t src = bnth_to_btc(i, Tlen, NH, hs, 3 * (size_t)C);
 	q[i] = qkv[src];
 	k[i] = qkv[src + C];
 	v[i] = qkv[src + 2 * C];
@@ -333,13 +340,8 @@ __global__ void k_permute_bwd(T *dqkv, const T *dq, const T *dk, const T *dv, in
 	size_t n = (size_t)B * NH * Tlen * hs;
 	if (i >= n)
 		return;
-	int e = (int)(i % hs);
-	size_t r = i / hs;
-	int t = (int)(r % Tlen);
-	r /= Tlen;
-	int h = (int)(r % NH), b = (int)(r / NH);
 	int C = NH * hs;
-	size_t dst = ((size_t)b * Tlen + t) * 3 * C + (size_t)h * hs + e;
+	size_t dst = bnth_to_btc(i, Tlen, NH, hs, 3 * (size_t)C);
 	dqkv[dst] = dq[i];
 	dqkv[dst + C] = dk[i];
 	dqkv[dst + 2 * C] = dv[i];
@@ -353,12 +355,7 @@ __global__ void k_unpermute(T *out, const T *y, int B, int Tlen, int NH, int hs,
 	size_t n = (size_t)B * NH * Tlen * hs;
 	if (i >= n)
 		return;
-	int e = (int)(i % hs);
-	size_t r = i / hs;
-	int t = (int)(r % Tlen);
-	r /= Tlen;
-	int h = (int)(r % NH), b = (int)(r / NH);
-	size_t o = ((size_t)b * Tlen + t) * NH * hs + (size_t)h * hs + e;
+	size_t o = bnth_to_btc(i, Tlen, NH, hs, (size_t)NH * hs);
 	if (reverse)
 		out[i] = y[o]; /* out is (B, NH, T, hs) here, y (B, T, C) */
 	else
@@ -410,6 +407,22 @@ __global__ void k_softmax_causal_bwd(T *d, const T *att, size_t rows, int Tlen, 
 		dr[j] = fromf<T>(j <= t ? tof(a[j]) * (tof(dr[j]) - dot) * scale : 0.0f);
 }
 
+/* Max and sum of exp(l - max) over the first V values of a row, by the
+ * whole block (every thread gets both). */
+template <typename T>
+__device__ void row_softmax_stats(const T *l, int V, float *mx_out, float *sum_out)
+{
+	float mx = -INFINITY;
+	for (int i = threadIdx.x; i < V; i += blockDim.x)
+		mx = fmaxf(mx, tof(l[i]));
+	mx = block_reduce(mx, true);
+	float s = 0;
+	for (int i = threadIdx.x; i < V; i += blockDim.x)
+		s += expf(tof(l[i]) - mx);
+	*sum_out = block_reduce(s, false);
+	*mx_out = mx;
+}
+
 /* Per row: loss = log(sum exp(l - max)) + max - l[target] over the first V
  * logits. One block per row. */
 template <typename T>
@@ -418,14 +431,8 @@ __global__ void k_crossentropy_fwd(float *losses, const T *logits, const uint16_
 {
 	size_t row = blockIdx.x;
 	const T *l = logits + row * Vp;
-	float mx = -INFINITY;
-	for (int i = threadIdx.x; i < V; i += blockDim.x)
-		mx = fmaxf(mx, tof(l[i]));
-	mx = block_reduce(mx, true);
-	float s = 0;
-	for (int i = threadIdx.x; i < V; i += blockDim.x)
-		s += expf(tof(l[i]) - mx);
-	s = block_reduce(s, false);
+	float mx, s;
+	row_softmax_stats(l, V, &mx, &s);
 	if (threadIdx.x == 0) {
 		float p = expf(tof(l[targets[row]]) - mx) / s;
 		/* as the reference: a probability that underflowed gives 1e-30 */
@@ -440,14 +447,8 @@ __global__ void k_crossentropy_bwd(T *logits, const uint16_t *targets, float dlo
 {
 	size_t row = blockIdx.x;
 	T *l = logits + row * Vp;
-	float mx = -INFINITY;
-	for (int i = threadIdx.x; i < V; i += blockDim.x)
-		mx = fmaxf(mx, tof(l[i]));
-	mx = block_reduce(mx, true);
-	float s = 0;
-	for (int i = threadIdx.x; i < V; i += blockDim.x)
-		s += expf(tof(l[i]) - mx);
-	s = block_reduce(s, false);
+	float mx, s;
+	row_softmax_stats((const T *)l, V, &mx, &s);
 	int tg = targets[row];
 	for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
 		float g = 0;
@@ -859,12 +860,8 @@ static struct lt_plan *lt_plan_for(struct gp_gpu_model *g, int M, int N, int K, 
 	if (g->nplans == LT_PLANS)
 		return NULL;
 	struct lt_plan *p = &g->plans[g->nplans++];
-	memset(p, 0, sizeof *p);
-	p->M = M;
-	p->N = N;
-	p->K = K;
-	p->epi = epi;
-	p->t = t;
+	*p = lt_plan{};
+	p->M = M, p->N = N, p->K = K, p->epi = epi, p->t = t;
 	cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
 	cublasLtEpilogue_t e = (cublasLtEpilogue_t)epi;
 	cublasLtMatmulPreference_t pref = NULL;
