@@ -22,6 +22,7 @@
 #include "bpe.h"
 #include "bytes.h"
 #include "../check.h"
+#include "gpu.h"
 #include "model.h"
 
 static uint64_t rng = 12345;
@@ -832,8 +833,42 @@ static void test_map(void)
 	gp_model_destroy(m);
 }
 
+#ifdef GENPIPE_HAVE_CUDA
+#define GENPIPE_HAVE_CUDA_TEST 1
+#else
+#define GENPIPE_HAVE_CUDA_TEST 0
+#endif
+
+/* --device / with.device: the choice and its errors, GPU or not. */
+static void test_device_choice(void)
+{
+	struct gp_err e = {0};
+	const char *why = NULL;
+	int have = gp_gpu_available(&why) > 0, use = -1;
+	CHECK(have || (why && *why));
+	REQUIRE_OK(gp_gpu_choose("cpu", &use, &e), e);
+	CHECK(use == 0);
+	REQUIRE_OK(gp_gpu_choose("auto", &use, &e), e);
+	CHECK(use == have);
+	REQUIRE_OK(gp_gpu_choose(NULL, &use, &e), e);
+	CHECK(use == have);
+	gp_status st = gp_gpu_choose("cuda", &use, &e);
+	if (have) {
+		CHECK(st == GP_OK && use == 1);
+	} else {
+		CHECK(st == GP_ERR_UNAVAILABLE && use == 0);
+		CHECK_CONTAINS(e.msg, why); /* the reason, not just "no" */
+	}
+	CHECK(gp_gpu_choose("tpu", &use, &e) == GP_ERR_INVALID);
+	CHECK_CONTAINS(e.msg, "\"tpu\"");
+	CHECK_STR(gp_gpu_precision_str(GP_GPU_BF16), "bf16");
+	CHECK_STR(gp_gpu_precision_str(GP_GPU_FP32), "fp32");
+	CHECK(gp_gpu_built() == (GENPIPE_HAVE_CUDA_TEST + 0));
+}
+
 int main(void)
 {
+	test_device_choice();
 	test_config();
 	test_gradcheck();
 	test_fast_vs_reference();
