@@ -38,6 +38,7 @@ extern "C" {
 #include "gpu.h"
 #include "model.h"
 }
+#include "gemm_plan.h"
 
 typedef __nv_bfloat16 bf16;
 
@@ -304,18 +305,6 @@ template <typename T> __global__ void k_gelu_bwd(T *d, const T *inp, size_t N)
 	d[i] = fromf<T>((0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du) * tof(d[i]));
 }
 
-/* Element i of a (B, NH, T, hs) tensor: its b, h, t, e, and its place in
- * a (B, T, C) tensor with row stride `row` (C, or 3C for qkv). */
-__device__ __forceinline__ size_t bnth_to_btc(size_t i, int Tlen, int NH, int hs, size_t row)
-{
-	int e = (int)(i % hs);
-	size_t r = i / hs;
-	int t = (int)(r % Tlen);
-	r /= Tlen;
-	int h = (int)(r % NH), b = (int)(r / NH);
-	return ((size_t)b * Tlen + t) * row + (size_t)h * hs + e;
-}
-
 /* qkv (B, T, 3, NH, hs) -> q, k, v (B, NH, T, hs). */
 template <typename T>
 __global__ void k_permute(T *q, T *k, T *v, const T *qkv, int B, int Tlen, int NH, int hs)
@@ -325,7 +314,7 @@ __global__ void k_permute(T *q, T *k, T *v, const T *qkv, int B, int Tlen, int N
 	if (i >= n)
 		return;
 	int C = NH * hs;
-	size_t src = bnth_to_btc(i, Tlen, NH, hs, 3 * (size_t)C);
+	size_t src = gp_bnth_to_btc(i, Tlen, NH, hs, 3 * (size_t)C);
 	q[i] = qkv[src];
 	k[i] = qkv[src + C];
 	v[i] = qkv[src + 2 * C];
@@ -341,7 +330,7 @@ __global__ void k_permute_bwd(T *dqkv, const T *dq, const T *dk, const T *dv, in
 	if (i >= n)
 		return;
 	int C = NH * hs;
-	size_t dst = bnth_to_btc(i, Tlen, NH, hs, 3 * (size_t)C);
+	size_t dst = gp_bnth_to_btc(i, Tlen, NH, hs, 3 * (size_t)C);
 	dqkv[dst] = dq[i];
 	dqkv[dst + C] = dk[i];
 	dqkv[dst + 2 * C] = dv[i];
@@ -355,7 +344,7 @@ __global__ void k_unpermute(T *out, const T *y, int B, int Tlen, int NH, int hs,
 	size_t n = (size_t)B * NH * Tlen * hs;
 	if (i >= n)
 		return;
-	size_t o = bnth_to_btc(i, Tlen, NH, hs, (size_t)NH * hs);
+	size_t o = gp_bnth_to_btc(i, Tlen, NH, hs, (size_t)NH * hs);
 	if (reverse)
 		out[i] = y[o]; /* out is (B, NH, T, hs) here, y (B, T, C) */
 	else
@@ -817,26 +806,32 @@ extern "C" gp_status gp_gpu_model_download(struct gp_gpu_model *g, float *params
 
 /* ---- GEMMs (column-major cuBLAS over our row-major tensors) ---- */
 
-template <typename T>
-static gp_status gemm(struct gp_gpu_model *g, cublasOperation_t ta, cublasOperation_t tb, int m,
-		      int n, int k, float alpha, const T *A, int lda, const T *B, int ldb,
-		      float beta, void *C, cudaDataType_t ctype, int ldc, struct gp_err *err)
+static cublasOperation_t op(int t)
 {
-	CB(cublasGemmEx(g->blas, ta, tb, m, n, k, &alpha, A, dtype<T>(), lda, B, dtype<T>(), ldb,
-			&beta, C, ctype, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+	return t ? CUBLAS_OP_T : CUBLAS_OP_N;
+}
+
+/* C = alpha op(A) op(B) + beta C with the plan's shape (gemm_plan.h). */
+template <typename T>
+static gp_status gemm(cublasHandle_t h, const struct gp_gemm &p, float alpha, const T *A,
+		      const T *B, float beta, void *C, cudaDataType_t ctype, struct gp_err *err)
+{
+	CB(cublasGemmEx(h, op(p.ta), op(p.tb), p.m, p.n, p.k, &alpha, A, dtype<T>(), p.lda, B,
+			dtype<T>(), p.ldb, &beta, C, ctype, p.ldc, CUBLAS_COMPUTE_32F,
+			CUBLAS_GEMM_DEFAULT));
 	return GP_OK;
 }
 
+/* The same over `batch` products at the plan's strides (beta 0). */
 template <typename T>
-static gp_status gemm_batched(struct gp_gpu_model *g, cublasOperation_t ta, cublasOperation_t tb,
-			      int m, int n, int k, float alpha, const T *A, int lda, long long sa,
-			      const T *B, int ldb, long long sb, T *C, int ldc, long long sc,
-			      int batch, struct gp_err *err)
+static gp_status gemm_batched(struct gp_gpu_model *g, const struct gp_gemm &p, float alpha,
+			      const T *A, const T *B, T *C, int batch, struct gp_err *err)
 {
 	float beta = 0.0f;
-	CB(cublasGemmStridedBatchedEx(g->blas, ta, tb, m, n, k, &alpha, A, dtype<T>(), lda, sa, B,
-				      dtype<T>(), ldb, sb, &beta, C, dtype<T>(), ldc, sc, batch,
-				      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+	CB(cublasGemmStridedBatchedEx(g->blas, op(p.ta), op(p.tb), p.m, p.n, p.k, &alpha, A,
+				      dtype<T>(), p.lda, p.sa, B, dtype<T>(), p.ldb, p.sb, &beta, C,
+				      dtype<T>(), p.ldc, p.sc, batch, CUBLAS_COMPUTE_32F,
+				      CUBLAS_GEMM_DEFAULT));
 	return GP_OK;
 }
 
@@ -900,6 +895,7 @@ static gp_status matmul_fwd(struct gp_gpu_model *g, T *out, const T *inp, const 
 		  : pre ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
 			: CUBLASLT_EPILOGUE_BIAS;
 	struct lt_plan *p = NULL;
+	/* the plan's shape: M = OC, N, K = C, A = w transposed (gp_gemm_linear_fwd) */
 	if (aligned16(out) && aligned16(inp) && aligned16(w) && (!bias || aligned16(bias)) &&
 	    (!pre || (aligned16(pre) && OC % 8 == 0)))
 		p = lt_plan_for(g, OC, N, C, epi, dtype<T>());
@@ -919,8 +915,7 @@ static gp_status matmul_fwd(struct gp_gpu_model *g, T *out, const T *inp, const 
 		p->ok = 0; /* refused at run time: the plain path from now on */
 	}
 	T *o = pre ? pre : out;
-	TRY(gemm<T>(g, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, 1.0f, w, C, inp, C, 0.0f, o, dtype<T>(),
-		    OC, err));
+	TRY(gemm<T>(g->blas, gp_gemm_linear_fwd(N, C, OC), 1.0f, w, inp, 0.0f, o, dtype<T>(), err));
 	if (bias) {
 		k_add_bias<T><<<blocks((size_t)N * OC, 256), 256, 0, g->stream>>>(o, bias, (size_t)N,
 										   OC);
@@ -951,10 +946,10 @@ static gp_status matmul_bwd(struct gp_gpu_model *g, T *dinp, float *dw, float *d
 			    const T *dout, const T *inp, const T *w, int N, int C, int OC,
 			    struct gp_err *err)
 {
-	TRY(gemm<T>(g, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, 1.0f, w, C, dout, OC, 0.0f, dinp,
-		    dtype<T>(), C, err));
-	TRY(gemm<T>(g, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, 1.0f, inp, C, dout, OC, 1.0f, dw,
-		    CUDA_R_32F, C, err));
+	TRY(gemm<T>(g->blas, gp_gemm_linear_dinp(N, C, OC), 1.0f, w, dout, 0.0f, dinp, dtype<T>(),
+		    err));
+	TRY(gemm<T>(g->blas, gp_gemm_linear_dw(N, C, OC), 1.0f, inp, dout, 1.0f, dw, CUDA_R_32F,
+		    err));
 	if (dbias) {
 		dim3 grid;
 		int chunk;
@@ -1004,16 +999,13 @@ static gp_status attention_fwd(struct gp_gpu_model *g, T *atty, T *att, const T 
 	k_permute<T><<<blocks(n, 256), 256, 0, g->stream>>>(q, k, v, qkv, B, Tl, NH, hs);
 	CL("permute");
 	float scale = 1.0f / sqrtf((float)hs);
-	long long sq = (long long)Tl * hs, sa = (long long)Tl * Tl;
 	/* pre (T,T) = scale q k^T, per (b, h) */
-	TRY(gemm_batched<T>(g, CUBLAS_OP_T, CUBLAS_OP_N, Tl, Tl, hs, scale, k, hs, sq, q, hs, sq,
-			    pre, Tl, sa, B * NH, err));
+	TRY(gemm_batched<T>(g, gp_gemm_att_scores(Tl, hs), scale, k, q, pre, B * NH, err));
 	size_t rows = (size_t)B * NH * Tl;
 	k_softmax_causal<T><<<blocks(rows * 32, 256), 256, 0, g->stream>>>(att, pre, rows, Tl);
 	CL("softmax");
 	/* y (T,hs) = att v */
-	TRY(gemm_batched<T>(g, CUBLAS_OP_N, CUBLAS_OP_N, hs, Tl, Tl, 1.0f, v, hs, sq, att, Tl, sa, y,
-			    hs, sq, B * NH, err));
+	TRY(gemm_batched<T>(g, gp_gemm_att_values(Tl, hs), 1.0f, v, att, y, B * NH, err));
 	k_unpermute<T><<<blocks(n, 256), 256, 0, g->stream>>>(atty, y, B, Tl, NH, hs, 0);
 	CL("unpermute");
 	return GP_OK;
@@ -1033,23 +1025,17 @@ static gp_status attention_bwd(struct gp_gpu_model *g, T *dqkv, const T *datty, 
 	CL("permute");
 	k_unpermute<T><<<blocks(n, 256), 256, 0, g->stream>>>(dy, datty, B, Tl, NH, hs, 1);
 	CL("unpermute backward");
-	long long sq = (long long)Tl * hs, sa = (long long)Tl * Tl;
 	int nb = B * NH;
-	/* datt (T,T) = dy v^T */
-	TRY(gemm_batched<T>(g, CUBLAS_OP_T, CUBLAS_OP_N, Tl, Tl, hs, 1.0f, v, hs, sq, dy, hs, sq, da,
-			    Tl, sa, nb, err));
-	/* dv (T,hs) = att^T dy */
-	TRY(gemm_batched<T>(g, CUBLAS_OP_N, CUBLAS_OP_T, hs, Tl, Tl, 1.0f, dy, hs, sq, att, Tl, sa,
-			    dv, hs, sq, nb, err));
+	/* datt (T,T) = dy v^T ; dv (T,hs) = att^T dy */
+	TRY(gemm_batched<T>(g, gp_gemm_att_datt(Tl, hs), 1.0f, v, dy, da, nb, err));
+	TRY(gemm_batched<T>(g, gp_gemm_att_dv(Tl, hs), 1.0f, dy, att, dv, nb, err));
 	size_t rows = (size_t)nb * Tl;
 	k_softmax_causal_bwd<T><<<blocks(rows * 32, 256), 256, 0, g->stream>>>(
 		da, att, rows, Tl, 1.0f / sqrtf((float)hs));
 	CL("softmax backward");
 	/* dq = dpre k ; dk = dpre^T q */
-	TRY(gemm_batched<T>(g, CUBLAS_OP_N, CUBLAS_OP_N, hs, Tl, Tl, 1.0f, k, hs, sq, da, Tl, sa, dq,
-			    hs, sq, nb, err));
-	TRY(gemm_batched<T>(g, CUBLAS_OP_N, CUBLAS_OP_T, hs, Tl, Tl, 1.0f, q, hs, sq, da, Tl, sa, dk,
-			    hs, sq, nb, err));
+	TRY(gemm_batched<T>(g, gp_gemm_att_dq(Tl, hs), 1.0f, k, da, dq, nb, err));
+	TRY(gemm_batched<T>(g, gp_gemm_att_dk(Tl, hs), 1.0f, q, da, dk, nb, err));
 	k_permute_bwd<T><<<blocks(n, 256), 256, 0, g->stream>>>(dqkv, dq, dk, dv, B, Tl, NH, hs);
 	CL("permute backward");
 	return GP_OK;
@@ -1477,11 +1463,9 @@ template <typename T>
 static gp_status dgemm(struct gp_gpu_decoder *d, T *out, const T *inp, const T *w, const T *bias,
 		       int N, int C, int OC, void *out_f32, struct gp_err *err)
 {
-	float one = 1.0f, zero = 0.0f;
 	void *o = out_f32 ? out_f32 : (void *)out;
-	CB(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, &one, w, dtype<T>(), C, inp,
-			dtype<T>(), C, &zero, o, out_f32 ? CUDA_R_32F : dtype<T>(), OC,
-			CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+	TRY(gemm<T>(d->blas, gp_gemm_linear_fwd(N, C, OC), 1.0f, w, inp, 0.0f, o,
+		    out_f32 ? CUDA_R_32F : dtype<T>(), err));
 	if (bias) {
 		k_add_bias<T><<<blocks((size_t)N * OC, 256), 256, 0, d->stream>>>(out, bias,
 										   (size_t)N, OC);

@@ -11,6 +11,7 @@
  *     stop sequences.
  */
 #include <cjson/cJSON.h>
+#include <cblas.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,6 +23,7 @@
 #include "bpe.h"
 #include "bytes.h"
 #include "../check.h"
+#include "cuda/gemm_plan.h"
 #include "gpu.h"
 #include "model.h"
 
@@ -839,6 +841,195 @@ static void test_map(void)
 #define GENPIPE_HAVE_CUDA_TEST 0
 #endif
 
+/* ---- the GPU's GEMM plans, run through column-major BLAS ---- */
+
+static void plan_gemm(const struct gp_gemm *p, float alpha, const float *A, const float *B,
+		      float beta, float *C, int batch)
+{
+	for (int i = 0; i < batch; i++)
+		cblas_sgemm(CblasColMajor, p->ta ? CblasTrans : CblasNoTrans,
+			    p->tb ? CblasTrans : CblasNoTrans, p->m, p->n, p->k, alpha,
+			    A + i * p->sa, p->lda, B + i * p->sb, p->ldb, beta, C + i * p->sc,
+			    p->ldc);
+}
+
+static float frand(uint64_t *s)
+{
+	*s ^= *s << 13;
+	*s ^= *s >> 7;
+	*s ^= *s << 17;
+	return (float)((*s >> 11) % 2001) / 1000.0f - 1.0f;
+}
+
+static float max_diff(const float *a, const float *b, size_t n)
+{
+	float m = 0;
+	for (size_t i = 0; i < n; i++)
+		m = fabsf(a[i] - b[i]) > m ? fabsf(a[i] - b[i]) : m;
+	return m;
+}
+
+/*
+ * The argument lists common/cuda/gpt.cu gives cuBLAS (gemm_plan.h), the
+ * permutation between (B,T,C) and (B,NH,T,hs), and the order of the
+ * attention's steps, executed with OpenBLAS in column-major mode and held to
+ * plain row-major loops: what can be checked of the GPU path without a GPU.
+ */
+static void test_gemm_plans(void)
+{
+	uint64_t rs = 12345;
+	enum { N = 5, C = 8, OC = 12, B = 2, T = 5, NH = 2, HS = C / NH };
+	float inp[N * C], w[OC * C], dout[N * OC], out[N * OC], want[N * OC];
+	float dinp[N * C], wdinp[N * C], dw[OC * C], wdw[OC * C];
+	for (int i = 0; i < N * C; i++)
+		inp[i] = frand(&rs);
+	for (int i = 0; i < OC * C; i++) {
+		w[i] = frand(&rs);
+		dw[i] = wdw[i] = frand(&rs); /* dw accumulates */
+	}
+	for (int i = 0; i < N * OC; i++)
+		dout[i] = frand(&rs);
+	for (int n = 0; n < N; n++)
+		for (int o = 0; o < OC; o++) {
+			float a = 0;
+			for (int c = 0; c < C; c++)
+				a += inp[n * C + c] * w[o * C + c];
+			want[n * OC + o] = a;
+		}
+	for (int n = 0; n < N; n++)
+		for (int c = 0; c < C; c++) {
+			float a = 0;
+			for (int o = 0; o < OC; o++)
+				a += dout[n * OC + o] * w[o * C + c];
+			wdinp[n * C + c] = a;
+		}
+	for (int o = 0; o < OC; o++)
+		for (int c = 0; c < C; c++)
+			for (int n = 0; n < N; n++)
+				wdw[o * C + c] += dout[n * OC + o] * inp[n * C + c];
+	struct gp_gemm pf = gp_gemm_linear_fwd(N, C, OC), pi = gp_gemm_linear_dinp(N, C, OC),
+		       pw = gp_gemm_linear_dw(N, C, OC);
+	plan_gemm(&pf, 1, w, inp, 0, out, 1);
+	plan_gemm(&pi, 1, w, dout, 0, dinp, 1);
+	plan_gemm(&pw, 1, inp, dout, 1, dw, 1);
+	CHECK(max_diff(out, want, N * OC) < 1e-5f);
+	CHECK(max_diff(dinp, wdinp, N * C) < 1e-5f);
+	CHECK(max_diff(dw, wdw, OC * C) < 1e-5f);
+
+	/* attention: the GPU's sequence of steps against the loops */
+	float qkv[B * T * 3 * C], dy_btc[B * T * C];
+	for (int i = 0; i < B * T * 3 * C; i++)
+		qkv[i] = frand(&rs);
+	for (int i = 0; i < B * T * C; i++)
+		dy_btc[i] = frand(&rs);
+	float scale = 1.0f / sqrtf((float)HS);
+	size_t n = (size_t)B * T * C;
+	float q[B * T * C], k[B * T * C], v[B * T * C], pre[B * NH * T * T], att[B * NH * T * T],
+	      y[B * T * C], atty[B * T * C];
+	for (size_t i = 0; i < n; i++) { /* k_permute */
+		size_t src = gp_bnth_to_btc(i, T, NH, HS, 3 * (size_t)C);
+		q[i] = qkv[src];
+		k[i] = qkv[src + C];
+		v[i] = qkv[src + 2 * C];
+	}
+	struct gp_gemm ps = gp_gemm_att_scores(T, HS), pv = gp_gemm_att_values(T, HS);
+	plan_gemm(&ps, scale, k, q, 0, pre, B * NH);
+	for (int r = 0; r < B * NH * T; r++) { /* k_softmax_causal */
+		int t = r % T;
+		float mx = -INFINITY, sum = 0;
+		for (int j = 0; j <= t; j++)
+			mx = fmaxf(mx, pre[r * T + j]);
+		for (int j = 0; j <= t; j++)
+			sum += expf(pre[r * T + j] - mx);
+		for (int j = 0; j < T; j++)
+			att[r * T + j] = j <= t ? expf(pre[r * T + j] - mx) / sum : 0;
+	}
+	plan_gemm(&pv, 1, v, att, 0, y, B * NH);
+	for (size_t i = 0; i < n; i++) /* k_unpermute */
+		atty[gp_bnth_to_btc(i, T, NH, HS, C)] = y[i];
+	/* the loops: softmax(q.k scaled, causal) . v per head, and the backward */
+	float watty[B * T * C], watt[B * NH * T * T], wdqkv[B * T * 3 * C];
+	memset(wdqkv, 0, sizeof wdqkv);
+	for (int b = 0; b < B; b++)
+		for (int h = 0; h < NH; h++)
+			for (int t = 0; t < T; t++) {
+				const float *qt = qkv + ((size_t)b * T + t) * 3 * C + h * HS;
+				float *a = watt + (((size_t)b * NH + h) * T + t) * T, mx = -INFINITY,
+				      sum = 0;
+				for (int j = 0; j < T; j++) {
+					float d = 0;
+					for (int e = 0; e < HS; e++)
+						d += qt[e] * qkv[((size_t)b * T + j) * 3 * C + C + h * HS + e];
+					a[j] = d * scale;
+					if (j <= t)
+						mx = fmaxf(mx, a[j]);
+				}
+				for (int j = 0; j <= t; j++)
+					sum += expf(a[j] - mx);
+				for (int j = 0; j < T; j++)
+					a[j] = j <= t ? expf(a[j] - mx) / sum : 0;
+				for (int e = 0; e < HS; e++) {
+					float acc = 0;
+					for (int j = 0; j <= t; j++)
+						acc += a[j] * qkv[((size_t)b * T + j) * 3 * C + 2 * C + h * HS + e];
+					watty[((size_t)b * T + t) * C + h * HS + e] = acc;
+				}
+				/* backward of this row */
+				const float *d = dy_btc + ((size_t)b * T + t) * C + h * HS;
+				float da[T], dot = 0;
+				for (int j = 0; j <= t; j++) {
+					const float *vj = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
+					float *dvj = wdqkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * HS;
+					da[j] = 0;
+					for (int e = 0; e < HS; e++) {
+						da[j] += d[e] * vj[e];
+						dvj[e] += a[j] * d[e];
+					}
+					dot += a[j] * da[j];
+				}
+				for (int j = 0; j <= t; j++) {
+					float dp = a[j] * (da[j] - dot) * scale;
+					const float *kj = qkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
+					float *dkj = wdqkv + ((size_t)b * T + j) * 3 * C + C + h * HS;
+					float *dqt = wdqkv + ((size_t)b * T + t) * 3 * C + h * HS;
+					for (int e = 0; e < HS; e++) {
+						dqt[e] += dp * kj[e];
+						dkj[e] += dp * qt[e];
+					}
+				}
+			}
+	CHECK(max_diff(att, watt, sizeof att / sizeof *att) < 1e-5f);
+	CHECK(max_diff(atty, watty, n) < 1e-5f);
+	/* the GPU's backward: unpermute^-1, datt, dv, softmax backward, dq, dk, permute^-1 */
+	float dy[B * T * C], da[B * NH * T * T], dq[B * T * C], dk[B * T * C], dv[B * T * C],
+	      dqkv[B * T * 3 * C];
+	for (size_t i = 0; i < n; i++)
+		dy[i] = dy_btc[gp_bnth_to_btc(i, T, NH, HS, C)];
+	struct gp_gemm pda = gp_gemm_att_datt(T, HS), pdv = gp_gemm_att_dv(T, HS),
+		       pdq = gp_gemm_att_dq(T, HS), pdk = gp_gemm_att_dk(T, HS);
+	plan_gemm(&pda, 1, v, dy, 0, da, B * NH);
+	plan_gemm(&pdv, 1, dy, att, 0, dv, B * NH);
+	for (int r = 0; r < B * NH * T; r++) { /* k_softmax_causal_bwd, in place */
+		int t = r % T;
+		float dot = 0;
+		for (int j = 0; j <= t; j++)
+			dot += att[r * T + j] * da[r * T + j];
+		for (int j = 0; j < T; j++)
+			da[r * T + j] = j <= t ? att[r * T + j] * (da[r * T + j] - dot) * scale : 0;
+	}
+	plan_gemm(&pdq, 1, k, da, 0, dq, B * NH);
+	plan_gemm(&pdk, 1, q, da, 0, dk, B * NH);
+	for (size_t i = 0; i < n; i++) { /* k_permute_bwd */
+		size_t dst = gp_bnth_to_btc(i, T, NH, HS, 3 * (size_t)C);
+		dqkv[dst] = dq[i];
+		dqkv[dst + C] = dk[i];
+		dqkv[dst + 2 * C] = dv[i];
+	}
+	float md = max_diff(dqkv, wdqkv, sizeof dqkv / sizeof *dqkv);
+	printf("GPU GEMM plans through column-major BLAS: attention gradient max error %.2g\n", md);
+	CHECK(md < 1e-5f);
+}
+
 /* --device / with.device: the choice and its errors, GPU or not. */
 static void test_device_choice(void)
 {
@@ -869,6 +1060,7 @@ static void test_device_choice(void)
 int main(void)
 {
 	test_device_choice();
+	test_gemm_plans();
 	test_config();
 	test_gradcheck();
 	test_fast_vs_reference();
