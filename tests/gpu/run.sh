@@ -61,12 +61,20 @@ EOF
 )
 [ -n "$PYLIBS" ] && CUDA_LIBS="$CUDA_LIBS:$PYLIBS"
 
+BIN=""
 if [ -f "$BUNDLE" ]; then
 	log "unpacking $BUNDLE"
 	rm -rf /tmp/gpu-bundle && tar -C /tmp -xJf "$BUNDLE"
-	BIN=/tmp/gpu-bundle/bin
 	export LD_LIBRARY_PATH="/tmp/gpu-bundle/lib$CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-else
+	/tmp/gpu-bundle/bin/gpu_bench none >"$OUT/bundle_check.log" 2>&1
+	rc=$?
+	if [ $rc -eq 0 ] || [ $rc -eq 77 ]; then
+		BIN=/tmp/gpu-bundle/bin
+	else
+		log "the bundle does not run here (exit $rc): $(head -c 300 "$OUT/bundle_check.log")"
+	fi
+fi
+if [ -z "$BIN" ]; then
 	log "building test_gpu and gpu_bench in build-gpu"
 	cmake -S "$ROOT" -B "$ROOT/build-gpu" -DCMAKE_BUILD_TYPE=Release -DGENPIPE_CUDA=ON \
 		>"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; exit 1; }
