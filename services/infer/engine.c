@@ -126,8 +126,7 @@ struct gpu_lm {
 	struct gp_gpu_model *g;
 	struct gp_gpu_decoder *d;
 	float *logits;    /* max_rows x padded_vocab */
-	int *slot_of;     /* engine slot of each row */
-	uint16_t *tok;
+	uint16_t *tok;    /* the step's tokens */
 	long long used;   /* loop count of the last use */
 };
 
@@ -461,7 +460,6 @@ static void gpu_lm_free(struct gpu_lm *x)
 	gp_gpu_decoder_destroy(x->d);
 	gp_gpu_model_destroy(x->g);
 	free(x->logits);
-	free(x->slot_of);
 	free(x->tok);
 	gp_lm_unref(x->lm);
 	memset(x, 0, sizeof(*x));
@@ -491,9 +489,8 @@ static struct gpu_lm *gpu_for(struct gp_engine *e, struct gp_lm *lm, struct gp_e
 	gpu_lm_free(x);
 	const struct gp_model_config *c = gp_model_config(lm->model);
 	x->logits = malloc((size_t)e->cfg.max_rows * c->padded_vocab * sizeof(float));
-	x->slot_of = malloc((size_t)e->cfg.max_rows * sizeof(int));
 	x->tok = malloc((size_t)e->cfg.max_rows * sizeof(uint16_t));
-	gp_status st = x->logits && x->slot_of && x->tok
+	gp_status st = x->logits && x->tok
 			       ? GP_OK
 			       : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	if (!st)
