@@ -413,6 +413,23 @@ static gp_status result_message(struct gp_db *db, long long attempt_id, long lon
 	return st;
 }
 
+/* The StageJob message of an attempt and its subject (96 bytes). */
+static gp_status job_message(long long id, long long run_id, const char *stage, const char *kind,
+			     int attempt, const char *params_json, long long timeout_ms,
+			     uint8_t **buf, size_t *len, char *subject, struct gp_err *err)
+{
+	gp_stage_job job = GENPIPE__V1__STAGE_JOB__INIT;
+	job.attempt_id = id;
+	job.run_id = run_id;
+	job.stage = (char *)stage;
+	job.kind = (char *)kind;
+	job.attempt = (uint32_t)attempt;
+	job.params_json = (char *)params_json;
+	job.timeout_ms = timeout_ms > 0 ? timeout_ms : 86400000LL;
+	snprintf(subject, 96, GP_SUBJ_JOBS "%s", kind);
+	return gp_wire_encode(&job.base, buf, len, err);
+}
+
 static int cmp_ll(const void *a, const void *b)
 {
 	long long x = *(const long long *)a, y = *(const long long *)b;
@@ -489,20 +506,12 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 		}
 		const struct gp_attempt_spec *s = &specs[j];
 		long long id = atoll(PQgetvalue(r, i, 0));
-		gp_stage_job job = GENPIPE__V1__STAGE_JOB__INIT;
-		job.attempt_id = id;
-		job.run_id = s->run_id;
-		job.stage = (char *)s->stage;
-		job.kind = (char *)s->kind;
-		job.attempt = (uint32_t)s->attempt;
-		job.params_json = PQgetvalue(r, i, 3);
-		job.timeout_ms = s->timeout_ms > 0 ? s->timeout_ms : 86400000LL;
 		uint8_t *buf = NULL;
 		size_t len = 0;
 		char *hex = NULL;
-		if (!(st = gp_wire_encode(&job.base, &buf, &len, err))) {
-			char subject[96];
-			snprintf(subject, sizeof subject, GP_SUBJ_JOBS "%s", s->kind);
+		char subject[96];
+		if (!(st = job_message(id, s->run_id, s->stage, s->kind, s->attempt,
+				       PQgetvalue(r, i, 3), s->timeout_ms, &buf, &len, subject, err))) {
 			if (!(hex = gp_db_bytea_param(buf, len)))
 				st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 			gp_db_array_add(&subj, subject);
@@ -639,6 +648,63 @@ out:
 	PQclear(r);
 	if (!st && reaped)
 		*reaped = n;
+	return st;
+}
+
+gp_status gp_attempts_redispatch(struct gp_db *db, long long after_ms, int max, int *n_out,
+				 struct gp_err *err)
+{
+	char afters[24], maxs[16];
+	snprintf(afters, sizeof afters, "%lld", after_ms > 0 ? after_ms : 1);
+	snprintf(maxs, sizeof maxs, "%d", max > 0 ? max : 100);
+	const char *p[] = { afters, maxs };
+	PGresult *r = NULL;
+	int n = 0;
+	if (n_out)
+		*n_out = 0;
+	gp_status st = gp_db_begin(db, err);
+	if (st)
+		return st;
+	/* waited after_ms since queued, then 2x, 4x, ... (at most 64x) since the
+	 * last time: a long queue costs a copy now and then, not one a sweep */
+	st = gp_db_exec(db, "find undelivered attempts",
+			"UPDATE stage_attempts SET redispatched_at = now(), "
+			"redispatches = redispatches + 1 "
+			"WHERE id IN (SELECT id FROM stage_attempts WHERE state = 'queued' "
+			"AND coalesce(redispatched_at, queued_at) < now() - "
+			"make_interval(secs => $1::double precision / 1000 * "
+			"power(2, least(redispatches, 6))) "
+			"ORDER BY queued_at LIMIT $2::integer FOR UPDATE SKIP LOCKED) "
+			"RETURNING id, run_id, stage, kind, attempt, params::text, timeout_ms, "
+			"redispatches",
+			2, p, &r, err);
+	if (st)
+		goto out;
+	n = PQntuples(r);
+	for (int i = 0; i < n && !st; i++) {
+		uint8_t *buf = NULL;
+		size_t len = 0;
+		char subject[96];
+		gp_info("run %s stage %s attempt %s: still queued; job message published again "
+			"(%s)",
+			PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 4),
+			PQgetvalue(r, i, 7));
+		st = job_message(atoll(PQgetvalue(r, i, 0)), atoll(PQgetvalue(r, i, 1)),
+				 PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), atoi(PQgetvalue(r, i, 4)),
+				 PQgetvalue(r, i, 5), atoll(PQgetvalue(r, i, 6)), &buf, &len, subject,
+				 err);
+		if (!st)
+			st = gp_outbox_put(db, subject, buf, len, NULL, err);
+		free(buf);
+	}
+	if (!st)
+		st = gp_db_commit(db, err);
+out:
+	if (st)
+		gp_db_rollback(db);
+	PQclear(r);
+	if (!st && n_out)
+		*n_out = n;
 	return st;
 }
 

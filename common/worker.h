@@ -155,6 +155,16 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
  */
 gp_status gp_lease_reap(struct gp_db *db, int max, int *reaped, struct gp_err *err);
 
+/*
+ * Publish again (a new outbox row, same attempt) the job message of up to
+ * max attempts still queued after_ms after they were queued, then after
+ * 2x, 4x, ... 64x that since their last copy. JetStream can lose an
+ * acknowledged message in an OS crash; the claim by attempt id absorbs the
+ * copies that do arrive. *n gets the count.
+ */
+gp_status gp_attempts_redispatch(struct gp_db *db, long long after_ms, int max, int *n,
+				 struct gp_err *err);
+
 /* Record a message that cannot be processed. Idempotent by (stream, seq). */
 gp_status gp_dead_letter(struct gp_db *db, const char *stream, const char *consumer,
 			 const char *subject, unsigned long long stream_seq, const void *payload,

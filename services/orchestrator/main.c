@@ -12,8 +12,8 @@ int main(int argc, char **argv)
 {
 	struct gp_service svc = { .name = "orchestrator" };
 	struct gp_orchestrator_config cfg = { 0 };
-	long long reap_ms = 0, relay_wait = 0, batch = 0, sweep_ms = 0;
-	struct gp_opt opts[GP_SERVICE_NOPTS + 4];
+	long long reap_ms = 0, relay_wait = 0, batch = 0, sweep_ms = 0, redispatch_ms = 0;
+	struct gp_opt opts[GP_SERVICE_NOPTS + 5];
 	gp_service_options(&svc, opts);
 	opts[GP_SERVICE_NOPTS + 0] = (struct gp_opt){ "reap-interval-ms", "GENPIPE_REAP_INTERVAL_MS",
 						      GP_OPT_INT, "1000",
@@ -30,7 +30,12 @@ int main(int argc, char **argv)
 						      "1000",
 						      "how often unfinished runs are re-examined",
 						      &sweep_ms };
-	int prc = gp_service_parse("orchestrator", opts, GP_SERVICE_NOPTS + 4, argc, argv);
+	opts[GP_SERVICE_NOPTS + 4] = (struct gp_opt){ "redispatch-ms", "GENPIPE_REDISPATCH_MS",
+						      GP_OPT_INT, "600000",
+						      "publish a job message again when its attempt is "
+						      "still queued after this (then 2x, 4x, ...)",
+						      &redispatch_ms };
+	int prc = gp_service_parse("orchestrator", opts, GP_SERVICE_NOPTS + 5, argc, argv);
 	if (prc >= 0)
 		return prc;
 	struct gp_err err = { 0 };
@@ -38,6 +43,7 @@ int main(int argc, char **argv)
 	cfg.relay_wait_ms = relay_wait;
 	cfg.relay_batch = (int)batch;
 	cfg.sweep_ms = sweep_ms;
+	cfg.redispatch_ms = redispatch_ms;
 	gp_service_signals();
 	if (gp_service_start(&svc, 0, 30000, &err)) {
 		gp_error("could not start: %s", err.msg);

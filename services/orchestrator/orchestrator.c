@@ -38,7 +38,7 @@ struct gp_orchestrator {
 	struct due *costs; /* run -> earliest next advance (its last advance's cost later) */
 	int ncosts, capcosts;
 	struct gp_outbox_direct direct; /* an advance's job messages, published after its commit */
-	struct gp_metric *m_direct, *m_relay_passes, *m_relayed, *m_dups, *m_reaped, *m_errors, *m_advances, *m_dispatched,
+	struct gp_metric *m_redispatched, *m_direct, *m_relay_passes, *m_relayed, *m_dups, *m_reaped, *m_errors, *m_advances, *m_dispatched,
 		*m_reads_all, *m_reads_active,
 		*m_advance_seconds;
 	long long reads_all, reads_active; /* the engine's counts at the last advance */
@@ -154,6 +154,8 @@ gp_status gp_orchestrator_create(struct gp_orchestrator **out,
 		o->cfg.relay_batch = 100;
 	if (o->cfg.sweep_ms <= 0)
 		o->cfg.sweep_ms = 1000;
+	if (o->cfg.redispatch_ms <= 0)
+		o->cfg.redispatch_ms = 600000;
 	o->db = db;
 	o->bus = bus;
 	o->relay_needed = 1;
@@ -161,6 +163,11 @@ gp_status gp_orchestrator_create(struct gp_orchestrator **out,
 		o->m_relayed = gp_metrics_get(metrics, GP_COUNTER, "genpipe_outbox_relayed_total",
 					      "Outbox messages published and marked sent", NULL,
 					      NULL, 0);
+		o->m_redispatched = gp_metrics_get(metrics, GP_COUNTER,
+						   "genpipe_attempts_redispatched_total",
+						   "Job messages published again for attempts still "
+						   "queued after --redispatch-ms",
+						   NULL, NULL, 0);
 		o->m_direct = gp_metrics_get(metrics, GP_COUNTER,
 					     "genpipe_outbox_direct_total",
 					     "Job messages an advance published itself right after "
@@ -326,7 +333,13 @@ void gp_orchestrator_step(struct gp_orchestrator *o)
 			gp_warn("lease reaper: %s", err.msg);
 		}
 		gp_metric_inc(o->m_reaped, reaped);
-		if (reaped)
+		int again = 0;
+		if (gp_attempts_redispatch(o->db, o->cfg.redispatch_ms, 100, &again, &err)) {
+			gp_metric_inc(o->m_errors, 1);
+			gp_warn("re-dispatch: %s", err.msg);
+		}
+		gp_metric_inc(o->m_redispatched, again);
+		if (reaped || again)
 			o->relay_needed = 1;
 		o->next_reap_ms = now + o->cfg.reap_interval_ms;
 	}

@@ -20,6 +20,7 @@ struct gp_orchestrator_config {
 	long long relay_wait_ms;    /* longest sleep between relay passes */
 	int relay_batch;
 	long long sweep_ms;         /* how often unfinished runs are re-examined */
+	long long redispatch_ms;    /* a job message still unclaimed after this is sent again */
 };
 
 /* db and bus are borrowed; metrics may be NULL. Caller owns the result. */

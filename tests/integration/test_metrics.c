@@ -43,7 +43,8 @@ static int body(struct gp_test_env *env)
 	char portarg[32];
 	snprintf(portarg, sizeof portarg, "%d", port);
 	pid_t orch = gp_test_service(env, "genpipe-orchestrator", "--http-port", portarg,
-				     "--reap-interval-ms", "200", (char *)NULL);
+				     "--reap-interval-ms", "200", "--redispatch-ms", "1500",
+				     (char *)NULL);
 	char url[128];
 	long code = 0;
 	char *text = NULL;
@@ -120,6 +121,14 @@ static int body(struct gp_test_env *env)
 		gp_sleep_ms(50);
 	CHECK(gp_test_scalar(db, "SELECT count(*) FROM stage_attempts WHERE kind = 'probe' "
 				 "AND attempt = 2 AND state = 'queued'") == 1);
+	/* No probe worker takes it: after --redispatch-ms its job message is
+	 * published again (once, then backing off). */
+	deadline = gp_now_ms() + 8000;
+	while (gp_test_scalar(db, "SELECT redispatches FROM stage_attempts WHERE kind = 'probe' "
+				  "AND attempt = 2") == 0 && gp_now_ms() < deadline)
+		gp_sleep_ms(100);
+	CHECK(gp_test_scalar(db, "SELECT redispatches FROM stage_attempts WHERE kind = 'probe' "
+				 "AND attempt = 2") == 1);
 
 	snprintf(url, sizeof url, "http://127.0.0.1:%d/metrics", port);
 	deadline = gp_now_ms() + 5000;
@@ -131,6 +140,8 @@ static int body(struct gp_test_env *env)
 		 (gp_sleep_ms(100), 1));
 	CHECK(code == 200);
 	CHECK_CONTAINS(text, "# TYPE genpipe_outbox_relayed_total counter");
+	CHECK_CONTAINS(text, "# TYPE genpipe_outbox_direct_total counter");
+	CHECK_CONTAINS(text, "genpipe_attempts_redispatched_total 1\n");
 	CHECK_CONTAINS(text, "genpipe_leases_reaped_total 1\n");
 	CHECK_CONTAINS(text, "genpipe_up 1\n");
 	CHECK(promtool_ok(text, "the orchestrator's /metrics"));

@@ -342,6 +342,71 @@ static void test_release_and_exhaust(const struct gp_test_env *env, struct gp_db
 	PQclear(r);
 }
 
+static long long redispatches(struct gp_db *db, long long id)
+{
+	char q[128];
+	snprintf(q, sizeof q, "SELECT redispatches FROM stage_attempts WHERE id = %lld", id);
+	return gp_test_scalar(db, q);
+}
+
+/* A job message lost by the server (an OS crash loses what JetStream had
+ * not fsynced): the attempt stays queued, and the orchestrator's
+ * re-dispatch publishes it again; a copy of a message that was not lost is
+ * absorbed by the claim. */
+static void test_redispatch(const struct gp_test_env *env, struct gp_db *db, struct gp_bus *bus,
+			    long long run)
+{
+	struct gp_err e = { 0 };
+	long long ms = 0;
+	struct gp_worker_config wc = { .kind = "lost", .lease_ms = 5000, .heartbeat_ms = 1000,
+				       .ack_wait_ms = 5000, .handler = sleepy, .closure = &ms };
+	struct gp_worker *w = NULL;
+	REQUIRE_OK(gp_worker_create(&w, &wc, db, bus, env->db_url, &e), e);
+	long long id = enqueue1(db, run, "lost", "lost", 3);
+	gp_test_relay_all(db, bus);
+	CHECK(consumer_stat(bus, "jobs-lost", 2) == 1);
+	jsOptions o;
+	jsOptions_Init(&o);
+	o.Stream.Purge.Subject = GP_SUBJ_JOBS "lost";
+	jsErrCode jerr = 0;
+	REQUIRE(js_PurgeStream(gp_bus_js(bus), GP_STREAM_JOBS, &o, &jerr) == NATS_OK);
+	CHECK(consumer_stat(bus, "jobs-lost", 2) == 0);
+	int handled = 0, n = -1;
+	REQUIRE_OK(gp_worker_poll(w, 500, &handled, &e), e);
+	CHECK(handled == 0); /* nothing arrives: without re-dispatch it waits forever */
+	REQUIRE_OK(gp_attempts_redispatch(db, 60000, 100, &n, &e), e);
+	CHECK(redispatches(db, id) == 0); /* not yet */
+	REQUIRE_OK(gp_attempts_redispatch(db, 1, 100, &n, &e), e);
+	CHECK(n >= 1 && redispatches(db, id) == 1);
+	REQUIRE_OK(gp_attempts_redispatch(db, 1000, 100, &n, &e), e);
+	CHECK(redispatches(db, id) == 1); /* backs off: 2 s from this copy */
+	gp_test_relay_all(db, bus);
+	REQUIRE_OK(gp_worker_poll(w, 3000, &handled, &e), e);
+	CHECK(handled == 1);
+	CHECK(state_of(db, id, "succeeded") == 1);
+
+	/* a copy of a message that was not lost: two arrive, one claim wins */
+	long long id2 = enqueue1(db, run, "dup", "lost", 3);
+	gp_sleep_ms(5);
+	REQUIRE_OK(gp_attempts_redispatch(db, 1, 100, &n, &e), e);
+	CHECK(redispatches(db, id2) == 1);
+	gp_test_relay_all(db, bus);
+	CHECK(consumer_stat(bus, "jobs-lost", 2) == 2);
+	int taken = 0;
+	do {
+		REQUIRE_OK(gp_worker_poll(w, 1500, &handled, &e), e);
+		taken += handled;
+	} while (handled);
+	CHECK(taken >= 1);
+	CHECK(state_of(db, id2, "succeeded") == 1);
+	CHECK(gp_test_scalar(db, "SELECT count(*) FROM stage_attempts WHERE stage = 'dup'") == 1);
+	CHECK(consumer_stat(bus, "jobs-lost", 2) == 0 && consumer_stat(bus, "jobs-lost", 1) == 0);
+	/* finished attempts are never sent again */
+	REQUIRE_OK(gp_attempts_redispatch(db, 1, 100, &n, &e), e);
+	CHECK(redispatches(db, id) == 1 && redispatches(db, id2) == 1);
+	gp_worker_destroy(w);
+}
+
 static int body(struct gp_test_env *env)
 {
 	struct gp_test_child a = gp_test_fork_held(worker_a, env, NULL);
@@ -351,6 +416,7 @@ static int body(struct gp_test_env *env)
 	test_lost_lease(env, db, bus, run, &a);
 	test_heartbeat_keeps_job(env, db, bus, run);
 	test_poison(env, db, bus);
+	test_redispatch(env, db, bus, run);
 	test_release_and_exhaust(env, db, bus, run);
 	gp_bus_destroy(bus);
 	gp_db_destroy(db);
