@@ -122,7 +122,8 @@ struct slot {
 
 /* A version's weights on the GPU with a decoder whose slot i is engine slot i. */
 struct gpu_lm {
-	struct gp_lm *lm; /* a reference */
+	long long version_id; /* 0: free; by id, not a reference, so that the
+			       * server can still unload the version's mapping */
 	struct gp_gpu_model *g;
 	struct gp_gpu_decoder *d;
 	float *logits;    /* max_rows x padded_vocab */
@@ -360,6 +361,10 @@ static void req_finish(struct gp_engine *e, struct req *r)
 			r->partial(r->closure, tail, tl);
 		free(tail);
 	}
+	/* the version is no longer ours before the reply goes out: a client that
+	 * asks for another version at once finds this one unloadable */
+	gp_lm_unref(r->lm);
+	r->lm = NULL;
 	r->done(r->closure, &res);
 	free(clean);
 	req_free(r);
@@ -461,38 +466,42 @@ static void gpu_lm_free(struct gpu_lm *x)
 	gp_gpu_model_destroy(x->g);
 	free(x->logits);
 	free(x->tok);
-	gp_lm_unref(x->lm);
 	memset(x, 0, sizeof(*x));
 }
 
 /* lm's weights and decoder on the GPU, made on first use; the least
- * recently used entry goes when all are taken. */
+ * recently used entry not running a sequence goes when all are taken. */
 static struct gpu_lm *gpu_for(struct gp_engine *e, struct gp_lm *lm, struct gp_err *err)
 {
-	int lru = 0;
+	int victim = -1;
 	for (int i = 0; i < NBATCH; i++) {
-		if (e->gpu[i].lm == lm) {
-			e->gpu[i].used = e->loops;
-			return &e->gpu[i];
+		struct gpu_lm *x = &e->gpu[i];
+		if (x->version_id == lm->version_id) {
+			x->used = e->loops;
+			return x;
 		}
-		if (!e->gpu[i].lm || (e->gpu[lru].lm && e->gpu[i].used < e->gpu[lru].used))
-			lru = i;
+		int busy = 0;
+		for (int s = 0; x->version_id && s < e->cfg.slots && !busy; s++)
+			busy = e->slots[s].r && e->slots[s].r->lm->version_id == x->version_id;
+		if (busy)
+			continue;
+		if (victim < 0 || !x->version_id ||
+		    (e->gpu[victim].version_id && x->used < e->gpu[victim].used))
+			victim = i;
 	}
-	/* an entry in use by a running sequence is not evicted */
-	struct gpu_lm *x = &e->gpu[lru];
-	for (int s = 0; x->lm && s < e->cfg.slots; s++)
-		if (e->slots[s].r && e->slots[s].r->lm == x->lm) {
-			gp_err_set(err, GP_ERR_UNAVAILABLE, "more model versions running at once "
-					  "than the GPU engine holds (%d)", NBATCH);
-			return NULL;
-		}
+	if (victim < 0) {
+		gp_err_set(err, GP_ERR_UNAVAILABLE,
+			   "more model versions running at once than the GPU engine holds (%d)",
+			   NBATCH);
+		return NULL;
+	}
+	struct gpu_lm *x = &e->gpu[victim];
 	gpu_lm_free(x);
 	const struct gp_model_config *c = gp_model_config(lm->model);
 	x->logits = malloc((size_t)e->cfg.max_rows * c->padded_vocab * sizeof(float));
 	x->tok = malloc((size_t)e->cfg.max_rows * sizeof(uint16_t));
-	gp_status st = x->logits && x->tok
-			       ? GP_OK
-			       : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	gp_status st = x->logits && x->tok ? GP_OK
+					   : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	if (!st)
 		st = gp_gpu_model_create(&x->g, c, e->cfg.gpu_fp32 ? GP_GPU_FP32 : GP_GPU_BF16, 0,
 					 0, err);
@@ -504,7 +513,7 @@ static struct gpu_lm *gpu_for(struct gp_engine *e, struct gp_lm *lm, struct gp_e
 		gpu_lm_free(x);
 		return NULL;
 	}
-	x->lm = gp_lm_ref(lm);
+	x->version_id = lm->version_id;
 	x->used = e->loops;
 	return x;
 }
@@ -515,7 +524,7 @@ static int slot_len(struct gp_engine *e, struct gp_lm *lm, int s)
 	if (!e->cfg.use_gpu)
 		return gp_kv_len(e->slots[s].kv);
 	for (int i = 0; i < NBATCH; i++)
-		if (e->gpu[i].lm == lm)
+		if (e->gpu[i].version_id == lm->version_id)
 			return gp_gpu_decoder_len(e->gpu[i].d, s);
 	return 0;
 }
