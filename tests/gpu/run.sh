@@ -89,6 +89,23 @@ timeout 60 "$BIN/test_gpu" >"$OUT/test_gpu.log" 2>&1
 TEST_RC=$?
 tail -n 80 "$OUT/test_gpu.log"
 log "test_gpu exit $TEST_RC (0 passed, 77 skipped, else failed)"
+if [ $TEST_RC -ne 0 ] && [ $TEST_RC -ne 77 ]; then
+	# diagnosis in the same call: the same seed without the cuBLASLt
+	# epilogues, then under compute-sanitizer where the machine allows it
+	seed=$(sed -n 's/.*GENPIPE_TEST_SEED=\([0-9]*\).*/\1/p' "$OUT/test_gpu.log" | head -1)
+	log "test_gpu again, seed $seed, GENPIPE_GPU_NO_LT=1"
+	GENPIPE_TEST_SEED=$seed GENPIPE_GPU_NO_LT=1 timeout 60 "$BIN/test_gpu" \
+		>"$OUT/test_gpu_nolt.log" 2>&1
+	log "without cuBLASLt: exit $? ($(grep -c 'check failed' "$OUT/test_gpu_nolt.log") failed checks)"
+	if command -v compute-sanitizer >/dev/null; then
+		log "compute-sanitizer memcheck"
+		GENPIPE_TEST_SEED=$seed timeout 90 compute-sanitizer --tool memcheck \
+			"$BIN/test_gpu" >"$OUT/test_gpu_memcheck.log" 2>&1
+		grep -E "ERROR SUMMARY|Invalid|out of bounds" "$OUT/test_gpu_memcheck.log" | head -20
+	fi
+	# keep the call inside its limit: our figures only, no PyTorch peer
+	export GPU_BENCH_PEER=0
+fi
 
 BENCH_RC=0
 for shape in demo 124m; do
