@@ -351,6 +351,21 @@ void gp_db_array_free(struct gp_db_array *a)
 	memset(a, 0, sizeof *a);
 }
 
+gp_status gp_db_arrays_text(struct gp_db_array *a, int n, const char **out, struct gp_err *err)
+{
+	gp_status st = GP_OK;
+	for (int k = 0; k < n; k++)
+		if (!(out[k] = gp_db_array_text(&a[k])))
+			st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	return st;
+}
+
+void gp_db_arrays_free(struct gp_db_array *a, int n)
+{
+	for (int k = 0; k < n; k++)
+		gp_db_array_free(&a[k]);
+}
+
 void gp_sha256_hex(const void *data, size_t len, char out[65])
 {
 	unsigned char md[32];

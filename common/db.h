@@ -101,6 +101,10 @@ void gp_db_array_add(struct gp_db_array *a, const char *elem);
 void gp_db_array_add_int(struct gp_db_array *a, long long v);
 const char *gp_db_array_text(struct gp_db_array *a);
 void gp_db_array_free(struct gp_db_array *a);
+/* The texts of n arrays into out[0..n) (statement parameters), or
+ * GP_ERR_NOMEM; and freeing n arrays. */
+gp_status gp_db_arrays_text(struct gp_db_array *a, int n, const char **out, struct gp_err *err);
+void gp_db_arrays_free(struct gp_db_array *a, int n);
 
 /* SHA-256 of a buffer as 64 lower-case hex digits plus NUL. */
 void gp_sha256_hex(const void *data, size_t len, char out[65]);

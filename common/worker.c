@@ -446,8 +446,7 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 	for (int i = 0; i < n; i++) {
 		const struct gp_attempt_spec *s = &specs[i];
 		if (!gp_bus_token_ok(s->kind) || !gp_bus_token_ok(s->stage)) {
-			for (int k = 0; k < 8; k++)
-				gp_db_array_free(&a[k]);
+			gp_db_arrays_free(a, 8);
 			return gp_err_set(err, GP_ERR_INVALID,
 					  "enqueue: stage \"%s\" and kind \"%s\" must be DNS labels",
 					  s->stage ? s->stage : "", s->kind ? s->kind : "");
@@ -462,10 +461,7 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 		gp_db_array_add_int(&a[7], s->timeout_ms > 0 ? s->timeout_ms : 86400000LL);
 	}
 	const char *p[8];
-	gp_status st = GP_OK;
-	for (int k = 0; k < 8; k++)
-		if (!(p[k] = gp_db_array_text(&a[k])))
-			st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	gp_status st = gp_db_arrays_text(a, 8, p, err);
 	PGresult *r = NULL;
 	/* one statement for the batch; rows come back by position (ordinality) */
 	if (!st)
@@ -477,8 +473,7 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 				"AS u(r, s, k, a, p, l, m, t, o) ORDER BY o "
 				"RETURNING id, run_id, stage, params::text",
 				8, p, &r, err);
-	for (int k = 0; k < 8; k++)
-		gp_db_array_free(&a[k]);
+	gp_db_arrays_free(a, 8);
 	if (st)
 		return st;
 	if (PQntuples(r) != n) {
@@ -486,7 +481,7 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 		return gp_err_set(err, GP_ERR_INTERNAL, "enqueue: %d attempts written for %d",
 				  PQntuples(r), n);
 	}
-	struct gp_db_array subj = { 0 }, pay = { 0 };
+	struct gp_db_array m[2] = { 0 }; /* the outbox rows' subjects and payloads */
 	/* the job messages, kept for a direct publish, in row order */
 	uint8_t **bufs = direct ? calloc((size_t)n, sizeof *bufs) : NULL;
 	size_t *lens = direct ? calloc((size_t)n, sizeof *lens) : NULL;
@@ -514,8 +509,8 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 				       PQgetvalue(r, i, 3), s->timeout_ms, &buf, &len, subject, err))) {
 			if (!(hex = gp_db_bytea_param(buf, len)))
 				st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
-			gp_db_array_add(&subj, subject);
-			gp_db_array_add(&pay, hex);
+			gp_db_array_add(&m[0], subject);
+			gp_db_array_add(&m[1], hex);
 			if (direct) {
 				memcpy(subjects[i], subject, sizeof subject);
 				lens[i] = len;
@@ -530,8 +525,8 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 	}
 	PQclear(r);
 	const char *op[2] = { NULL, NULL };
-	if (!st && (!(op[0] = gp_db_array_text(&subj)) || !(op[1] = gp_db_array_text(&pay))))
-		st = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	if (!st)
+		st = gp_db_arrays_text(m, 2, op, err);
 	r = NULL;
 	if (!st)
 		st = gp_db_exec(db, "insert outbox messages",
@@ -539,8 +534,7 @@ gp_status gp_attempts_enqueue(struct gp_db *db, const struct gp_attempt_spec *sp
 				"unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(s, p, o) ORDER BY o "
 				"RETURNING id",
 				2, op, direct ? &r : NULL, err);
-	gp_db_array_free(&subj);
-	gp_db_array_free(&pay);
+	gp_db_arrays_free(m, 2);
 	if (!st && direct) {
 		/* ids come from the sequence in row order (ORDER BY o): the
 		 * ascending ids are the messages in order */
@@ -611,53 +605,16 @@ static gp_status requeue(struct gp_db *db, PGresult *row, int i, int count_attem
 	return gp_attempt_enqueue(db, &s, NULL, err);
 }
 
-gp_status gp_lease_reap(struct gp_db *db, int max, int *reaped, struct gp_err *err)
+/*
+ * In one transaction: an UPDATE ... RETURNING that claims rows (FOR UPDATE
+ * SKIP LOCKED), then row(db, result, i) for each, which writes what must
+ * follow in the same transaction. *n gets the rows on success.
+ */
+static gp_status update_then_each(struct gp_db *db, const char *what, const char *sql, int np,
+				  const char *const *p,
+				  gp_status (*row)(struct gp_db *, PGresult *, int, struct gp_err *),
+				  int *n_out, struct gp_err *err)
 {
-	char maxs[16];
-	snprintf(maxs, sizeof maxs, "%d", max > 0 ? max : 100);
-	const char *p[] = { maxs };
-	PGresult *r = NULL;
-	int n = 0;
-	gp_status st = gp_db_begin(db, err);
-	if (st)
-		return st;
-	st = gp_db_exec(db, "find expired leases",
-			"UPDATE stage_attempts SET state = 'expired', finished_at = now(), "
-			"error = 'lease expired: worker ' || coalesce(worker, '?') || "
-			"' stopped heartbeating' "
-			"WHERE id IN (SELECT id FROM stage_attempts WHERE state = 'running' "
-			"AND lease_deadline < now() ORDER BY lease_deadline LIMIT $1::integer "
-			"FOR UPDATE SKIP LOCKED) "
-			"RETURNING id, run_id, stage, kind, attempt, params::text, lease_ms, "
-			"max_attempts, worker, timeout_ms",
-			1, p, &r, err);
-	if (st)
-		goto out;
-	n = PQntuples(r);
-	for (int i = 0; i < n && !st; i++) {
-		gp_info("run %s stage %s attempt %s: lease of worker \"%s\" expired",
-			PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 4),
-			PQgetvalue(r, i, 8));
-		st = requeue(db, r, i, 1, "lease expired", err);
-	}
-	if (!st)
-		st = gp_db_commit(db, err);
-out:
-	if (st)
-		gp_db_rollback(db);
-	PQclear(r);
-	if (!st && reaped)
-		*reaped = n;
-	return st;
-}
-
-gp_status gp_attempts_redispatch(struct gp_db *db, long long after_ms, int max, int *n_out,
-				 struct gp_err *err)
-{
-	char afters[24], maxs[16];
-	snprintf(afters, sizeof afters, "%lld", after_ms > 0 ? after_ms : 1);
-	snprintf(maxs, sizeof maxs, "%d", max > 0 ? max : 100);
-	const char *p[] = { afters, maxs };
 	PGresult *r = NULL;
 	int n = 0;
 	if (n_out)
@@ -665,47 +622,85 @@ gp_status gp_attempts_redispatch(struct gp_db *db, long long after_ms, int max, 
 	gp_status st = gp_db_begin(db, err);
 	if (st)
 		return st;
-	/* waited after_ms since queued, then 2x, 4x, ... (at most 64x) since the
-	 * last time: a long queue costs a copy now and then, not one a sweep */
-	st = gp_db_exec(db, "find undelivered attempts",
-			"UPDATE stage_attempts SET redispatched_at = now(), "
-			"redispatches = redispatches + 1 "
-			"WHERE id IN (SELECT id FROM stage_attempts WHERE state = 'queued' "
-			"AND coalesce(redispatched_at, queued_at) < now() - "
-			"make_interval(secs => $1::double precision / 1000 * "
-			"power(2, least(redispatches, 6))) "
-			"ORDER BY queued_at LIMIT $2::integer FOR UPDATE SKIP LOCKED) "
-			"RETURNING id, run_id, stage, kind, attempt, params::text, timeout_ms, "
-			"redispatches",
-			2, p, &r, err);
-	if (st)
-		goto out;
-	n = PQntuples(r);
-	for (int i = 0; i < n && !st; i++) {
-		uint8_t *buf = NULL;
-		size_t len = 0;
-		char subject[96];
-		gp_info("run %s stage %s attempt %s: still queued; job message published again "
-			"(%s)",
-			PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 4),
-			PQgetvalue(r, i, 7));
-		st = job_message(atoll(PQgetvalue(r, i, 0)), atoll(PQgetvalue(r, i, 1)),
-				 PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), atoi(PQgetvalue(r, i, 4)),
-				 PQgetvalue(r, i, 5), atoll(PQgetvalue(r, i, 6)), &buf, &len, subject,
-				 err);
-		if (!st)
-			st = gp_outbox_put(db, subject, buf, len, NULL, err);
-		free(buf);
+	if (!(st = gp_db_exec(db, what, sql, np, p, &r, err))) {
+		n = PQntuples(r);
+		for (int i = 0; i < n && !st; i++)
+			st = row(db, r, i, err);
 	}
 	if (!st)
 		st = gp_db_commit(db, err);
-out:
 	if (st)
 		gp_db_rollback(db);
 	PQclear(r);
 	if (!st && n_out)
 		*n_out = n;
 	return st;
+}
+
+static gp_status reap_row(struct gp_db *db, PGresult *r, int i, struct gp_err *err)
+{
+	gp_info("run %s stage %s attempt %s: lease of worker \"%s\" expired", PQgetvalue(r, i, 1),
+		PQgetvalue(r, i, 2), PQgetvalue(r, i, 4), PQgetvalue(r, i, 8));
+	return requeue(db, r, i, 1, "lease expired", err);
+}
+
+gp_status gp_lease_reap(struct gp_db *db, int max, int *reaped, struct gp_err *err)
+{
+	char maxs[16];
+	snprintf(maxs, sizeof maxs, "%d", max > 0 ? max : 100);
+	const char *p[] = { maxs };
+	return update_then_each(
+		db, "find expired leases",
+		"UPDATE stage_attempts SET state = 'expired', finished_at = now(), "
+		"error = 'lease expired: worker ' || coalesce(worker, '?') || "
+		"' stopped heartbeating' "
+		"WHERE id IN (SELECT id FROM stage_attempts WHERE state = 'running' "
+		"AND lease_deadline < now() ORDER BY lease_deadline LIMIT $1::integer "
+		"FOR UPDATE SKIP LOCKED) "
+		"RETURNING id, run_id, stage, kind, attempt, params::text, lease_ms, "
+		"max_attempts, worker, timeout_ms",
+		1, p, reap_row, reaped, err);
+}
+
+/* The job message of a re-dispatched attempt, again, into the outbox. */
+static gp_status redispatch_row(struct gp_db *db, PGresult *r, int i, struct gp_err *err)
+{
+	uint8_t *buf = NULL;
+	size_t len = 0;
+	char subject[96];
+	gp_info("run %s stage %s attempt %s: still queued; job message published again (%s)",
+		PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 4), PQgetvalue(r, i, 7));
+	gp_status st = job_message(atoll(PQgetvalue(r, i, 0)), atoll(PQgetvalue(r, i, 1)),
+				   PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
+				   atoi(PQgetvalue(r, i, 4)), PQgetvalue(r, i, 5),
+				   atoll(PQgetvalue(r, i, 6)), &buf, &len, subject, err);
+	if (!st)
+		st = gp_outbox_put(db, subject, buf, len, NULL, err);
+	free(buf);
+	return st;
+}
+
+gp_status gp_attempts_redispatch(struct gp_db *db, long long after_ms, int max, int *n,
+				 struct gp_err *err)
+{
+	char afters[24], maxs[16];
+	snprintf(afters, sizeof afters, "%lld", after_ms > 0 ? after_ms : 1);
+	snprintf(maxs, sizeof maxs, "%d", max > 0 ? max : 100);
+	const char *p[] = { afters, maxs };
+	/* waited after_ms since queued, then 2x, 4x, ... (at most 64x) since the
+	 * last time: a long queue costs a copy now and then, not one a sweep */
+	return update_then_each(
+		db, "find undelivered attempts",
+		"UPDATE stage_attempts SET redispatched_at = now(), "
+		"redispatches = redispatches + 1 "
+		"WHERE id IN (SELECT id FROM stage_attempts WHERE state = 'queued' "
+		"AND coalesce(redispatched_at, queued_at) < now() - "
+		"make_interval(secs => $1::double precision / 1000 * "
+		"power(2, least(redispatches, 6))) "
+		"ORDER BY queued_at LIMIT $2::integer FOR UPDATE SKIP LOCKED) "
+		"RETURNING id, run_id, stage, kind, attempt, params::text, timeout_ms, "
+		"redispatches",
+		2, p, redispatch_row, n, err);
 }
 
 /* Write the handler's outcome, fenced by the lease. *accepted = 0 when refused. */

@@ -205,9 +205,7 @@ static gp_status flush(struct gp_db *db, long long run_id, struct stage *st, int
 	char rid[24];
 	snprintf(rid, sizeof rid, "%lld", run_id);
 	const char *p[9] = { rid };
-	for (int k = 0; k < 8; k++)
-		if (!(p[k + 1] = gp_db_array_text(&a[k])))
-			rc = gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	rc = gp_db_arrays_text(a, 8, p + 1, err);
 	PGresult *ur = NULL;
 	if (!rc)
 		rc = gp_db_exec(
@@ -227,8 +225,7 @@ static gp_status flush(struct gp_db *db, long long run_id, struct stage *st, int
 			"cache_key, nb, queued, cached_from) "
 			"WHERE rs.run_id = $1::bigint AND rs.stage = u.stage",
 			9, p, &ur, err);
-	for (int k = 0; k < 8; k++)
-		gp_db_array_free(&a[k]);
+	gp_db_arrays_free(a, 8);
 	if (rc)
 		return rc;
 	/* the revision trigger fires once for a statement that wrote rows */
