@@ -72,9 +72,7 @@ static inline struct gp_gemm gp_gemm_att_values(int T, int hs)
 /* datt (T, T) = dy v^T.  A = v, B = dy, C = datt. */
 static inline struct gp_gemm gp_gemm_att_datt(int T, int hs)
 {
-	struct gp_gemm g = { 1, 0, T, T, hs, hs, hs, T,
-			     (long long)T * hs, (long long)T * hs, (long long)T * T };
-	return g;
+	return gp_gemm_att_scores(T, hs); /* the same shape as the scores */
 }
 
 /* dv (T, hs) = att^T dy.  A = dy, B = att, C = dv. */
