@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 #include "log.h"
 #include "subjects.h"
 
@@ -15,6 +17,15 @@ struct gp_bus {
 	natsConnection *nc;
 	jsCtx *js;
 	natsOptions *opts;
+	int flags;
+	/* Batch publishes: one reply subscription for the connection's life,
+	 * read synchronously (no delivery thread per batch); replies are
+	 * "<inbox>.<n>" with n counting up, so a late reply to an earlier batch
+	 * that timed out is recognised and dropped. */
+	pthread_mutex_t pub_mu;
+	natsSubscription *acks;
+	char ack_prefix[64];
+	unsigned long long ack_next;
 };
 
 gp_status gp_bus_status(natsStatus s, jsErrCode jerr, const char *what, struct gp_err *err)
@@ -82,6 +93,8 @@ gp_status gp_bus_connect(struct gp_bus **out, const char *url, const char *name,
 	struct gp_bus *b = calloc(1, sizeof *b);
 	if (!b)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	pthread_mutex_init(&b->pub_mu, NULL);
+	b->flags = flags;
 	natsStatus s = natsOptions_Create(&b->opts);
 	if (s == NATS_OK)
 		s = natsOptions_SetURL(b->opts, url); /* accepts a comma-separated list */
@@ -139,11 +152,13 @@ void gp_bus_destroy(struct gp_bus *b)
 	if (!b)
 		return;
 	jsCtx_Destroy(b->js);
+	natsSubscription_Destroy(b->acks);
 	if (b->nc) {
 		natsConnection_Close(b->nc);
 		natsConnection_Destroy(b->nc);
 	}
 	natsOptions_Destroy(b->opts);
+	pthread_mutex_destroy(&b->pub_mu);
 	free(b);
 }
 
@@ -306,74 +321,109 @@ gp_status gp_bus_publish(struct gp_bus *b, const char *subject, const void *data
 	return GP_OK;
 }
 
-struct batch_acks {
-	pthread_mutex_t mu;
-	int acked, dups, failed;
-	jsErrCode first_err;
-};
-
-static void on_batch_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *cls)
+/* One PubAck of a batch: *dup set on a duplicate; GP_OK when stored. */
+static gp_status pub_ack(natsMsg *m, int *dup, struct gp_err *err)
 {
-	(void)js;
-	struct batch_acks *b = cls;
-	pthread_mutex_lock(&b->mu);
-	if (pa) {
-		b->acked++;
-		b->dups += pa->Duplicate;
+	if (natsMsg_IsNoResponders(m))
+		return gp_err_set(err, GP_ERR_BUS, "batch publish: no stream takes the subject");
+	cJSON *j = cJSON_ParseWithLength(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m));
+	const cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error");
+	gp_status st = GP_OK;
+	if (e) {
+		const cJSON *code = cJSON_GetObjectItemCaseSensitive(e, "err_code");
+		const cJSON *desc = cJSON_GetObjectItemCaseSensitive(e, "description");
+		st = gp_err_set(err, GP_ERR_BUS, "batch publish: jetstream error %d: %s",
+				cJSON_IsNumber(code) ? code->valueint : 0,
+				cJSON_IsString(desc) ? desc->valuestring : "(no description)");
+	} else if (!cJSON_IsString(cJSON_GetObjectItemCaseSensitive(j, "stream"))) {
+		st = gp_err_set(err, GP_ERR_BUS, "batch publish: unreadable acknowledgement");
 	} else {
-		b->failed++;
-		if (pae && !b->first_err)
-			b->first_err = pae->ErrCode;
+		*dup = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "duplicate"));
 	}
-	pthread_mutex_unlock(&b->mu);
-	natsMsg_Destroy(msg);
+	cJSON_Delete(j);
+	return st;
 }
 
 gp_status gp_bus_publish_batch(struct gp_bus *b, const struct gp_bus_out *msgs, int n,
 			       long long timeout_ms, int *duplicates, struct gp_err *err)
 {
-	if (n <= 0) {
-		if (duplicates)
-			*duplicates = 0;
+	if (duplicates)
+		*duplicates = 0;
+	if (n <= 0)
 		return GP_OK;
+	unsigned char *done = calloc((size_t)n, 1);
+	if (!done)
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	pthread_mutex_lock(&b->pub_mu);
+	natsStatus s = NATS_OK;
+	if (!b->acks) {
+		natsInbox *inbox = NULL;
+		char wild[80];
+		s = natsInbox_Create(&inbox);
+		if (s == NATS_OK) {
+			snprintf(b->ack_prefix, sizeof b->ack_prefix, "%s", (const char *)inbox);
+			snprintf(wild, sizeof wild, "%s.*", b->ack_prefix);
+			s = natsConnection_SubscribeSync(&b->acks, b->nc, wild);
+		}
+		natsInbox_Destroy(inbox);
 	}
-	struct batch_acks acks = { .acked = 0 };
-	pthread_mutex_init(&acks.mu, NULL);
-	jsOptions jo;
-	jsOptions_Init(&jo);
-	jo.Wait = timeout_ms;
-	jo.PublishAsync.MaxPending = 256;
-	jo.PublishAsync.AckHandler = on_batch_ack;
-	jo.PublishAsync.AckHandlerClosure = &acks;
-	/* A context of its own, so that the ack handler sees only this batch. */
-	jsCtx *js = NULL;
-	natsStatus s = natsConnection_JetStream(&js, b->nc, &jo);
+	unsigned long long base = b->ack_next;
+	b->ack_next += (unsigned long long)n;
 	for (int i = 0; s == NATS_OK && i < n; i++) {
+		char reply[96];
+		snprintf(reply, sizeof reply, "%s.%llu", b->ack_prefix, base + (unsigned long long)i);
 		natsMsg *m = NULL;
-		s = natsMsg_Create(&m, msgs[i].subject, NULL, msgs[i].data, msgs[i].len);
+		s = natsMsg_Create(&m, msgs[i].subject, reply, msgs[i].data, msgs[i].len);
 		if (s == NATS_OK && msgs[i].msg_id)
 			s = natsMsgHeader_Set(m, GP_HDR_MSG_ID, msgs[i].msg_id);
 		if (s == NATS_OK)
-			s = js_PublishMsgAsync(js, &m, NULL); /* takes m on success */
+			s = natsConnection_PublishMsg(b->nc, m);
 		natsMsg_Destroy(m);
 	}
-	jsPubOptions po;
-	jsPubOptions_Init(&po);
-	po.MaxWait = timeout_ms;
-	natsStatus cs = js ? js_PublishAsyncComplete(js, &po) : NATS_OK;
-	if (s == NATS_OK)
-		s = cs;
-	jsCtx_Destroy(js);
-	gp_status st = GP_OK;
-	if (s != NATS_OK)
-		st = gp_bus_status(s, 0, "batch publish", err);
-	else if (acks.failed || acks.acked != n)
-		st = gp_err_set(err, GP_ERR_BUS, "batch publish: %d of %d acknowledged, %d failed "
-				"(jetstream error %d)",
-				acks.acked, n, acks.failed, (int)acks.first_err);
+	long long deadline = gp_now_ms() + timeout_ms;
+	/* Out now, not after the client's write coalescing delay of a
+	 * millisecond (a PING round trip, which runs beside the
+	 * acknowledgements); a send-at-once connection wrote them already. */
+	if (s == NATS_OK && !(b->flags & GP_BUS_SEND_ASAP))
+		s = natsConnection_FlushTimeout(b->nc, timeout_ms > 0 ? timeout_ms : 1);
+	gp_status st = s == NATS_OK ? GP_OK : gp_bus_status(s, 0, "batch publish", err);
+	int acked = 0, dups = 0;
+	while (!st && acked < n) {
+		long long left = deadline - gp_now_ms();
+		natsMsg *m = NULL;
+		s = left > 0 ? natsSubscription_NextMsg(&m, b->acks, left) : NATS_TIMEOUT;
+		if (s == NATS_TIMEOUT) {
+			st = gp_err_set(err, GP_ERR_BUS,
+					"batch publish: %d of %d acknowledged within %lld ms", acked, n,
+					timeout_ms);
+			break;
+		}
+		if (s == NATS_NO_RESPONDERS) { /* the client reads the status, not which one */
+			st = gp_err_set(err, GP_ERR_BUS,
+					"batch publish: no stream takes the subject of a message of "
+					"the batch (the first is %s)",
+					msgs[0].subject);
+			break;
+		}
+		if (s != NATS_OK) {
+			st = gp_bus_status(s, 0, "batch publish: read acknowledgements", err);
+			break;
+		}
+		const char *subj = natsMsg_GetSubject(m), *dot = strrchr(subj, '.');
+		unsigned long long k = dot ? strtoull(dot + 1, NULL, 10) : 0;
+		if (dot && k >= base && k < base + (unsigned long long)n && !done[k - base]) {
+			int dup = 0;
+			st = pub_ack(m, &dup, err);
+			done[k - base] = 1;
+			acked++;
+			dups += dup;
+		} /* else a late reply to an earlier batch */
+		natsMsg_Destroy(m);
+	}
+	pthread_mutex_unlock(&b->pub_mu);
+	free(done);
 	if (duplicates)
-		*duplicates = acks.dups;
-	pthread_mutex_destroy(&acks.mu);
+		*duplicates = dups;
 	return st;
 }
 

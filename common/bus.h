@@ -30,7 +30,7 @@
 struct gp_bus;
 
 enum {
-	GP_BUS_SEND_ASAP = 1 << 0, /* flush each publish at once (request/reply responders) */
+	GP_BUS_SEND_ASAP = 1 << 0, /* flush each publish at once (responders, workers, the orchestrator) */
 };
 
 /*
@@ -106,8 +106,9 @@ struct gp_bus_out {
 };
 
 /*
- * Publish n messages to JetStream pipelined (asynchronous publishes, then
- * wait for every PubAck within timeout_ms). GP_OK only when every message was
+ * Publish n messages to JetStream pipelined (all published and flushed, then
+ * wait for every PubAck within timeout_ms, read from one reply subscription
+ * the bus keeps; batches from several threads take turns). GP_OK only when every message was
  * acknowledged; *duplicates (may be NULL) counts those the server already
  * had. On error some may have been stored: callers re-publish the batch with
  * the same ids and rely on deduplication.

@@ -196,7 +196,9 @@ int gp_service_run_worker(struct gp_service *svc, struct gp_worker_config wc)
 	struct gp_worker *w = NULL;
 	int rc = 0;
 	gp_service_signals();
-	if (gp_service_start(svc, 0, 30000, &err)) {
+	/* Send at once: a pull request or an ack waiting for the client's write
+	 * coalescing (a millisecond) is a millisecond on every stage. */
+	if (gp_service_start(svc, GP_BUS_SEND_ASAP, 30000, &err)) {
 		gp_error("could not start: %s", err.msg);
 		gp_service_stop(svc);
 		return 1;

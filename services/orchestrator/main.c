@@ -45,7 +45,8 @@ int main(int argc, char **argv)
 	cfg.sweep_ms = sweep_ms;
 	cfg.redispatch_ms = redispatch_ms;
 	gp_service_signals();
-	if (gp_service_start(&svc, 0, 30000, &err)) {
+	/* job messages go out at once, not after the client's write coalescing */
+	if (gp_service_start(&svc, GP_BUS_SEND_ASAP, 30000, &err)) {
 		gp_error("could not start: %s", err.msg);
 		return 1;
 	}

@@ -1,7 +1,8 @@
 /*
  * common/bus against a real nats-server: request/reply through a queue group
  * of responders (SendAsap), errors for a request nobody serves, subject
- * tokens, stream declaration is idempotent, and drain lets in-flight async
+ * tokens, stream declaration is idempotent, batch publishes count their own
+ * acknowledgements (duplicates, late ones, a subject without a stream), and drain lets in-flight async
  * handlers finish before the connection closes.
  */
 #include <pthread.h>
@@ -143,6 +144,46 @@ static int body(struct gp_test_env *env)
 	natsMsgList_Destroy(&l);
 	CHECK(gp_bus_fetch(ps, 1, 1500, &l, &e) == GP_ERR_TIMEOUT);
 	natsSubscription_Destroy(ps);
+
+	/* Batch publish: every message acknowledged, duplicates counted, a
+	 * subject no stream takes is an error, and acknowledgements that come
+	 * after their batch gave up are not counted for the next batch. */
+	struct gp_stream_def bs = { .name = "TESTBATCH", .subjects = { "test.batch.>", NULL } };
+	REQUIRE_OK(gp_bus_declare(client, &bs, 1, NULL, 0, &e), e);
+	struct gp_bus_out bo[3] = {
+		{ "test.batch.1", "a", 1, "b-1" },
+		{ "test.batch.2", "b", 1, "b-2" },
+		{ "test.batch.1", "c", 1, "b-3" },
+	};
+	int dups = -1;
+	REQUIRE_OK(gp_bus_publish_batch(client, bo, 3, 2000, &dups, &e), e);
+	CHECK(dups == 0);
+	REQUIRE_OK(gp_bus_publish_batch(client, bo, 3, 2000, &dups, &e), e);
+	CHECK(dups == 3);
+	struct gp_bus_out nowhere = { "test.nostream.1", "x", 1, "n-1" };
+	CHECK(gp_bus_publish_batch(client, &nowhere, 1, 2000, &dups, &e) == GP_ERR_BUS);
+	CHECK_CONTAINS(e.msg, "no stream takes the subject");
+	/* r2 sends at once, so with no time to wait the batch is out and its
+	 * acknowledgements arrive late */
+	struct gp_bus_out late[3] = {
+		{ "test.batch.3", "a", 1, "l-1" },
+		{ "test.batch.3", "b", 1, "l-2" },
+		{ "test.batch.3", "c", 1, "l-3" },
+	};
+	CHECK(gp_bus_publish_batch(r2.bus, late, 3, 0, &dups, &e) == GP_ERR_BUS);
+	CHECK_CONTAINS(e.msg, "0 of 3 acknowledged");
+	gp_sleep_ms(100);
+	struct gp_bus_out next[2] = {
+		{ "test.batch.4", "a", 1, "x-1" },
+		{ "test.batch.4", "b", 1, "x-2" },
+	};
+	REQUIRE_OK(gp_bus_publish_batch(r2.bus, next, 2, 2000, &dups, &e), e);
+	CHECK(dups == 0);
+	/* the late batch was stored: publishing it again is three duplicates */
+	REQUIRE_OK(gp_bus_publish_batch(r2.bus, late, 3, 2000, &dups, &e), e);
+	CHECK(dups == 3);
+	REQUIRE_OK(gp_bus_publish_batch(client, next, 2, 2000, &dups, &e), e);
+	CHECK(dups == 2);
 
 	/* Drain: in-flight handlers finish before the connection closes. */
 	natsSubscription *slow = NULL;
