@@ -152,12 +152,17 @@ void gp_service_stop(struct gp_service *svc)
 }
 
 void gp_service_worker_options(struct gp_opt *o, long long *lease_ms, long long *heartbeat_ms,
-			       const char *lease_default, const char *heartbeat_default)
+			       long long *quick_result_ms, const char *lease_default,
+			       const char *heartbeat_default)
 {
 	o[0] = (struct gp_opt){ "lease-ms", "GENPIPE_LEASE_MS", GP_OPT_INT, lease_default,
 				"lease granted per claim and heartbeat", lease_ms };
 	o[1] = (struct gp_opt){ "heartbeat-ms", "GENPIPE_HEARTBEAT_MS", GP_OPT_INT,
 				heartbeat_default, "heartbeat interval", heartbeat_ms };
+	o[2] = (struct gp_opt){ "quick-result-ms", "GENPIPE_QUICK_RESULT_MS", GP_OPT_INT, "1000",
+				"results of attempts shorter than this do not wait for the "
+				"database's WAL flush (0: all wait)",
+				quick_result_ms };
 }
 
 void gp_service_store_options(struct gp_opt *o, const char **data_dir, const char **store_uri)

@@ -68,10 +68,12 @@ void gp_service_stop(struct gp_service *svc);
 
 /* ---- stage services (a worker loop on one kind) ---- */
 
-/* Options every stage service has: --lease-ms and --heartbeat-ms. */
-#define GP_WORKER_NOPTS 2
+/* Options every stage service has: --lease-ms, --heartbeat-ms and
+ * --quick-result-ms (gp_worker_config's quick_result_ms). */
+#define GP_WORKER_NOPTS 3
 void gp_service_worker_options(struct gp_opt *o, long long *lease_ms, long long *heartbeat_ms,
-			       const char *lease_default, const char *heartbeat_default);
+			       long long *quick_result_ms, const char *lease_default,
+			       const char *heartbeat_default);
 
 /* Options of services that use the artifact store: --data-dir and
  * --artifacts (empty: file://DATA_DIR/artifacts, see gp_store_open_in). */

@@ -21,7 +21,7 @@ struct gp_worker {
 	char *kind;
 	char version[64];
 	char worker_id[128];
-	long long lease_ms, heartbeat_ms, ack_wait_ms;
+	long long lease_ms, heartbeat_ms, ack_wait_ms, quick_result_ms;
 	gp_job_fn handler;
 	void *closure;
 	struct gp_db *db;
@@ -69,6 +69,11 @@ static void random_hex(char *out, size_t bytes)
 		sprintf(out + 2 * i, "%02x", b[i]);
 }
 
+int gp_worker_quick_result(long long quick_result_ms, long long duration_ms)
+{
+	return quick_result_ms > 0 && duration_ms >= 0 && duration_ms < quick_result_ms;
+}
+
 gp_status gp_worker_create(struct gp_worker **out, const struct gp_worker_config *cfg,
 			   struct gp_db *db, struct gp_bus *bus, const char *database_url,
 			   struct gp_err *err)
@@ -81,6 +86,10 @@ gp_status gp_worker_create(struct gp_worker **out, const struct gp_worker_config
 				  "worker: heartbeat (%lld ms) must be positive and shorter than the "
 				  "lease (%lld ms)",
 				  cfg->heartbeat_ms, cfg->lease_ms);
+	if (cfg->quick_result_ms < 0)
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "worker: quick_result_ms (%lld) must not be negative",
+				  cfg->quick_result_ms);
 	struct gp_worker *w = calloc(1, sizeof *w);
 	if (!w)
 		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
@@ -102,6 +111,7 @@ gp_status gp_worker_create(struct gp_worker **out, const struct gp_worker_config
 	w->lease_ms = cfg->lease_ms;
 	w->heartbeat_ms = cfg->heartbeat_ms;
 	w->ack_wait_ms = cfg->ack_wait_ms > 0 ? cfg->ack_wait_ms : cfg->lease_ms;
+	w->quick_result_ms = cfg->quick_result_ms;
 	w->handler = cfg->handler;
 	w->prefetch = cfg->prefetch > 0 ? (cfg->prefetch > GP_BUS_FETCH_MAX ? GP_BUS_FETCH_MAX
 									  : cfg->prefetch)
@@ -754,19 +764,27 @@ static gp_status commit_result(struct gp_worker *w, struct gp_job *job, int *acc
 			return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 		char subj[64];
 		snprintf(subj, sizeof subj, GP_SUBJ_RESULTS "%lld", (long long)job->msg->run_id);
-		const char *p10[] = { id,	 job->token, states[job->outcome], outputs,
-				      metrics, job->error, retryable,	       subj,
-				      hex,	 p[7] };
+		int quick = gp_worker_quick_result(w->quick_result_ms, res.duration_ms);
+		const char *p11[] = { id,	  job->token, states[job->outcome],
+				      outputs,	  metrics,    job->error,
+				      retryable, subj,	      hex,
+				      p[7],	  quick ? "off" : "on" };
+		/* A quick attempt's result does not wait for the WAL flush: a
+		 * database crash in the next few hundred milliseconds may lose
+		 * it, and the attempt runs again (lease expiry or re-dispatch), at
+		 * the cost of a quick attempt. Anything later that depends on it
+		 * (the advance's commit) flushes it first, being later in the WAL. */
 		st = gp_db_exec(w->db, "record attempt result",
 				"WITH u AS (UPDATE stage_attempts SET state = $3, finished_at = now(), "
 				"outputs = $4::jsonb, metrics = $5::jsonb, error = $6, "
 				"lease_deadline = NULL, retryable = $7::boolean, "
 				"reused_from = $10::bigint "
 				"WHERE id = $1::bigint AND lease_token = $2 AND state = 'running' "
-				"AND lease_deadline > now() RETURNING id) "
-				"INSERT INTO outbox (subject, payload) SELECT $8, $9::bytea FROM u "
+				"AND lease_deadline > now() RETURNING id), "
+				"sync AS (SELECT set_config('synchronous_commit', $11, true)) "
+				"INSERT INTO outbox (subject, payload) SELECT $8, $9::bytea FROM u, sync "
 				"RETURNING id",
-				10, p10, &r, err);
+				11, p11, &r, err);
 		free(hex);
 		if (!st)
 			*accepted = PQntuples(r) == 1;
@@ -855,12 +873,16 @@ static gp_status claim(struct gp_worker *w, struct gp_job *job, int *claimed, st
 	PGresult *r = NULL;
 	*claimed = 0;
 	/* Every identifying field must match the row, not just the id: a message
-	 * is only ever a pointer to the row it was written with. */
+	 * is only ever a pointer to the row it was written with. The claim does
+	 * not wait for the WAL flush: lost in a database crash, the attempt is
+	 * queued again and the unacked message comes back to claim it; our
+	 * heartbeats and result are then refused by the lease token. */
 	gp_status st = gp_db_exec(
 		w->db, "claim attempt",
 		"UPDATE stage_attempts SET state = 'running', lease_token = $2, "
 		"lease_deadline = now() + $3::integer * interval '1 millisecond', worker = $4, "
 		"claimed_at = clock_timestamp(), heartbeat_at = now() "
+		"FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async "
 		"WHERE id = $1::bigint AND state = 'queued' AND run_id = $5::bigint "
 		"AND attempt = $6::integer AND kind = $7 AND stage = $8 RETURNING id",
 		8, p, &r, err);

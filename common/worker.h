@@ -60,7 +60,16 @@ struct gp_worker_config {
 	int prefetch;            /* messages fetched at once (1..16; default 1). More
 				  * saves round trips for short jobs; a prefetched
 				  * message waits its turn while its AckWait runs. */
+	long long quick_result_ms; /* results of attempts that ran shorter than this
+				    * are committed without waiting for the WAL
+				    * flush (a database crash may lose one; the
+				    * attempt then runs again); 0: every result
+				    * waits */
 };
+
+/* 1 when an attempt that ran duration_ms commits its result without waiting
+ * for the WAL flush (see quick_result_ms). */
+int gp_worker_quick_result(long long quick_result_ms, long long duration_ms);
 
 /*
  * Create a worker: declares the kind's durable consumer, binds to it and

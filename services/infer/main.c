@@ -38,7 +38,7 @@ static void *bworker_main(void *arg)
 int main(int argc, char **argv)
 {
 	struct gp_service svc = { .name = "infer" };
-	long long lease = 0, hb = 0, slots = 0, queue = 0, max_prompt = 0, max_new = 0,
+	long long lease = 0, hb = 0, quick = 0, slots = 0, queue = 0, max_prompt = 0, max_new = 0,
 		  deadline = 0, max_deadline = 0, cache_mb = 0, memory_mb = 0, tqueue = 0,
 		  poll_ms = 0;
 	const char *data_dir = NULL, *store_uri = NULL, *model = NULL, *alias = NULL,
@@ -46,7 +46,7 @@ int main(int argc, char **argv)
 	int payloads = 1;
 	struct gp_opt opts[NOPTS];
 	gp_service_options(&svc, opts);
-	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, "30000", "5000");
+	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, &quick, "30000", "5000");
 	gp_service_store_options(opts + GP_SERVICE_NOPTS + GP_WORKER_NOPTS, &data_dir, &store_uri);
 	struct gp_opt *o = opts + GP_SERVICE_NOPTS + GP_WORKER_NOPTS + GP_STORE_NOPTS;
 	o[0] = (struct gp_opt){ "model", "GENPIPE_INFER_MODEL", GP_OPT_STR, "*",
@@ -135,6 +135,7 @@ int main(int argc, char **argv)
 	struct gp_deploy_config dc = { .bus = svc.bus, .store = cfg.store };
 	struct gp_worker_config wc = {
 		.kind = "deploy", .lease_ms = lease, .heartbeat_ms = hb, .ack_wait_ms = lease,
+		.quick_result_ms = quick,
 		.handler = gp_deploy_handle, .closure = &dc, .metrics = svc.metrics,
 		.version = GP_KIND_UNCACHED,
 	};
@@ -142,6 +143,7 @@ int main(int argc, char **argv)
 					    .use_gpu = use_gpu };
 	struct gp_worker_config bwc = {
 		.kind = "batch-infer", .lease_ms = lease, .heartbeat_ms = hb, .ack_wait_ms = lease,
+		.quick_result_ms = quick,
 		.handler = gp_batch_infer_handle, .closure = &bc, .metrics = svc.metrics,
 	};
 	struct bworker bw = { 0 };

@@ -13,11 +13,11 @@
 int main(int argc, char **argv)
 {
 	struct gp_service svc = { .name = "ingest" };
-	long long lease = 0, hb = 0;
+	long long lease = 0, hb = 0, quick = 0;
 	const char *data_dir = NULL, *store_uri = NULL, *roots = NULL;
 	struct gp_opt opts[NOPTS];
 	gp_service_options(&svc, opts);
-	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, "30000", "5000");
+	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, &quick, "30000", "5000");
 	gp_service_store_options(opts + GP_SERVICE_NOPTS + GP_WORKER_NOPTS, &data_dir, &store_uri);
 	opts[NOPTS - 1] = (struct gp_opt){ "roots", "GENPIPE_INGEST_ROOTS", GP_OPT_STR,
 					   "/usr/share:/srv/genpipe",
@@ -38,7 +38,7 @@ int main(int argc, char **argv)
 	curl_global_init(CURL_GLOBAL_DEFAULT);
 	rc = gp_service_run_worker(&svc, (struct gp_worker_config){
 							 .kind = "ingest",
-							 .lease_ms = lease,
+							 .lease_ms = lease, .quick_result_ms = quick,
 							 .heartbeat_ms = hb,
 							 .handler = gp_ingest_handle,
 							 .closure = &cfg,

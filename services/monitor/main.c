@@ -13,11 +13,11 @@
 int main(int argc, char **argv)
 {
 	struct gp_service svc = { .name = "monitor" };
-	long long lease = 0, hb = 0, reload = 0;
+	long long lease = 0, hb = 0, quick = 0, reload = 0;
 	const char *data_dir = NULL, *store_uri = NULL;
 	struct gp_opt opts[NOPTS];
 	gp_service_options(&svc, opts);
-	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, "30000", "5000");
+	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, &quick, "30000", "5000");
 	gp_service_store_options(opts + GP_SERVICE_NOPTS + GP_WORKER_NOPTS, &data_dir, &store_uri);
 	opts[NOPTS - 1] = (struct gp_opt){ "reload-ms", "GENPIPE_MONITOR_RELOAD_MS", GP_OPT_INT,
 					   "2000", "how often the monitors table is read", &reload };
@@ -45,6 +45,7 @@ int main(int argc, char **argv)
 	struct gp_worker *w = NULL;
 	struct gp_worker_config wc = {
 		.kind = "monitor", .lease_ms = lease, .heartbeat_ms = hb, .ack_wait_ms = lease,
+		.quick_result_ms = quick,
 		.handler = gp_monitor_stage_handle, .closure = &cfg, .metrics = svc.metrics,
 		.version = GP_KIND_UNCACHED,
 	};

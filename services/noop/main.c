@@ -13,10 +13,10 @@ int main(int argc, char **argv)
 {
 	struct gp_service svc = { .name = "noop" };
 	struct gp_noop_config ncfg = { 0 };
-	long long lease = 0, hb = 0, prefetch = 0;
+	long long lease = 0, hb = 0, quick = 0, prefetch = 0;
 	struct gp_opt opts[NOPTS];
 	gp_service_options(&svc, opts);
-	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, "10000", "2000");
+	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, &quick, "10000", "2000");
 	struct gp_opt *own = opts + GP_SERVICE_NOPTS + GP_WORKER_NOPTS;
 	own[0] = (struct gp_opt){ "allow-crash", "GENPIPE_NOOP_ALLOW_CRASH", GP_OPT_BOOL, "false",
 				  "honour crash_attempts (tests only)", &ncfg.allow_crash };
@@ -27,7 +27,7 @@ int main(int argc, char **argv)
 		return rc;
 	rc = gp_service_run_worker(&svc, (struct gp_worker_config){
 						     .kind = "noop",
-						     .lease_ms = lease,
+						     .lease_ms = lease, .quick_result_ms = quick,
 						     .heartbeat_ms = hb,
 						     .handler = gp_noop_handle,
 						     .closure = &ncfg,

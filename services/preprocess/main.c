@@ -12,11 +12,11 @@
 int main(int argc, char **argv)
 {
 	struct gp_service svc = { .name = "preprocess" };
-	long long lease = 0, hb = 0, max_input = 0;
+	long long lease = 0, hb = 0, quick = 0, max_input = 0;
 	const char *data_dir = NULL, *store_uri = NULL;
 	struct gp_opt opts[NOPTS];
 	gp_service_options(&svc, opts);
-	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, "30000", "5000");
+	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, &quick, "30000", "5000");
 	gp_service_store_options(opts + GP_SERVICE_NOPTS + GP_WORKER_NOPTS, &data_dir, &store_uri);
 	opts[NOPTS - 1] = (struct gp_opt){ "max-input-mb", "GENPIPE_PREPROCESS_MAX_INPUT_MB",
 					   GP_OPT_INT, "4096",
@@ -37,7 +37,7 @@ int main(int argc, char **argv)
 	}
 	rc = gp_service_run_worker(&svc, (struct gp_worker_config){
 							 .kind = "preprocess",
-							 .lease_ms = lease,
+							 .lease_ms = lease, .quick_result_ms = quick,
 							 .heartbeat_ms = hb,
 							 .handler = gp_preprocess_handle,
 							 .closure = &cfg,

@@ -12,11 +12,11 @@
 int main(int argc, char **argv)
 {
 	struct gp_service svc = { .name = "train" };
-	long long lease = 0, hb = 0;
+	long long lease = 0, hb = 0, quick = 0;
 	const char *data_dir = NULL, *store_uri = NULL, *ckpt_dir = NULL, *rclass = NULL;
 	struct gp_opt opts[NOPTS];
 	gp_service_options(&svc, opts);
-	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, "30000", "5000");
+	gp_service_worker_options(opts + GP_SERVICE_NOPTS, &lease, &hb, &quick, "30000", "5000");
 	gp_service_store_options(opts + GP_SERVICE_NOPTS + GP_WORKER_NOPTS, &data_dir, &store_uri);
 	opts[NOPTS - 2] = (struct gp_opt){ "checkpoint-dir", "GENPIPE_CHECKPOINT_DIR", GP_OPT_STR,
 					   "", "where running stages keep checkpoints "
@@ -41,7 +41,7 @@ int main(int argc, char **argv)
 	}
 	rc = gp_service_run_worker(&svc, (struct gp_worker_config){
 							 .kind = "train",
-							 .lease_ms = lease,
+							 .lease_ms = lease, .quick_result_ms = quick,
 							 .heartbeat_ms = hb,
 							 .handler = gp_train_handle,
 							 .closure = &cfg,

@@ -413,6 +413,14 @@ static int body(struct gp_test_env *env)
 	struct gp_db *db = gp_test_db(env);
 	struct gp_bus *bus = gp_test_bus(env, "test");
 	long long run = gp_test_make_run(db, "worker-test");
+	/* a configuration that makes no sense is refused with the reason */
+	struct gp_worker *bad = NULL;
+	struct gp_err e = { 0 };
+	struct gp_worker_config bc = { .kind = "hb", .lease_ms = 3000, .heartbeat_ms = 300,
+				       .handler = never, .quick_result_ms = -1 };
+	CHECK(gp_worker_create(&bad, &bc, db, bus, env->db_url, &e) == GP_ERR_INVALID);
+	CHECK_CONTAINS(e.msg, "quick_result_ms (-1) must not be negative");
+	CHECK(bad == NULL);
 	test_lost_lease(env, db, bus, run, &a);
 	test_heartbeat_keeps_job(env, db, bus, run);
 	test_poison(env, db, bus);

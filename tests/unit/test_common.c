@@ -14,6 +14,7 @@
 #include "http.h"
 #include "log.h"
 #include "status.h"
+#include "worker.h"
 
 static void test_err(void)
 {
@@ -238,6 +239,19 @@ static void test_db_array(void)
 	gp_db_array_free(&a);
 }
 
+/* Which results skip the WAL flush wait: only attempts shorter than the
+ * bound, never with the bound at 0, never on a clock that went backwards. */
+static void test_quick_result(void)
+{
+	CHECK(gp_worker_quick_result(1000, 0));
+	CHECK(gp_worker_quick_result(1000, 999));
+	CHECK(!gp_worker_quick_result(1000, 1000));
+	CHECK(!gp_worker_quick_result(1000, 7200000));
+	CHECK(!gp_worker_quick_result(0, 0));
+	CHECK(!gp_worker_quick_result(0, 5));
+	CHECK(!gp_worker_quick_result(1000, -1));
+}
+
 static void test_gpu(void)
 {
 	const char *why = NULL;
@@ -255,6 +269,7 @@ static void test_gpu(void)
 int main(void)
 {
 	test_db_array();
+	test_quick_result();
 	test_gpu();
 	test_err();
 	test_config();
