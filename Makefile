@@ -40,13 +40,14 @@ test-sanitize:
 	cmake --build $(SAN_BUILD) -j $(JOBS)
 	ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(CTEST_JOBS) -LE scenario
 
-# Orchestrator overhead on a private stack: 1000-stage fan-out, 3 workers, 3 runs;
+# Orchestrator overhead on a private stack: 1000-stage fan-out, 6 workers, 3 runs,
+# parallelism 6 (and uncapped);
 # then tokenizer training and encoding beside their plain references; then
 # CPU training speed, fast path beside the plain C reference and sgemm; then
 # serving under load, batched beside one at a time; then the drift monitor's
 # throughput and memory.
 bench: build
-	$(BUILD)/bin/orchestrator_bench 1000 3 3
+	$(BUILD)/bin/orchestrator_bench 1000 6 3 6
 	$(BUILD)/bin/tokenizer_bench
 	$(BUILD)/bin/model_bench all
 	$(BUILD)/bin/infer_bench 32 10 32

@@ -21,7 +21,9 @@
  * queueing behind the workers) and with spec.parallelism = PAR (stages are
  * queued as slots free up, so queued-to-claimed measures dispatch itself).
  *
- * usage: orchestrator_bench [STAGES (1000)] [WORKERS (2)] [RUNS (1)] [PAR (32)]
+ * usage: orchestrator_bench [STAGES (1000)] [WORKERS (6)] [RUNS (1)] [PAR (6)]
+ * (parallelism at most the workers: no stage waits for a free worker, so
+ * queued-to-claimed is the dispatch itself)
  * BENCH_KEEP=1 keeps the stack's directory (logs) afterwards, and with
  * BENCH_PG_LOG=1 its postgres.log has every statement's duration; building with
  * -DBENCH_FAST=1 runs PostgreSQL with fsync off, to see what fsync costs.
@@ -90,12 +92,25 @@ static double metric(const char *text, const char *name)
 	return l ? atof(l + strlen(key)) : 0;
 }
 
+/* A command-line number within [lo, hi], or exit 2 naming the argument. */
+static int arg(const char *s, const char *name, long lo, long hi)
+{
+	char *end = NULL;
+	long v = strtol(s, &end, 10);
+	if (!*s || *end || v < lo || v > hi) {
+		fprintf(stderr, "orchestrator_bench: %s must be an integer from %ld to %ld, not \"%s\"\n",
+			name, lo, hi, s);
+		exit(2);
+	}
+	return (int)v;
+}
+
 int main(int argc, char **argv)
 {
-	int n = argc > 1 ? atoi(argv[1]) : 1000;
-	int workers = argc > 2 ? atoi(argv[2]) : 2;
-	int runs = argc > 3 ? atoi(argv[3]) : 1;
-	int par = argc > 4 ? atoi(argv[4]) : 32;
+	int n = argc > 1 ? arg(argv[1], "STAGES", 1, 100000) : 1000;
+	int workers = argc > 2 ? arg(argv[2], "WORKERS", 1, 64) : 6;
+	int runs = argc > 3 ? arg(argv[3], "RUNS", 1, 100) : 1;
+	int par = argc > 4 ? arg(argv[4], "PAR", 1, 100000) : 6;
 	if (n < 1 || n > 5000 || workers < 1 || workers > 64 || runs < 1 || par < 1) {
 		fprintf(stderr, "usage: orchestrator_bench [STAGES 1..5000] [WORKERS 1..64] [RUNS] "
 				"[PARALLELISM]\n");
