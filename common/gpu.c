@@ -150,3 +150,10 @@ gp_status gp_gpu_decoder_greedy(struct gp_gpu_decoder *d, const int *slots,
 {
 	return none(err);
 }
+
+gp_status gp_gpu_decoder_sample(struct gp_gpu_decoder *d, const int *slots,
+				const uint16_t *tokens, const struct gp_gpu_pick *picks, int n,
+				uint16_t *next, struct gp_err *err)
+{
+	return none(err);
+}

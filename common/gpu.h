@@ -151,4 +151,24 @@ gp_status gp_gpu_decoder_step(struct gp_gpu_decoder *d, const int *slots,
 gp_status gp_gpu_decoder_greedy(struct gp_gpu_decoder *d, const int *slots,
 				const uint16_t *tokens, int n, uint16_t *next, struct gp_err *err);
 
+/* What the device draws one row's token with: gp_sample's options over the
+ * first `vocab` logits, and the draw gp_sample_draw made for it (taken only
+ * when temperature > 0, as gp_sample takes it). */
+struct gp_gpu_pick {
+	int want;          /* 0: no token for this row (a prompt row before the last) */
+	int vocab;         /* 1..the model's vocabulary */
+	float temperature; /* <= 0: greedy */
+	int top_k;         /* 0: off */
+	float top_p;       /* 0 or 1: off */
+	double u;          /* in [0, 1) */
+};
+/* The step with gp_sample's choice made on the device for the rows whose
+ * pick wants one: next[i] gets row i's token (rows that want none: 0). Only
+ * n tokens come back, not n x vocab logits. Given the same logits and draw,
+ * the device chooses as gp_sample does (it sorts a row by probability only
+ * when top_k or top_p asks for it). */
+gp_status gp_gpu_decoder_sample(struct gp_gpu_decoder *d, const int *slots,
+				const uint16_t *tokens, const struct gp_gpu_pick *picks, int n,
+				uint16_t *next, struct gp_err *err);
+
 #endif

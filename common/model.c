@@ -797,6 +797,12 @@ static int by_prob_desc(const void *a, const void *b)
 	return *(const int *)a - *(const int *)b;
 }
 
+double gp_sample_draw(uint64_t *rng)
+{
+	uint64_t r = gp_mix64(*rng += 0x9e3779b97f4a7c15ULL);
+	return (double)(r >> 11) / 9007199254740992.0;
+}
+
 int gp_sample(const float *logits, int V, const struct gp_sample_opts *o, uint64_t *rng,
 	      float *p, int *idx)
 {
@@ -840,8 +846,7 @@ int gp_sample(const float *logits, int V, const struct gp_sample_opts *o, uint64
 	double mass = 0;
 	for (int i = 0; i < n; i++)
 		mass += p[idx[i]];
-	uint64_t r = gp_mix64(*rng += 0x9e3779b97f4a7c15ULL);
-	double u = (double)(r >> 11) / 9007199254740992.0 * mass, cum = 0;
+	double u = gp_sample_draw(rng) * mass, cum = 0;
 	for (int i = 0; i < n; i++) {
 		cum += p[idx[i]];
 		if (u < cum)

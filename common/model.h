@@ -178,6 +178,10 @@ struct gp_sample_opts {
  * caller-provided so that sampling does not allocate). *rng advances. */
 int gp_sample(const float *logits, int vocab, const struct gp_sample_opts *o, uint64_t *rng,
 	      float *scratch_p, int *scratch_i);
+/* The uniform draw in [0, 1) gp_sample makes when temperature > 0 (it
+ * advances *rng); a sampler elsewhere (the GPU's) takes it from here so that
+ * both choose alike. */
+double gp_sample_draw(uint64_t *rng);
 /* Check temperature, top_k, top_p; the message names the field. */
 gp_status gp_sample_opts_check(const struct gp_sample_opts *o, struct gp_err *err);
 

@@ -21,8 +21,11 @@
  * Generation: per-slot KV caches, a step over rows of several slots at once
  * (prefill rows and decode rows alike), captured once per row count as a
  * CUDA graph whose inputs (slot, position, token of each row) are copied in
- * by the graph itself from pinned host memory.
+ * by the graph itself from pinned host memory. The next token is chosen on
+ * the device (greedy, or gp_sample's temperature, top-k and top-p with the
+ * host's draw), so a step returns n tokens, not n rows of logits.
  */
+#include <cub/cub.cuh>
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -1360,9 +1363,19 @@ struct gp_gpu_decoder {
 	cublasHandle_t blas;
 	void *blas_ws;
 	cudaGraphExec_t *graphs; /* by mode * max_rows + row count - 1 */
-	int *d_next, *h_next;     /* greedy ids (h_next pinned) */
+	int *d_next, *h_next;     /* chosen ids (h_next pinned) */
 	size_t smem;
+	/* sampling: per row the probabilities and their order (sorted only
+	 * when a row asks for top-k or top-p), the picks (h_picks pinned) */
+	float *probs, *sprobs;
+	int *idx, *sidx, *best, *seg_begin, *seg_end;
+	struct gp_gpu_pick *d_picks, *h_picks;
+	void *sort_tmp;
+	size_t sort_bytes;
 };
+
+/* Graph modes: what a step returns. */
+enum { MODE_LOGITS, MODE_GREEDY, MODE_SAMPLE, MODE_SAMPLE_SORTED, NMODES };
 
 template <typename T>
 __global__ void k_embed_rows(T *x, const struct row_info *rows, const T *wte, const T *wpe, int n,
@@ -1459,6 +1472,170 @@ __global__ void k_argmax(int *out, const float *logits, int V, int Vp)
 		out[blockIdx.x] = bi[0];
 }
 
+/* ---- sampling (gp_sample on the device) ---- */
+
+#define SAMPLE_THREADS 1024
+
+typedef cub::KeyValuePair<int, float> kv_t;
+
+struct first_max {
+	__device__ kv_t operator()(const kv_t &a, const kv_t &b) const
+	{
+		return (b.value > a.value || (b.value == a.value && b.key < a.key)) ? b : a;
+	}
+};
+
+/*
+ * One block a row. best[r]: the first index of the largest of the pick's
+ * first vocab logits. For a sampled row, gp_sample's probabilities: e_i =
+ * exp((l_i - max) / T) in float, their sum in double, p_i = (float)(e_i /
+ * sum), 0 from vocab up to the model's vocabulary Vm; idx_i = i. The row's
+ * sort segment is empty unless top-k or top-p needs the order.
+ */
+__global__ void k_probs(float *probs, int *idx, int *best, int *seg_begin, int *seg_end,
+			const float *logits, const struct gp_gpu_pick *picks, int Vm, int Vp)
+{
+	typedef cub::BlockReduce<kv_t, SAMPLE_THREADS> red_kv;
+	typedef cub::BlockReduce<double, SAMPLE_THREADS> red_d;
+	__shared__ union {
+		typename red_kv::TempStorage kv;
+		typename red_d::TempStorage d;
+	} tmp;
+	__shared__ float s_max;
+	__shared__ double s_sum;
+	int r = blockIdx.x;
+	const struct gp_gpu_pick pk = picks[r];
+	size_t base = (size_t)r * Vp;
+	if (threadIdx.x == 0) {
+		seg_begin[r] = (int)base;
+		seg_end[r] = (int)base;
+		best[r] = 0;
+	}
+	if (!pk.want)
+		return;
+	int V = pk.vocab;
+	const float *l = logits + base;
+	kv_t m;
+	m.key = 0x7fffffff;
+	m.value = -INFINITY;
+	for (int i = threadIdx.x; i < V; i += blockDim.x)
+		if (l[i] > m.value) { /* strided in increasing i: the first of equals stays */
+			m.value = l[i];
+			m.key = i;
+		}
+	kv_t b = red_kv(tmp.kv).Reduce(m, first_max());
+	if (threadIdx.x == 0) {
+		best[r] = b.key;
+		s_max = b.value;
+	}
+	__syncthreads();
+	if (!(pk.temperature > 0.0f))
+		return;
+	float mx = s_max;
+	double sum = 0;
+	for (int i = threadIdx.x; i < V; i += blockDim.x) {
+		float e = expf((l[i] - mx) / pk.temperature);
+		probs[base + i] = e;
+		sum += e;
+	}
+	double tot = red_d(tmp.d).Sum(sum);
+	if (threadIdx.x == 0)
+		s_sum = tot;
+	__syncthreads();
+	tot = s_sum;
+	for (int i = threadIdx.x; i < Vm; i += blockDim.x) {
+		probs[base + i] = i < V ? (float)(probs[base + i] / tot) : 0.0f;
+		idx[base + i] = i;
+	}
+	int k = pk.top_k > 0 && pk.top_k < V ? pk.top_k : V;
+	if (threadIdx.x == 0 && (k < V || (pk.top_p > 0.0f && pk.top_p < 1.0f)))
+		seg_end[r] = (int)(base + Vm);
+}
+
+struct reach_tmp {
+	typename cub::BlockScan<double, SAMPLE_THREADS>::TempStorage scan;
+	int found;
+	double carry, at;
+};
+
+/*
+ * The first i < n at which the running sum p[0] + ... + p[i] (double) is
+ * >= thr (ge) or > thr; n when there is none. *upto: the running sum
+ * through that i, or through n - 1. Every thread of the block calls it.
+ */
+__device__ int first_reach(const float *p, int n, double thr, bool ge, double *upto,
+			   struct reach_tmp *t)
+{
+	__syncthreads(); /* the last call's readers are done */
+	if (threadIdx.x == 0) {
+		t->found = n;
+		t->carry = 0;
+	}
+	__syncthreads();
+	for (int c0 = 0; c0 < n; c0 += blockDim.x) {
+		int i = c0 + threadIdx.x;
+		double v = i < n ? (double)p[i] : 0.0, incl, agg;
+		cub::BlockScan<double, SAMPLE_THREADS>(t->scan).InclusiveSum(v, incl, agg);
+		double cum = t->carry + incl;
+		if (i < n && (ge ? cum >= thr : cum > thr))
+			atomicMin(&t->found, i);
+		__syncthreads();
+		int f = t->found;
+		if (f == i)
+			t->at = cum;
+		__syncthreads();
+		if (f < n) {
+			*upto = t->at;
+			return f;
+		}
+		if (threadIdx.x == 0)
+			t->carry += agg;
+		__syncthreads();
+	}
+	*upto = t->carry;
+	return n;
+}
+
+/*
+ * One block a row: gp_sample's choice. The row's order is the sorted one
+ * when top-k or top-p asks (probability descending, ties by index: the
+ * radix sort is stable over ascending indices), else the vocabulary's.
+ * n = top_k (or all); with top-p, n ends at the first position whose running
+ * sum reaches top_p; the token is the first of the n whose running sum
+ * exceeds u times their mass (the last of them when rounding leaves none).
+ */
+__global__ void k_pick(int *next, const float *probs, const float *sprobs, const int *sidx,
+		       const int *best, const struct gp_gpu_pick *picks, int Vp)
+{
+	__shared__ struct reach_tmp t;
+	int r = blockIdx.x;
+	const struct gp_gpu_pick pk = picks[r];
+	if (!pk.want || !(pk.temperature > 0.0f)) {
+		if (threadIdx.x == 0)
+			next[r] = pk.want ? best[r] : 0;
+		return;
+	}
+	int V = pk.vocab;
+	int k = pk.top_k > 0 && pk.top_k < V ? pk.top_k : V;
+	int nucleus = pk.top_p > 0.0f && pk.top_p < 1.0f;
+	int sorted = k < V || nucleus;
+	size_t base = (size_t)r * Vp;
+	const float *p = (sorted ? sprobs : probs) + base;
+	int n = k;
+	double mass = 0;
+	if (nucleus) {
+		int at = first_reach(p, k, (double)pk.top_p, true, &mass, &t);
+		n = at < k ? at + 1 : k;
+	} else {
+		first_reach(p, n, INFINITY, true, &mass, &t); /* the sum of all n */
+	}
+	double ignored = 0;
+	int at = first_reach(p, n, pk.u * mass, false, &ignored, &t);
+	int i = at < n ? at : n - 1;
+	if (threadIdx.x == 0)
+		next[r] = sorted ? sidx[base + i] : i;
+}
+
 template <typename T>
 static gp_status dgemm(struct gp_gpu_decoder *d, T *out, const T *inp, const T *w, const T *bias,
 		       int N, int C, int OC, void *out_f32, struct gp_err *err)
@@ -1525,8 +1702,8 @@ template <typename T> static gp_status decode_impl(struct gp_gpu_decoder *d, int
 	return GP_OK;
 }
 
-/* Copy rows in, run the step, copy logits out (mode 0) or the greedy ids
- * (mode 1): what a graph captures. */
+/* Copy rows in, run the step, copy out the logits (MODE_LOGITS) or the
+ * chosen ids (the others): what a graph captures. */
 static gp_status decode_all(struct gp_gpu_decoder *d, int n, int mode, struct gp_err *err)
 {
 	CK(cudaMemcpyAsync(d->d_rows, d->h_rows, (size_t)n * sizeof *d->h_rows,
@@ -1535,7 +1712,28 @@ static gp_status decode_all(struct gp_gpu_decoder *d, int n, int mode, struct gp
 		TRY(decode_impl<bf16>(d, n, err));
 	else
 		TRY(decode_impl<float>(d, n, err));
-	if (mode == 1) {
+	const struct gp_model_config *c = &d->g->cfg;
+	if (mode == MODE_SAMPLE || mode == MODE_SAMPLE_SORTED) {
+		CK(cudaMemcpyAsync(d->d_picks, d->h_picks, (size_t)n * sizeof *d->h_picks,
+				   cudaMemcpyHostToDevice, d->stream));
+		k_probs<<<n, SAMPLE_THREADS, 0, d->stream>>>(d->probs, d->idx, d->best, d->seg_begin,
+							     d->seg_end, d->logits, d->d_picks,
+							     c->vocab, c->padded_vocab);
+		CL("sampling probabilities");
+		if (mode == MODE_SAMPLE_SORTED) {
+			size_t bytes = d->sort_bytes;
+			CK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+				d->sort_tmp, bytes, d->probs, d->sprobs, d->idx, d->sidx,
+				n * c->padded_vocab, n, d->seg_begin, d->seg_end, 0, 32, d->stream));
+		}
+		k_pick<<<n, SAMPLE_THREADS, 0, d->stream>>>(d->d_next, d->probs, d->sprobs, d->sidx,
+							    d->best, d->d_picks, c->padded_vocab);
+		CL("sampling choice");
+		CK(cudaMemcpyAsync(d->h_next, d->d_next, (size_t)n * sizeof(int),
+				   cudaMemcpyDeviceToHost, d->stream));
+		return GP_OK;
+	}
+	if (mode == MODE_GREEDY) {
 		k_argmax<<<n, 256, 0, d->stream>>>(d->d_next, d->logits, d->g->cfg.vocab,
 						   d->g->cfg.padded_vocab);
 		CL("argmax");
@@ -1566,7 +1764,7 @@ extern "C" gp_status gp_gpu_decoder_create(struct gp_gpu_decoder **out, struct g
 	d->max_rows = max_rows;
 	d->use_graphs = 1;
 	d->len = (int *)calloc((size_t)slots, sizeof *d->len);
-	d->graphs = (cudaGraphExec_t *)calloc((size_t)max_rows * 2, sizeof *d->graphs);
+	d->graphs = (cudaGraphExec_t *)calloc((size_t)max_rows * NMODES, sizeof *d->graphs);
 	gp_status st = (d->len && d->graphs) ? GP_OK
 					      : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	size_t e = g->esz, C = c->width, R = max_rows;
@@ -1590,6 +1788,14 @@ extern "C" gp_status gp_gpu_decoder_create(struct gp_gpu_decoder **out, struct g
 		{ (void **)&d->d_rows, R * sizeof(struct row_info) },
 		{ (void **)&d->d_next, R * sizeof(int) },
 		{ &d->blas_ws, 32u << 20 },
+		{ (void **)&d->probs, R * c->padded_vocab * 4 },
+		{ (void **)&d->sprobs, R * c->padded_vocab * 4 },
+		{ (void **)&d->idx, R * c->padded_vocab * 4 },
+		{ (void **)&d->sidx, R * c->padded_vocab * 4 },
+		{ (void **)&d->best, R * sizeof(int) },
+		{ (void **)&d->seg_begin, R * sizeof(int) },
+		{ (void **)&d->seg_end, R * sizeof(int) },
+		{ (void **)&d->d_picks, R * sizeof(struct gp_gpu_pick) },
 	};
 	for (size_t i = 0; !st && i < sizeof al / sizeof *al; i++) {
 		cudaError_t ce = cudaMalloc(al[i].p, al[i].bytes);
@@ -1602,6 +1808,14 @@ extern "C" gp_status gp_gpu_decoder_create(struct gp_gpu_decoder **out, struct g
 			ce = cudaMallocHost((void **)&d->h_logits, R * c->padded_vocab * 4);
 		if (ce == cudaSuccess)
 			ce = cudaMallocHost((void **)&d->h_next, R * sizeof(int));
+		if (ce == cudaSuccess)
+			ce = cudaMallocHost((void **)&d->h_picks, R * sizeof(struct gp_gpu_pick));
+		if (ce == cudaSuccess) /* the sort's scratch for the most rows */
+			ce = cub::DeviceSegmentedRadixSort::SortPairsDescending(
+				(void *)NULL, d->sort_bytes, d->probs, d->sprobs, d->idx, d->sidx,
+				(int)(R * c->padded_vocab), (int)R, d->seg_begin, d->seg_end, 0, 32);
+		if (ce == cudaSuccess)
+			ce = cudaMalloc(&d->sort_tmp, d->sort_bytes ? d->sort_bytes : 1);
 		if (ce == cudaSuccess)
 			ce = cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking);
 		if (ce != cudaSuccess)
@@ -1646,14 +1860,15 @@ extern "C" void gp_gpu_decoder_destroy(struct gp_gpu_decoder *d)
 		return;
 	if (d->stream)
 		cudaStreamSynchronize(d->stream);
-	for (int i = 0; d->graphs && i < 2 * d->max_rows; i++)
+	for (int i = 0; d->graphs && i < NMODES * d->max_rows; i++)
 		if (d->graphs[i])
 			cudaGraphExecDestroy(d->graphs[i]);
 	if (d->blas)
 		cublasDestroy(d->blas);
 	void *p[] = { d->kc,   d->vc,	  d->x,	     d->xn,	d->qkv,	    d->y,
 		      d->proj, d->h,	  d->hg,     d->mean,	d->rstd,    d->logits,
-		      d->d_rows, d->d_next, d->blas_ws };
+		      d->d_rows, d->d_next, d->blas_ws, d->probs, d->sprobs, d->idx,
+		      d->sidx, d->best, d->seg_begin, d->seg_end, d->d_picks, d->sort_tmp };
 	for (size_t i = 0; i < sizeof p / sizeof *p; i++)
 		if (p[i])
 			cudaFree(p[i]);
@@ -1663,6 +1878,8 @@ extern "C" void gp_gpu_decoder_destroy(struct gp_gpu_decoder *d)
 		cudaFreeHost(d->h_logits);
 	if (d->h_next)
 		cudaFreeHost(d->h_next);
+	if (d->h_picks)
+		cudaFreeHost(d->h_picks);
 	if (d->stream)
 		cudaStreamDestroy(d->stream);
 	free(d->graphs);
@@ -1752,7 +1969,7 @@ extern "C" gp_status gp_gpu_decoder_step(struct gp_gpu_decoder *d, const int *sl
 					 const uint16_t *tokens, int n, float *logits,
 					 struct gp_err *err)
 {
-	TRY(step_impl(d, slots, tokens, n, 0, err));
+	TRY(step_impl(d, slots, tokens, n, MODE_LOGITS, err));
 	if (logits)
 		memcpy(logits, d->h_logits, (size_t)n * d->g->cfg.padded_vocab * 4);
 	return GP_OK;
@@ -1762,8 +1979,41 @@ extern "C" gp_status gp_gpu_decoder_greedy(struct gp_gpu_decoder *d, const int *
 					   const uint16_t *tokens, int n, uint16_t *next,
 					   struct gp_err *err)
 {
-	TRY(step_impl(d, slots, tokens, n, 1, err));
+	TRY(step_impl(d, slots, tokens, n, MODE_GREEDY, err));
 	for (int i = 0; i < n; i++)
 		next[i] = (uint16_t)d->h_next[i];
+	return GP_OK;
+}
+
+extern "C" gp_status gp_gpu_decoder_sample(struct gp_gpu_decoder *d, const int *slots,
+					   const uint16_t *tokens, const struct gp_gpu_pick *picks,
+					   int n, uint16_t *next, struct gp_err *err)
+{
+	const struct gp_model_config *c = &d->g->cfg;
+	if (n < 1 || n > d->max_rows)
+		return gp_err_set(err, GP_ERR_INVALID, "GPU step of %d rows (1..%d)", n, d->max_rows);
+	int mode = MODE_SAMPLE;
+	for (int i = 0; i < n; i++) {
+		const struct gp_gpu_pick *p = &picks[i];
+		if (!p->want)
+			continue;
+		if (p->vocab < 1 || p->vocab > c->vocab)
+			return gp_err_set(err, GP_ERR_INVALID, "row %d: vocabulary %d (1..%d)", i,
+					  p->vocab, c->vocab);
+		if (!isfinite(p->temperature) || p->top_k < 0 || !(p->top_p >= 0.0f) ||
+		    p->top_p > 1.0f || !(p->u >= 0.0) || !(p->u < 1.0))
+			return gp_err_set(err, GP_ERR_INVALID,
+					  "row %d: temperature %g, top_k %d, top_p %g, draw %g: "
+					  "need finite, >= 0, 0..1 and [0, 1)",
+					  i, (double)p->temperature, p->top_k, (double)p->top_p, p->u);
+		if (p->temperature > 0.0f &&
+		    ((p->top_k > 0 && p->top_k < p->vocab) || (p->top_p > 0.0f && p->top_p < 1.0f)))
+			mode = MODE_SAMPLE_SORTED;
+	}
+	/* the graph copies the picks in from here when it runs */
+	memcpy(d->h_picks, picks, (size_t)n * sizeof *picks);
+	TRY(step_impl(d, slots, tokens, n, mode, err));
+	for (int i = 0; i < n; i++)
+		next[i] = picks[i].want ? (uint16_t)d->h_next[i] : 0;
 	return GP_OK;
 }

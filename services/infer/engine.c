@@ -126,8 +126,8 @@ struct gpu_lm {
 			       * server can still unload the version's mapping */
 	struct gp_gpu_model *g;
 	struct gp_gpu_decoder *d;
-	float *logits;    /* max_rows x padded_vocab */
-	uint16_t *tok;    /* the step's tokens */
+	struct gp_gpu_pick *picks; /* the step's rows: what to draw */
+	uint16_t *tok, *next;      /* the step's tokens in, the chosen ones out */
 	long long used;   /* loop count of the last use */
 };
 
@@ -464,8 +464,9 @@ static void gpu_lm_free(struct gpu_lm *x)
 {
 	gp_gpu_decoder_destroy(x->d);
 	gp_gpu_model_destroy(x->g);
-	free(x->logits);
+	free(x->picks);
 	free(x->tok);
+	free(x->next);
 	memset(x, 0, sizeof(*x));
 }
 
@@ -498,10 +499,12 @@ static struct gpu_lm *gpu_for(struct gp_engine *e, struct gp_lm *lm, struct gp_e
 	struct gpu_lm *x = &e->gpu[victim];
 	gpu_lm_free(x);
 	const struct gp_model_config *c = gp_model_config(lm->model);
-	x->logits = malloc((size_t)e->cfg.max_rows * c->padded_vocab * sizeof(float));
+	x->picks = calloc((size_t)e->cfg.max_rows, sizeof *x->picks);
 	x->tok = malloc((size_t)e->cfg.max_rows * sizeof(uint16_t));
-	gp_status st = x->logits && x->tok ? GP_OK
-					   : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	x->next = malloc((size_t)e->cfg.max_rows * sizeof(uint16_t));
+	gp_status st = x->picks && x->tok && x->next
+			       ? GP_OK
+			       : gp_err_set(err, GP_ERR_NOMEM, "out of memory");
 	if (!st)
 		st = gp_gpu_model_create(&x->g, c, e->cfg.gpu_fp32 ? GP_GPU_FP32 : GP_GPU_BF16, 0,
 					 0, err);
@@ -529,31 +532,42 @@ static int slot_len(struct gp_engine *e, struct gp_lm *lm, int s)
 	return 0;
 }
 
-/* gp_model_step on the GPU: the same rows (rows[i].kv unused; slot_of[i]
- * names the slot), logits of the rows with .logits set, in order. */
+/* gp_model_step on the GPU with gp_sample's choice made there: the same
+ * rows (rows[i].kv unused; slot_of[i] names the slot); *chosen gets the
+ * tokens of the rows with .logits set, in order. Each such row's draw comes
+ * from its request's generator as gp_sample would take it, so a seed gives
+ * the same text on either device (up to the GPU's rounding). */
 static gp_status gpu_step(struct gp_engine *e, struct gp_lm *lm, const struct gp_step_row *rows,
-			  const int *slot_of, int n, const float **logits, int *n_logits,
+			  const int *slot_of, int n, const uint16_t **chosen, int *n_chosen,
 			  struct gp_err *err)
 {
 	struct gpu_lm *x = gpu_for(e, lm, err);
 	if (!x)
 		return err->status;
-	int Vp = gp_model_config(lm->model)->padded_vocab;
-	for (int i = 0; i < n; i++)
+	int V = gp_bpe_vocab_size(lm->tok), Vm = gp_model_config(lm->model)->vocab;
+	for (int i = 0; i < n; i++) {
+		struct gp_gpu_pick *p = &x->picks[i];
 		x->tok[i] = rows[i].token;
-	gp_status st = gp_gpu_decoder_step(x->d, slot_of, x->tok, n, x->logits, err);
+		memset(p, 0, sizeof *p);
+		if (!rows[i].logits)
+			continue;
+		const struct gp_sample_opts *o = &e->slots[slot_of[i]].r->sample;
+		p->want = 1;
+		p->vocab = V < Vm ? V : Vm;
+		p->temperature = o->temperature;
+		p->top_k = o->top_k;
+		p->top_p = o->top_p;
+		p->u = o->temperature > 0.0f ? gp_sample_draw(&e->slots[slot_of[i]].r->rng) : 0.0;
+	}
+	gp_status st = gp_gpu_decoder_sample(x->d, slot_of, x->tok, x->picks, n, x->next, err);
 	if (st)
 		return st;
 	int k = 0;
 	for (int i = 0; i < n; i++)
-		if (rows[i].logits) {
-			if (k != i)
-				memmove(x->logits + (size_t)k * Vp, x->logits + (size_t)i * Vp,
-					(size_t)Vp * sizeof(float));
-			k++;
-		}
-	*logits = x->logits;
-	*n_logits = k;
+		if (rows[i].logits)
+			x->next[k++] = x->next[i];
+	*chosen = x->next;
+	*n_chosen = k;
 	return GP_OK;
 }
 
@@ -594,12 +608,13 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 	if (!n)
 		return;
 	const float *logits = NULL;
+	const uint16_t *chosen = NULL; /* the GPU's choices */
 	int got = 0;
 	struct gp_err err = {0};
 	double t0 = gp_mono_ms();
 	gp_status st;
 	if (e->cfg.use_gpu) {
-		st = gpu_step(e, lm, e->rows, e->row_any, n, &logits, &got, &err);
+		st = gpu_step(e, lm, e->rows, e->row_any, n, &chosen, &got, &err);
 	} else {
 		gp_model_set_path(lm->model, e->cfg.path);
 		st = gp_model_step(lm->model, b, e->rows, n, &logits, &got, &err);
@@ -635,8 +650,9 @@ static void run_version(struct gp_engine *e, struct gp_lm *lm, struct req **done
 	for (int i = 0; i < got; i++) {
 		int s = e->row_slot[i];
 		struct req *r = e->slots[s].r;
-		int t = gp_sample(logits + (size_t)i * c->padded_vocab, V, &r->sample, &r->rng, e->sp,
-				  e->si);
+		int t = chosen ? chosen[i]
+			       : gp_sample(logits + (size_t)i * c->padded_vocab, V, &r->sample,
+					   &r->rng, e->sp, e->si);
 		e->tokens++;
 		metric_inc(e->m_tokens, 1);
 		if (req_token(e, r, t, slot_len(e, lm, s), c->context)) {

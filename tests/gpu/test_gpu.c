@@ -10,8 +10,9 @@
  * rstd), the QKV/attention-projection/MLP matmuls with their biases, the
  * attention (softmax probabilities and output), GELU, residuals, the
  * logits and per-token losses; then every parameter gradient, the gradient
- * norm, a clipped AdamW step, ten training steps, and greedy generation
- * (one sequence, three at once, prefill in one step; graphs on and off).
+ * norm, a clipped AdamW step, ten training steps, greedy generation (one
+ * sequence, three at once, prefill in one step; graphs on and off) and
+ * sampling on the device (as gp_sample on the same logits).
  *
  * Tolerances: fp32 max|gpu - cpu| / max|cpu| <= 1e-4 (orders of magnitude
  * under 1e-3; the two sum in different orders); bf16 ||gpu - cpu|| / ||cpu||
@@ -420,6 +421,113 @@ static void check_generation(int graphs)
 	gp_model_destroy(m);
 }
 
+/*
+ * Sampling on the device against gp_sample on the host over the same
+ * logits: decoder A returns its logits, decoder B (same model, same rows)
+ * draws on the device; for every row that wants a token, B's choice must be
+ * gp_sample's with the same generator. Greedy, temperature alone, top-k,
+ * top-p, both, and a vocabulary smaller than the model's.
+ */
+static void check_sampling(int graphs)
+{
+	struct gp_err e = { 0 };
+	const struct gp_model_config c = tiny;
+	struct gp_model *m = NULL;
+	REQUIRE_OK(gp_model_create(&m, &c, &e), e);
+	gp_model_init(m, rnd());
+	struct gp_gpu_model *g = NULL;
+	REQUIRE_OK(gp_gpu_model_create(&g, &c, GP_GPU_FP32, 0, 0, &e), e);
+	REQUIRE_OK(gp_gpu_model_upload(g, gp_model_params(m), NULL, NULL, &e), e);
+	enum { NS = 6, STEPS = 24 };
+	struct gp_gpu_decoder *da = NULL, *db = NULL;
+	REQUIRE_OK(gp_gpu_decoder_create(&da, g, NS, 32, &e), e);
+	REQUIRE_OK(gp_gpu_decoder_create(&db, g, NS, 32, &e), e);
+	gp_gpu_decoder_use_graphs(da, graphs);
+	gp_gpu_decoder_use_graphs(db, graphs);
+	/* the logits of a random model are close together: a high temperature
+	 * would make every choice near-uniform, so some rows sharpen them */
+	const struct gp_sample_opts opts[NS] = {
+		{ .temperature = 0 },
+		{ .temperature = 1.0f },
+		{ .temperature = 0.05f, .top_k = 5 },
+		{ .temperature = 0.1f, .top_p = 0.9f },
+		{ .temperature = 0.08f, .top_k = 20, .top_p = 0.8f },
+		{ .temperature = 0.5f, .top_p = 0.5f },
+	};
+	const int vocab[NS] = { c.vocab, c.vocab, c.vocab, c.vocab - 3, c.vocab, c.vocab - 10 };
+	uint64_t rng_dev[NS], rng_cpu[NS];
+	for (int s = 0; s < NS; s++)
+		rng_dev[s] = rng_cpu[s] = ((uint64_t)rnd() << 32) | rnd();
+	int Vp = c.padded_vocab, total = 0, same = 0, sorted_rows = 0;
+	float *logits = malloc((size_t)32 * Vp * sizeof *logits), *sp = malloc(Vp * sizeof *sp);
+	int *si = malloc(Vp * sizeof *si);
+	REQUIRE(logits && sp && si);
+	int slots[32];
+	uint16_t toks[32], next[32], last[NS];
+	struct gp_gpu_pick picks[32];
+	for (int step = 0; step < STEPS; step++) {
+		/* step 0: a prompt of 3 rows per slot (only its last row wants a
+		 * token); then one row per slot with its last token */
+		int n = 0;
+		for (int s = 0; s < NS; s++)
+			for (int i = 0; i < (step ? 1 : 3); i++) {
+				slots[n] = s;
+				toks[n] = step ? last[s] : (uint16_t)(rnd() % (uint32_t)vocab[s]);
+				memset(&picks[n], 0, sizeof picks[n]);
+				if (step || i == 2) {
+					picks[n] = (struct gp_gpu_pick){
+						.want = 1, .vocab = vocab[s],
+						.temperature = opts[s].temperature,
+						.top_k = opts[s].top_k, .top_p = opts[s].top_p,
+						.u = opts[s].temperature > 0 ? gp_sample_draw(&rng_dev[s])
+									     : 0.0,
+					};
+				}
+				n++;
+			}
+		REQUIRE_OK(gp_gpu_decoder_step(da, slots, toks, n, logits, &e), e);
+		REQUIRE_OK(gp_gpu_decoder_sample(db, slots, toks, picks, n, next, &e), e);
+		for (int i = 0; i < n; i++) {
+			if (!picks[i].want) {
+				CHECK(next[i] == 0);
+				continue;
+			}
+			int s = slots[i];
+			int want = gp_sample(logits + (size_t)i * Vp, vocab[s], &opts[s], &rng_cpu[s],
+					     sp, si);
+			total++;
+			same += next[i] == want;
+			sorted_rows += opts[s].top_k > 0 || (opts[s].top_p > 0 && opts[s].top_p < 1);
+			if (next[i] != want)
+				fprintf(stderr, "step %d slot %d: device drew %u, gp_sample %d\n", step,
+					s, next[i], want);
+			CHECK(next[i] < vocab[s]);
+			last[s] = next[i];
+		}
+	}
+	CHECK(same == total);
+	printf("  sampling on the device (graphs %s): %d of %d draws as gp_sample's (%d with "
+	       "top-k or top-p)\n",
+	       graphs ? "on" : "off", same, total, sorted_rows);
+	/* a pick out of range is refused before any cache changes */
+	int len0 = gp_gpu_decoder_len(db, 0);
+	struct gp_gpu_pick bad = { .want = 1, .vocab = c.vocab + 1, .temperature = 1 };
+	uint16_t t0 = 0;
+	int s0 = 0;
+	CHECK(gp_gpu_decoder_sample(db, &s0, &t0, &bad, 1, next, &e) == GP_ERR_INVALID);
+	CHECK(strstr(e.msg, "vocabulary") != NULL);
+	bad = (struct gp_gpu_pick){ .want = 1, .vocab = c.vocab, .temperature = 1, .u = 1.0 };
+	CHECK(gp_gpu_decoder_sample(db, &s0, &t0, &bad, 1, next, &e) == GP_ERR_INVALID);
+	CHECK(gp_gpu_decoder_len(db, 0) == len0);
+	free(logits);
+	free(sp);
+	free(si);
+	gp_gpu_decoder_destroy(da);
+	gp_gpu_decoder_destroy(db);
+	gp_gpu_model_destroy(g);
+	gp_model_destroy(m);
+}
+
 int main(void)
 {
 	const char *why = NULL;
@@ -448,5 +556,7 @@ int main(void)
 	check_training(GP_GPU_BF16);
 	check_generation(0);
 	check_generation(1);
+	check_sampling(0);
+	check_sampling(1);
 	return CHECK_RESULT();
 }
