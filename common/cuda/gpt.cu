@@ -1492,8 +1492,9 @@ struct first_max {
  * sum), 0 from vocab up to the model's vocabulary Vm; idx_i = i. The row's
  * sort segment is empty unless top-k or top-p needs the order.
  */
-__global__ void k_probs(float *probs, int *idx, int *best, int *seg_begin, int *seg_end,
-			const float *logits, const struct gp_gpu_pick *picks, int Vm, int Vp)
+__global__ void __launch_bounds__(SAMPLE_THREADS)
+	k_probs(float *probs, int *idx, int *best, int *seg_begin, int *seg_end,
+		const float *logits, const struct gp_gpu_pick *picks, int Vm, int Vp)
 {
 	typedef cub::BlockReduce<kv_t, SAMPLE_THREADS> red_kv;
 	typedef cub::BlockReduce<double, SAMPLE_THREADS> red_d;
@@ -1604,8 +1605,9 @@ __device__ int first_reach(const float *p, int n, double thr, bool ge, double *u
  * sum reaches top_p; the token is the first of the n whose running sum
  * exceeds u times their mass (the last of them when rounding leaves none).
  */
-__global__ void k_pick(int *next, const float *probs, const float *sprobs, const int *sidx,
-		       const int *best, const struct gp_gpu_pick *picks, int Vp)
+__global__ void __launch_bounds__(SAMPLE_THREADS)
+	k_pick(int *next, const float *probs, const float *sprobs, const int *sidx, const int *best,
+	       const struct gp_gpu_pick *picks, int Vp)
 {
 	__shared__ struct reach_tmp t;
 	int r = blockIdx.x;
