@@ -1474,7 +1474,7 @@ __global__ void k_argmax(int *out, const float *logits, int V, int Vp)
 
 /* ---- sampling (gp_sample on the device) ---- */
 
-#define SAMPLE_THREADS 1024
+#define SAMPLE_THREADS 512
 
 typedef cub::KeyValuePair<int, float> kv_t;
 
