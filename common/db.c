@@ -38,12 +38,24 @@ struct stmt {
 	int id;
 };
 
+/* A statement queued to go out with the connection's next round trip. */
+struct queued {
+	char *what, *sql;
+	int n;
+	char **params;
+	long long *changed; /* incremented when it changed rows; may be NULL */
+};
+
+#define GP_DB_QUEUE 16
+
 struct gp_db {
 	PGconn *conn;
 	struct stmt stmts[GP_DB_STMTS];
 	int nstmts;
 	int next_id;
 	unsigned long long clock;
+	struct queued q[GP_DB_QUEUE];
+	int nq;
 };
 
 static unsigned long sql_hash(const char *s)
@@ -54,11 +66,25 @@ static unsigned long sql_hash(const char *s)
 	return h;
 }
 
+static void drop_queue(struct gp_db *db)
+{
+	for (int i = 0; i < db->nq; i++) {
+		struct queued *q = &db->q[i];
+		for (int k = 0; k < q->n; k++)
+			free(q->params[k]);
+		free(q->params);
+		free(q->what);
+		free(q->sql);
+	}
+	db->nq = 0;
+}
+
 static void forget_statements(struct gp_db *db)
 {
 	for (int i = 0; i < db->nstmts; i++)
 		free(db->stmts[i].sql);
 	db->nstmts = 0;
+	drop_queue(db); /* a reset connection has no transaction to add to */
 }
 
 static void notice_quiet(void *arg, const char *msg)
@@ -219,9 +245,139 @@ static const char *statement(struct gp_db *db, const char *sql, int nparams, cha
 	return name;
 }
 
+gp_status gp_db_queue(struct gp_db *db, const char *what, const char *sql, int nparams,
+		      const char *const *params, long long *changed, struct gp_err *err)
+{
+	if (db->nq == GP_DB_QUEUE) {
+		gp_status st = gp_db_flush(db, err);
+		if (st)
+			return st;
+	}
+	struct queued *q = &db->q[db->nq];
+	memset(q, 0, sizeof *q);
+	q->what = strdup(what);
+	q->sql = strdup(sql);
+	q->n = nparams;
+	q->changed = changed;
+	q->params = nparams ? calloc((size_t)nparams, sizeof *q->params) : NULL;
+	int ok = q->what && q->sql && (!nparams || q->params);
+	for (int i = 0; ok && i < nparams; i++)
+		if (params[i] && !(q->params[i] = strdup(params[i])))
+			ok = 0;
+	db->nq++;
+	if (!ok) {
+		drop_queue(db);
+		return gp_err_set(err, GP_ERR_NOMEM, "out of memory");
+	}
+	return GP_OK;
+}
+
+gp_status gp_db_queue_begin(struct gp_db *db, struct gp_err *err)
+{
+	return gp_db_queue(db, "begin transaction", "BEGIN", 0, NULL, NULL, err);
+}
+
+static int is_txn_control(const char *sql)
+{
+	return !strcmp(sql, "BEGIN") || !strcmp(sql, "COMMIT");
+}
+
+/*
+ * The queued statements and then sql (when not NULL) in one round trip
+ * (libpq's pipeline mode, one sync at the end). The first failure is the
+ * error, named by its statement's `what`; what followed it was not run.
+ * The queue is empty afterwards either way.
+ */
+static gp_status pipeline(struct gp_db *db, const char *what, const char *sql, int nparams,
+			  const char *const *params, PGresult **res, struct gp_err *err)
+{
+	int n = db->nq + (sql ? 1 : 0);
+	char names[GP_DB_QUEUE + 1][32];
+	const char *stmt[GP_DB_QUEUE + 1];
+	gp_status st = GP_OK;
+	/* prepare first: nothing but sends may happen in pipeline mode */
+	for (int i = 0; i < n && !st; i++) {
+		const char *q = i < db->nq ? db->q[i].sql : sql;
+		int np = i < db->nq ? db->q[i].n : nparams;
+		PGresult *failed = NULL;
+		stmt[i] = is_txn_control(q) ? NULL
+					    : statement(db, q, np, names[i], sizeof names[i], &failed);
+		if (failed) {
+			st = result_status(db, failed, i < db->nq ? db->q[i].what : what, err);
+			PQclear(failed);
+		}
+	}
+	if (!st && !PQenterPipelineMode(db->conn))
+		st = gp_err_set(err, GP_ERR_UNAVAILABLE, "%s: %s", what ? what : db->q[0].what,
+				PQerrorMessage(db->conn));
+	int sent = 0;
+	for (int i = 0; i < n && !st; i++) {
+		const char *q = i < db->nq ? db->q[i].sql : sql;
+		int np = i < db->nq ? db->q[i].n : nparams;
+		const char *const *pv = i < db->nq ? (const char *const *)db->q[i].params : params;
+		int ok = stmt[i] ? PQsendQueryPrepared(db->conn, stmt[i], np, pv, NULL, NULL, 0)
+				 : PQsendQueryParams(db->conn, q, np, NULL, pv, NULL, NULL, 0);
+		if (!ok)
+			st = gp_err_set(err, GP_ERR_UNAVAILABLE, "%s: %s",
+					i < db->nq ? db->q[i].what : what, PQerrorMessage(db->conn));
+		else
+			sent++;
+	}
+	if (sent && !PQpipelineSync(db->conn) && !st)
+		st = gp_err_set(err, GP_ERR_UNAVAILABLE, "pipeline sync: %s",
+				PQerrorMessage(db->conn));
+	for (int i = 0; i < sent; i++) {
+		PGresult *r = PQgetResult(db->conn);
+		if (!r) {
+			if (!st)
+				st = gp_err_set(err, GP_ERR_UNAVAILABLE, "%s: connection lost",
+						i < db->nq ? db->q[i].what : what);
+			break;
+		}
+		ExecStatusType es = PQresultStatus(r);
+		if (es != PGRES_PIPELINE_ABORTED) {
+			gp_status s1 = result_status(db, r, i < db->nq ? db->q[i].what : what,
+						     st ? NULL : err);
+			if (!st)
+				st = s1;
+			if (!s1 && i < db->nq && db->q[i].changed && atoll(PQcmdTuples(r)) > 0)
+				(*db->q[i].changed)++;
+		}
+		if (!st && i == db->nq && res)
+			*res = r;
+		else
+			PQclear(r);
+		while ((r = PQgetResult(db->conn)) != NULL) /* the end of this statement */
+			PQclear(r);
+	}
+	if (sent) { /* the sync's own result */
+		PGresult *r = PQgetResult(db->conn);
+		PQclear(r);
+	}
+	if (PQpipelineStatus(db->conn) != PQ_PIPELINE_OFF && !PQexitPipelineMode(db->conn) && !st)
+		st = gp_err_set(err, GP_ERR_UNAVAILABLE, "leave pipeline mode: %s",
+				PQerrorMessage(db->conn));
+	if (st && res && *res) {
+		PQclear(*res);
+		*res = NULL;
+	}
+	drop_queue(db);
+	return st;
+}
+
+gp_status gp_db_flush(struct gp_db *db, struct gp_err *err)
+{
+	return db->nq ? pipeline(db, NULL, NULL, 0, NULL, NULL, err) : GP_OK;
+}
+
 gp_status gp_db_exec(struct gp_db *db, const char *what, const char *sql, int nparams,
 		     const char *const *params, PGresult **res, struct gp_err *err)
 {
+	if (db->nq) {
+		if (res)
+			*res = NULL;
+		return pipeline(db, what, sql, nparams, params, res, err);
+	}
 	char name[32];
 	PGresult *failed = NULL;
 	const char *stmt = statement(db, sql, nparams, name, sizeof name, &failed);
@@ -238,6 +394,9 @@ gp_status gp_db_exec(struct gp_db *db, const char *what, const char *sql, int np
 
 gp_status gp_db_run(struct gp_db *db, const char *what, const char *sql, struct gp_err *err)
 {
+	gp_status st0 = gp_db_flush(db, err);
+	if (st0)
+		return st0;
 	PGresult *r = PQexec(db->conn, sql);
 	gp_status st = result_status(db, r, what, err);
 	PQclear(r);
@@ -247,6 +406,9 @@ gp_status gp_db_run(struct gp_db *db, const char *what, const char *sql, struct 
 gp_status gp_db_script(struct gp_db *db, const char *what, const char *sql, PGresult **res,
 		       struct gp_err *err)
 {
+	gp_status st0 = gp_db_flush(db, err);
+	if (st0)
+		return st0;
 	PGresult *r = PQexec(db->conn, sql);
 	gp_status st = result_status(db, r, what, err);
 	if (st || !res)
@@ -263,11 +425,17 @@ gp_status gp_db_begin(struct gp_db *db, struct gp_err *err)
 
 gp_status gp_db_commit(struct gp_db *db, struct gp_err *err)
 {
-	return gp_db_run(db, "commit transaction", "COMMIT", err);
+	if (!db->nq)
+		return gp_db_run(db, "commit transaction", "COMMIT", err);
+	gp_status st = pipeline(db, "commit transaction", "COMMIT", 0, NULL, NULL, err);
+	if (st) /* as a failed COMMIT does: the transaction is over */
+		gp_db_rollback(db);
+	return st;
 }
 
 void gp_db_rollback(struct gp_db *db)
 {
+	drop_queue(db);
 	if (PQtransactionStatus(db->conn) == PQTRANS_IDLE)
 		return;
 	PQclear(PQexec(db->conn, "ROLLBACK"));

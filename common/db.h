@@ -52,6 +52,23 @@ gp_status gp_db_run(struct gp_db *db, const char *what, const char *sql, struct 
 gp_status gp_db_script(struct gp_db *db, const char *what, const char *sql, PGresult **res,
 		       struct gp_err *err);
 
+/*
+ * Queue a statement to go out with the connection's next round trip (the
+ * next gp_db_exec, gp_db_commit, gp_db_run, gp_db_script or gp_db_flush):
+ * libpq's pipeline mode, the queue in order and then that call's own
+ * statement, one sync. Parameters are copied. A queued statement's failure
+ * is the error of the call that sent it (named by its `what`), and nothing
+ * after it runs; *changed (may be NULL) is incremented when it changed rows.
+ * gp_db_rollback drops the queue. For statements whose results the caller
+ * needs only as a count: the writes at the end of a transaction, its BEGIN.
+ */
+gp_status gp_db_queue(struct gp_db *db, const char *what, const char *sql, int nparams,
+		      const char *const *params, long long *changed, struct gp_err *err);
+/* BEGIN, queued: it goes out with the transaction's first statement. */
+gp_status gp_db_queue_begin(struct gp_db *db, struct gp_err *err);
+/* Send what is queued now (a round trip; none when the queue is empty). */
+gp_status gp_db_flush(struct gp_db *db, struct gp_err *err);
+
 gp_status gp_db_begin(struct gp_db *db, struct gp_err *err);
 gp_status gp_db_commit(struct gp_db *db, struct gp_err *err);
 /* Never fails in a way the caller can act on; safe outside a transaction. */

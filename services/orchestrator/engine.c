@@ -206,9 +206,10 @@ static gp_status flush(struct gp_db *db, long long run_id, struct stage *st, int
 	snprintf(rid, sizeof rid, "%lld", run_id);
 	const char *p[9] = { rid };
 	rc = gp_db_arrays_text(a, 8, p + 1, err);
-	PGresult *ur = NULL;
+	/* queued: it goes out with the advance's next statement or its commit,
+	 * and counts itself in rows_written when it wrote rows */
 	if (!rc)
-		rc = gp_db_exec(
+		rc = gp_db_queue(
 			db, "update stages",
 			"UPDATE run_stages rs SET state = u.state, "
 			"outputs = coalesce(u.outputs::jsonb, rs.outputs), error = u.error, "
@@ -224,14 +225,10 @@ static gp_status flush(struct gp_db *db, long long run_id, struct stage *st, int
 			"$7::bigint[], $8::boolean[], $9::bigint[]) AS u(stage, state, outputs, error, "
 			"cache_key, nb, queued, cached_from) "
 			"WHERE rs.run_id = $1::bigint AND rs.stage = u.stage",
-			9, p, &ur, err);
+			9, p, &rows_written, err);
 	gp_db_arrays_free(a, 8);
 	if (rc)
 		return rc;
-	/* the revision trigger fires once for a statement that wrote rows */
-	if (atoi(PQcmdTuples(ur)) > 0)
-		rows_written++;
-	PQclear(ur);
 	unflushed_outputs = 0;
 	for (int i = 0; i < n; i++)
 		if (st[i].dirty) {
@@ -877,7 +874,8 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	long long due = -1;
 	if (due_ms)
 		*due_ms = -1;
-	gp_status rc = gp_db_begin(db, err);
+	/* BEGIN goes out with the lock, in one round trip */
+	gp_status rc = gp_db_queue_begin(db, err);
 	if (rc)
 		return rc;
 	if ((rc = gp_db_exec(db, "lock run",
@@ -1108,7 +1106,7 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 	}
 	if (all_final) {
 		const char *pp[] = { rid, all_ok ? "succeeded" : "failed" };
-		rc = gp_db_exec(db, "finish run",
+		rc = gp_db_queue(db, "finish run",
 				"UPDATE runs SET state = $2, finished_at = now(), updated_at = now(), "
 				"started_at = coalesce(started_at, now()), "
 				"error = CASE WHEN $2 = 'failed' THEN (SELECT string_agg(stage || ': ' "
@@ -1116,21 +1114,22 @@ gp_status gp_engine_advance(struct gp_db *db, long long run_id, long long *due_m
 				"WHERE run_id = $1::bigint AND state = 'failed') END "
 				"WHERE id = $1::bigint",
 				2, pp, NULL, err);
-		if (!rc)
-			gp_info("run %lld %s", run_id, all_ok ? "succeeded" : "failed");
 		due = -1;
 	} else if (any_started && !strcmp(rstate, "queued")) {
-		rc = gp_db_exec(db, "start run",
-				"UPDATE runs SET state = 'running', started_at = now(), "
-				"updated_at = now() WHERE id = $1::bigint",
-				1, p, NULL, err);
+		rc = gp_db_queue(db, "start run",
+				 "UPDATE runs SET state = 'running', started_at = now(), "
+				 "updated_at = now() WHERE id = $1::bigint",
+				 1, p, NULL, err);
 	}
 	if (rc)
 		goto rollback;
-	/* the run's row is locked: its stages' revision moved by our writes
-	 * alone, one for each statement that wrote rows (flush counts them) */
-	revision += rows_written - writes0;
+	/* the stage and run writes go out with the commit, in one round trip */
 	rc = gp_db_commit(db, err);
+	if (!rc && all_final)
+		gp_info("run %lld %s", run_id, all_ok ? "succeeded" : "failed");
+	/* the run's row is locked: its stages' revision moved by our writes
+	 * alone, one for each statement that wrote rows (counted as they ran) */
+	revision += rows_written - writes0;
 	if (!rc && due_ms)
 		*due_ms = due;
 	if (rc || all_final || revision < 0)

@@ -1,7 +1,8 @@
 /*
  * Migrations against a real PostgreSQL: concurrent runners apply each file
  * once; an edited applied file, a gap and a bad name are refused with the
- * file named; a failing file rolls back and is not recorded.
+ * file named; a failing file rolls back and is not recorded. Also the
+ * connection's prepared statements and its queue of pipelined statements.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -141,6 +142,76 @@ static int body(struct gp_test_env *env)
 	gp_db_rollback(m);
 	CHECK(gp_db_exec(m, "syntax", "SELEKT 1", 0, NULL, NULL, &e) == GP_ERR_DB);
 	CHECK_CONTAINS(e.msg, "syntax error");
+
+	/* Queued statements go out with the next call, in order, in one round
+	 * trip: parameters are copied, changed rows are counted, a failure
+	 * names the queued statement and runs nothing after it, a failed commit
+	 * ends the transaction, rollback drops the queue. */
+	REQUIRE_OK(gp_db_run(m, "table", "CREATE TABLE q (k text PRIMARY KEY, v integer)", &e), e);
+	long long changed = 0;
+	char val[16] = "one";
+	const char *p1[] = { val, "1" };
+	REQUIRE_OK(gp_db_queue_begin(m, &e), e);
+	REQUIRE_OK(gp_db_queue(m, "put one", "INSERT INTO q VALUES ($1, $2::integer)", 2, p1,
+			       &changed, &e), e);
+	snprintf(val, sizeof val, "changed"); /* the queue holds its own copy */
+	const char *p2[] = { "none" };
+	REQUIRE_OK(gp_db_queue(m, "touch nothing", "UPDATE q SET v = 0 WHERE k = $1", 1, p2,
+			       &changed, &e), e);
+	PGresult *r = NULL;
+	REQUIRE_OK(gp_db_exec(m, "read", "SELECT k FROM q", 0, NULL, &r, &e), e);
+	CHECK(PQntuples(r) == 1 && !strcmp(PQgetvalue(r, 0, 0), "one"));
+	PQclear(r);
+	CHECK(changed == 1); /* the insert, not the update that matched nothing */
+	CHECK(PQtransactionStatus(gp_db_conn(m)) == PQTRANS_INTRANS);
+	const char *p3[] = { "two", "2" };
+	REQUIRE_OK(gp_db_queue(m, "put two", "INSERT INTO q VALUES ($1, $2::integer)", 2, p3,
+			       &changed, &e), e);
+	REQUIRE_OK(gp_db_commit(m, &e), e);
+	CHECK(changed == 2);
+	CHECK(gp_test_scalar(m, "SELECT count(*) FROM q") == 2);
+	/* a failing queued statement: named, and what followed it did not run */
+	REQUIRE_OK(gp_db_queue_begin(m, &e), e);
+	REQUIRE_OK(gp_db_queue(m, "put one again", "INSERT INTO q VALUES ($1, $2::integer)", 2,
+			       p3, NULL, &e), e);
+	const char *p4[] = { "three", "3" };
+	REQUIRE_OK(gp_db_queue(m, "put three", "INSERT INTO q VALUES ($1, $2::integer)", 2, p4,
+			       &changed, &e), e);
+	CHECK(gp_db_exec(m, "read", "SELECT 1", 0, NULL, NULL, &e) == GP_ERR_EXISTS);
+	CHECK_CONTAINS(e.msg, "put one again: duplicate key");
+	CHECK(changed == 2);
+	gp_db_rollback(m);
+	CHECK(gp_test_scalar(m, "SELECT count(*) FROM q") == 2);
+	/* a commit whose queued write fails: the error, and the transaction is
+	 * over (the connection goes on) */
+	REQUIRE_OK(gp_db_queue_begin(m, &e), e);
+	REQUIRE_OK(gp_db_queue(m, "put three", "INSERT INTO q VALUES ($1, $2::integer)", 2, p4,
+			       NULL, &e), e);
+	REQUIRE_OK(gp_db_queue(m, "bad number", "UPDATE q SET v = $1::integer", 1, p2, NULL, &e),
+		   e);
+	CHECK(gp_db_commit(m, &e) == GP_ERR_INVALID);
+	CHECK_CONTAINS(e.msg, "bad number: invalid input syntax");
+	CHECK(PQtransactionStatus(gp_db_conn(m)) == PQTRANS_IDLE);
+	CHECK(gp_test_scalar(m, "SELECT count(*) FROM q") == 2);
+	/* rollback drops what was never sent */
+	REQUIRE_OK(gp_db_queue_begin(m, &e), e);
+	REQUIRE_OK(gp_db_queue(m, "put three", "INSERT INTO q VALUES ($1, $2::integer)", 2, p4,
+			       NULL, &e), e);
+	gp_db_rollback(m);
+	CHECK(gp_test_scalar(m, "SELECT count(*) FROM q") == 2);
+	/* more than the queue holds goes out in turns */
+	REQUIRE_OK(gp_db_queue_begin(m, &e), e);
+	changed = 0;
+	for (int i = 0; i < 40; i++) {
+		char k[16];
+		snprintf(k, sizeof k, "k%d", i);
+		const char *pk[] = { k, "7" };
+		REQUIRE_OK(gp_db_queue(m, "put many", "INSERT INTO q VALUES ($1, $2::integer)", 2,
+				       pk, &changed, &e), e);
+	}
+	REQUIRE_OK(gp_db_commit(m, &e), e);
+	CHECK(changed == 40);
+	CHECK(gp_test_scalar(m, "SELECT count(*) FROM q WHERE v = 7") == 40);
 
 	gp_db_destroy(m);
 	gp_db_destroy(db);
