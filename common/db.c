@@ -143,7 +143,8 @@ PGconn *gp_db_conn(struct gp_db *db)
 
 int gp_db_ok(struct gp_db *db)
 {
-	if (PQstatus(db->conn) == CONNECTION_OK)
+	/* a pipeline left half read (a lost connection) is reset with it */
+	if (PQstatus(db->conn) == CONNECTION_OK && PQpipelineStatus(db->conn) == PQ_PIPELINE_OFF)
 		return 1;
 	forget_statements(db);
 	PQreset(db->conn);
