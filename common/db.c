@@ -395,13 +395,7 @@ gp_status gp_db_exec(struct gp_db *db, const char *what, const char *sql, int np
 
 gp_status gp_db_run(struct gp_db *db, const char *what, const char *sql, struct gp_err *err)
 {
-	gp_status st0 = gp_db_flush(db, err);
-	if (st0)
-		return st0;
-	PGresult *r = PQexec(db->conn, sql);
-	gp_status st = result_status(db, r, what, err);
-	PQclear(r);
-	return st;
+	return gp_db_script(db, what, sql, NULL, err);
 }
 
 gp_status gp_db_script(struct gp_db *db, const char *what, const char *sql, PGresult **res,
