@@ -1048,7 +1048,7 @@ static void *engine_main(void *arg)
 				}
 				st = sl->kv ? GP_OK : gp_kv_create(&sl->kv, c, &err);
 			}
-			if (!st)
+			if (!st && !e->cfg.use_gpu) /* the GPU draws on the device */
 				st = ensure_scratch(e, c->padded_vocab, &err);
 			if (st) {
 				r->error_code = "internal";
