@@ -128,6 +128,8 @@ struct gp_gpu_decoder;
  * KV caches for `slots` sequences of up to context tokens each, over the
  * model g's current parameters (in g's precision). Steps are captured as
  * CUDA graphs (one per row count) so that small steps are not launch-bound.
+ * A decoder uses its model's cuBLASLt plans: the model and its decoders
+ * belong to one thread at a time, together.
  */
 gp_status gp_gpu_decoder_create(struct gp_gpu_decoder **out, struct gp_gpu_model *g, int slots,
 				int max_rows, struct gp_err *err);

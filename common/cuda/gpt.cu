@@ -146,7 +146,9 @@ struct lt_plan {
 	cublasLtMatmulAlgo_t algo;
 	int ok; /* 0: no algorithm for this shape, use the plain path */
 };
-#define LT_PLANS 64
+/* training uses a dozen shapes; each decoder row count that is stepped adds
+ * four; past this many the plain path (GEMM, then kernels) serves */
+#define LT_PLANS 512
 
 static int is_stat(int a)
 {
@@ -466,12 +468,21 @@ static struct lt_plan *lt_plan_for(struct gp_gpu_model *g, int M, int N, int K, 
 	return p->ok ? p : NULL;
 }
 
+/* Where a product runs: the model's stream and handles, or a decoder's. */
+struct run_on {
+	cublasHandle_t blas;
+	cudaStream_t stream;
+	void *ws; /* the cuBLASLt workspace, g->blas_ws_bytes */
+};
+
 /* out (N, OC) = inp (N, C) . w (OC, C)^T + bias; with pre (may be NULL)
  * out = gelu(that) and pre = that. One cuBLASLt call with the bias (and
- * GELU) epilogue where it can, else a GEMM and the kernels. */
+ * GELU) epilogue where it can, else a GEMM and the kernels. The plans are
+ * the model's; r says which stream (and workspace) the call goes to. */
 template <typename T>
-static gp_status matmul_fwd(struct gp_gpu_model *g, T *out, const T *inp, const T *w,
-			    const T *bias, int N, int C, int OC, struct gp_err *err, T *pre = NULL)
+static gp_status matmul_fwd_on(struct gp_gpu_model *g, const struct run_on &r, T *out,
+			       const T *inp, const T *w, const T *bias, int N, int C, int OC,
+			       struct gp_err *err, T *pre = NULL)
 {
 	int epi = !bias ? CUBLASLT_EPILOGUE_DEFAULT
 		  : pre ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
@@ -492,23 +503,31 @@ static gp_status matmul_fwd(struct gp_gpu_model *g, T *out, const T *inp, const 
 		      !cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld,
 						      sizeof ld))) &&
 		    !cublasLtMatmul(g->lt, p->desc, &one, w, p->a, inp, p->b, &zero, out, p->d, out,
-				    p->d, &p->algo, g->blas_ws, g->blas_ws_bytes, g->stream))
+				    p->d, &p->algo, r.ws, g->blas_ws_bytes, r.stream))
 			return GP_OK;
 		p->ok = 0; /* refused at run time: the plain path from now on */
 	}
 	T *o = pre ? pre : out;
-	TRY(gemm<T>(g->blas, gp_gemm_linear_fwd(N, C, OC), 1.0f, w, inp, 0.0f, o, dtype<T>(), err));
+	TRY(gemm<T>(r.blas, gp_gemm_linear_fwd(N, C, OC), 1.0f, w, inp, 0.0f, o, dtype<T>(), err));
 	if (bias) {
-		k_add_bias<T><<<blocks((size_t)N * OC, 256), 256, 0, g->stream>>>(o, bias, (size_t)N,
-										   OC);
+		k_add_bias<T><<<blocks((size_t)N * OC, 256), 256, 0, r.stream>>>(o, bias, (size_t)N,
+										  OC);
 		CL("bias");
 	}
 	if (pre) {
-		k_gelu_fwd<T><<<blocks((size_t)N * OC, 256), 256, 0, g->stream>>>(out, pre,
-										   (size_t)N * OC);
+		k_gelu_fwd<T><<<blocks((size_t)N * OC, 256), 256, 0, r.stream>>>(out, pre,
+										  (size_t)N * OC);
 		CL("gelu");
 	}
 	return GP_OK;
+}
+
+template <typename T>
+static gp_status matmul_fwd(struct gp_gpu_model *g, T *out, const T *inp, const T *w,
+			    const T *bias, int N, int C, int OC, struct gp_err *err, T *pre = NULL)
+{
+	return matmul_fwd_on<T>(g, run_on{ g->blas, g->stream, g->blas_ws }, out, inp, w, bias, N,
+				C, OC, err, pre);
 }
 
 static void reduce_grid(int cols, int N, dim3 *grid, int *chunk)
@@ -550,6 +569,18 @@ static gp_status layernorm_fwd(struct gp_gpu_model *g, T *out, float *mean, floa
 	k_layernorm_fwd<T><<<blocks((size_t)N * 32, 256), 256, 0, g->stream>>>(out, mean, rstd, inp,
 									       w, b, N, C);
 	CL("layernorm");
+	return GP_OK;
+}
+
+/* res = a + b, then out = LayerNorm(res): one kernel (kernels.cuh). */
+template <typename T>
+static gp_status residual_layernorm_fwd(cudaStream_t s, T *res, T *out, float *mean, float *rstd,
+					const T *a, const T *b, const T *w, const T *bias, int N,
+					int C, struct gp_err *err)
+{
+	k_residual_layernorm_fwd<T><<<blocks((size_t)N * 32, 256), 256, 0, s>>>(
+		res, out, mean, rstd, a, b, w, bias, N, C);
+	CL("residual + layernorm");
 	return GP_OK;
 }
 
@@ -638,6 +669,11 @@ static gp_status forward_impl(struct gp_gpu_model *g, int B, int Tl, int targets
 							   PW(g, T, GP_P_WTE), PW(g, T, GP_P_WPE),
 							   BT, Tl, C);
 	CL("encoder");
+	/* the first LayerNorm here; each later one, and the final one, comes
+	 * fused with the residual add before it */
+	TRY(layernorm_fwd<T>(g, ACT(g, T, GP_A_LN1), STAT(g, GP_A_LN1_MEAN), STAT(g, GP_A_LN1_RSTD),
+			     ACT(g, T, GP_A_ENCODED), PW(g, T, GP_P_LN1W), PW(g, T, GP_P_LN1B), BT,
+			     C, err));
 	for (int l = 0; l < L; l++) {
 		T *res = l == 0 ? ACT(g, T, GP_A_ENCODED) : ACT(g, T, GP_A_RESIDUAL3) + (l - 1) * BTC;
 		T *ln1 = ACT(g, T, GP_A_LN1) + l * BTC, *qkv = ACT(g, T, GP_A_QKV) + l * 3 * BTC,
@@ -648,30 +684,30 @@ static gp_status forward_impl(struct gp_gpu_model *g, int B, int Tl, int targets
 		  *fchg = ACT(g, T, GP_A_FCH_GELU) + l * 4 * BTC,
 		  *fcp = ACT(g, T, GP_A_FCPROJ) + l * BTC,
 		  *res3 = ACT(g, T, GP_A_RESIDUAL3) + l * BTC;
-		TRY(layernorm_fwd<T>(g, ln1, STAT(g, GP_A_LN1_MEAN) + l * BT,
-				     STAT(g, GP_A_LN1_RSTD) + l * BT, res, PW(g, T, GP_P_LN1W) + l * C,
-				     PW(g, T, GP_P_LN1B) + l * C, BT, C, err));
 		TRY(matmul_fwd<T>(g, qkv, ln1, PW(g, T, GP_P_QKVW) + (size_t)l * 3 * C * C,
 				  PW(g, T, GP_P_QKVB) + l * 3 * C, BT, C, 3 * C, err));
 		TRY(attention_fwd<T>(g, atty, att, qkv, B, Tl, err));
 		TRY(matmul_fwd<T>(g, proj, atty, PW(g, T, GP_P_ATTPROJW) + (size_t)l * C * C,
 				  PW(g, T, GP_P_ATTPROJB) + l * C, BT, C, C, err));
-		k_residual<T><<<blocks(BTC, 256), 256, 0, s>>>(res2, res, proj, BTC);
-		CL("residual");
-		TRY(layernorm_fwd<T>(g, ln2, STAT(g, GP_A_LN2_MEAN) + l * BT,
-				     STAT(g, GP_A_LN2_RSTD) + l * BT, res2, PW(g, T, GP_P_LN2W) + l * C,
-				     PW(g, T, GP_P_LN2B) + l * C, BT, C, err));
+		TRY(residual_layernorm_fwd<T>(s, res2, ln2, STAT(g, GP_A_LN2_MEAN) + l * BT,
+					      STAT(g, GP_A_LN2_RSTD) + l * BT, res, proj,
+					      PW(g, T, GP_P_LN2W) + l * C, PW(g, T, GP_P_LN2B) + l * C,
+					      BT, C, err));
 		/* fch = ln2 . fcw + fcb and fchg = gelu(fch), one call */
 		TRY(matmul_fwd<T>(g, fchg, ln2, PW(g, T, GP_P_FCW) + (size_t)l * 4 * C * C,
 				  PW(g, T, GP_P_FCB) + l * 4 * C, BT, C, 4 * C, err, fch));
 		TRY(matmul_fwd<T>(g, fcp, fchg, PW(g, T, GP_P_FCPROJW) + (size_t)l * 4 * C * C,
 				  PW(g, T, GP_P_FCPROJB) + l * C, BT, 4 * C, C, err));
-		k_residual<T><<<blocks(BTC, 256), 256, 0, s>>>(res3, res2, fcp, BTC);
-		CL("residual");
+		/* res3 = res2 + fcp and the next layer's ln1 (after the last
+		 * layer, lnf) */
+		int last = l == L - 1;
+		TRY(residual_layernorm_fwd<T>(
+			s, res3, last ? ACT(g, T, GP_A_LNF) : ln1 + BTC,
+			last ? STAT(g, GP_A_LNF_MEAN) : STAT(g, GP_A_LN1_MEAN) + (l + 1) * BT,
+			last ? STAT(g, GP_A_LNF_RSTD) : STAT(g, GP_A_LN1_RSTD) + (l + 1) * BT, res2,
+			fcp, last ? PW(g, T, GP_P_LNFW) : PW(g, T, GP_P_LN1W) + (l + 1) * C,
+			last ? PW(g, T, GP_P_LNFB) : PW(g, T, GP_P_LN1B) + (l + 1) * C, BT, C, err));
 	}
-	TRY(layernorm_fwd<T>(g, ACT(g, T, GP_A_LNF), STAT(g, GP_A_LNF_MEAN),
-			     STAT(g, GP_A_LNF_RSTD), ACT(g, T, GP_A_RESIDUAL3) + (L - 1) * BTC,
-			     PW(g, T, GP_P_LNFW), PW(g, T, GP_P_LNFB), BT, C, err));
 	TRY(matmul_fwd<T>(g, ACT(g, T, GP_A_LOGITS), ACT(g, T, GP_A_LNF), PW(g, T, GP_P_WTE),
 			  (const T *)NULL, BT, C, Vp, err));
 	if (targets) {
@@ -953,22 +989,10 @@ struct gp_gpu_decoder {
 enum { MODE_LOGITS, MODE_GREEDY, MODE_SAMPLE, MODE_SAMPLE_SORTED, NMODES };
 
 
-template <typename T>
-static gp_status dgemm(struct gp_gpu_decoder *d, T *out, const T *inp, const T *w, const T *bias,
-		       int N, int C, int OC, void *out_f32, struct gp_err *err)
-{
-	void *o = out_f32 ? out_f32 : (void *)out;
-	TRY(gemm<T>(d->blas, gp_gemm_linear_fwd(N, C, OC), 1.0f, w, inp, 0.0f, o,
-		    out_f32 ? CUDA_R_32F : dtype<T>(), err));
-	if (bias) {
-		k_add_bias<T><<<blocks((size_t)N * OC, 256), 256, 0, d->stream>>>(out, bias,
-										   (size_t)N, OC);
-		CL("bias");
-	}
-	return GP_OK;
-}
-
-/* Every kernel of one step over n rows (rows already in d_rows). */
+/* Every kernel of one step over n rows (rows already in d_rows). x is the
+ * residual stream; each LayerNorm after the first comes fused with the
+ * residual add before it; the products take their bias (and the MLP's
+ * GELU) in cuBLASLt's epilogue where it can, as training does. */
 template <typename T> static gp_status decode_impl(struct gp_gpu_decoder *d, int n, struct gp_err *err)
 {
 	struct gp_gpu_model *g = d->g;
@@ -976,46 +1000,43 @@ template <typename T> static gp_status decode_impl(struct gp_gpu_decoder *d, int
 	int C = c->width, L = c->layers, NH = c->heads, ctx = c->context, Vp = c->padded_vocab;
 	size_t nC = (size_t)n * C;
 	cudaStream_t s = d->stream;
+	const run_on on = { d->blas, s, d->blas_ws };
 	T *x = (T *)d->x, *xn = (T *)d->xn, *qkv = (T *)d->qkv, *y = (T *)d->y, *proj = (T *)d->proj,
 	  *h = (T *)d->h, *hg = (T *)d->hg;
 	k_embed_rows<T><<<blocks(nC, 256), 256, 0, s>>>(x, d->d_rows, PW(g, T, GP_P_WTE),
 							 PW(g, T, GP_P_WPE), n, C);
 	CL("embed");
+	k_layernorm_fwd<T><<<blocks((size_t)n * 32, 256), 256, 0, s>>>(
+		xn, d->mean, d->rstd, x, PW(g, T, GP_P_LN1W), PW(g, T, GP_P_LN1B), n, C);
+	CL("layernorm");
 	for (int l = 0; l < L; l++) {
-		k_layernorm_fwd<T><<<blocks((size_t)n * 32, 256), 256, 0, s>>>(
-			xn, d->mean, d->rstd, x, PW(g, T, GP_P_LN1W) + l * C,
-			PW(g, T, GP_P_LN1B) + l * C, n, C);
-		CL("layernorm");
-		TRY(dgemm<T>(d, qkv, xn, PW(g, T, GP_P_QKVW) + (size_t)l * 3 * C * C,
-			     PW(g, T, GP_P_QKVB) + l * 3 * C, n, C, 3 * C, NULL, err));
+		TRY(matmul_fwd_on<T>(g, on, qkv, xn, PW(g, T, GP_P_QKVW) + (size_t)l * 3 * C * C,
+				     PW(g, T, GP_P_QKVB) + l * 3 * C, n, C, 3 * C, err));
 		k_kv_write<T><<<blocks(nC, 256), 256, 0, s>>>((T *)d->kc, (T *)d->vc, qkv, d->d_rows,
 							       n, l, L, ctx, C);
 		CL("kv write");
 		k_decode_attn<T><<<dim3((unsigned)n, (unsigned)NH), 128, d->smem, s>>>(
 			y, qkv, (const T *)d->kc, (const T *)d->vc, d->d_rows, l, L, ctx, C, NH);
 		CL("decode attention");
-		TRY(dgemm<T>(d, proj, y, PW(g, T, GP_P_ATTPROJW) + (size_t)l * C * C,
-			     PW(g, T, GP_P_ATTPROJB) + l * C, n, C, C, NULL, err));
-		k_residual<T><<<blocks(nC, 256), 256, 0, s>>>(x, x, proj, nC);
-		CL("residual");
-		k_layernorm_fwd<T><<<blocks((size_t)n * 32, 256), 256, 0, s>>>(
-			xn, d->mean, d->rstd, x, PW(g, T, GP_P_LN2W) + l * C,
-			PW(g, T, GP_P_LN2B) + l * C, n, C);
-		CL("layernorm");
-		TRY(dgemm<T>(d, h, xn, PW(g, T, GP_P_FCW) + (size_t)l * 4 * C * C,
-			     PW(g, T, GP_P_FCB) + l * 4 * C, n, C, 4 * C, NULL, err));
-		k_gelu_fwd<T><<<blocks(4 * nC, 256), 256, 0, s>>>(hg, h, 4 * nC);
-		CL("gelu");
-		TRY(dgemm<T>(d, proj, hg, PW(g, T, GP_P_FCPROJW) + (size_t)l * 4 * C * C,
-			     PW(g, T, GP_P_FCPROJB) + l * C, n, 4 * C, C, NULL, err));
-		k_residual<T><<<blocks(nC, 256), 256, 0, s>>>(x, x, proj, nC);
-		CL("residual");
+		TRY(matmul_fwd_on<T>(g, on, proj, y, PW(g, T, GP_P_ATTPROJW) + (size_t)l * C * C,
+				     PW(g, T, GP_P_ATTPROJB) + l * C, n, C, C, err));
+		TRY(residual_layernorm_fwd<T>(s, x, xn, d->mean, d->rstd, x, proj,
+					      PW(g, T, GP_P_LN2W) + l * C, PW(g, T, GP_P_LN2B) + l * C,
+					      n, C, err));
+		/* hg = gelu(h), h = xn . fcw + fcb */
+		TRY(matmul_fwd_on<T>(g, on, hg, xn, PW(g, T, GP_P_FCW) + (size_t)l * 4 * C * C,
+				     PW(g, T, GP_P_FCB) + l * 4 * C, n, C, 4 * C, err, h));
+		TRY(matmul_fwd_on<T>(g, on, proj, hg, PW(g, T, GP_P_FCPROJW) + (size_t)l * 4 * C * C,
+				     PW(g, T, GP_P_FCPROJB) + l * C, n, 4 * C, C, err));
+		int last = l == L - 1;
+		TRY(residual_layernorm_fwd<T>(
+			s, x, xn, d->mean, d->rstd, x, proj,
+			last ? PW(g, T, GP_P_LNFW) : PW(g, T, GP_P_LN1W) + (l + 1) * C,
+			last ? PW(g, T, GP_P_LNFB) : PW(g, T, GP_P_LN1B) + (l + 1) * C, n, C, err));
 	}
-	k_layernorm_fwd<T><<<blocks((size_t)n * 32, 256), 256, 0, s>>>(
-		xn, d->mean, d->rstd, x, PW(g, T, GP_P_LNFW), PW(g, T, GP_P_LNFB), n, C);
-	CL("layernorm");
-	TRY(dgemm<T>(d, (T *)NULL, xn, PW(g, T, GP_P_WTE), (const T *)NULL, n, C, Vp, d->logits,
-		     err));
+	/* logits in fp32 (the sampling reads them), no bias */
+	TRY(gemm<T>(d->blas, gp_gemm_linear_fwd(n, C, Vp), 1.0f, PW(g, T, GP_P_WTE), xn, 0.0f,
+		    d->logits, CUDA_R_32F, err));
 	return GP_OK;
 }
 

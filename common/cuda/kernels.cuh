@@ -141,6 +141,44 @@ __global__ void k_layernorm_fwd(T *out, float *mean, float *rstd, const T *inp, 
 	}
 }
 
+/*
+ * res = a + b (stored in T), then out = LayerNorm(res) as k_layernorm_fwd
+ * computes it from the stored values: the residual add and the LayerNorm
+ * that follows it in one pass (one launch instead of two, res read back by
+ * the thread that wrote it). res may be a (in place); one warp per row.
+ */
+template <typename T>
+__global__ void k_residual_layernorm_fwd(T *res, T *out, float *mean, float *rstd, const T *a,
+					 const T *b, const T *w, const T *bias, int N, int C)
+{
+	int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+	if (row >= N)
+		return;
+	size_t off = (size_t)row * C;
+	T *x = res + off;
+	float s = 0;
+	for (int i = lane; i < C; i += 32) {
+		T r = fromf<T>(tof(a[off + i]) + tof(b[off + i]));
+		x[i] = r;
+		s += tof(r);
+	}
+	float m = warp_sum(s) / C;
+	float v = 0;
+	for (int i = lane; i < C; i += 32) {
+		float d = tof(x[i]) - m;
+		v += d * d;
+	}
+	v = warp_sum(v) / C;
+	float r = rsqrtf(v + 1e-5f);
+	T *o = out + off;
+	for (int i = lane; i < C; i += 32)
+		o[i] = fromf<T>((tof(x[i]) - m) * r * tof(w[i]) + tof(bias[i]));
+	if (lane == 0) {
+		mean[row] = m;
+		rstd[row] = r;
+	}
+}
+
 /* dinp += the LayerNorm's input gradient; one warp per row. */
 template <typename T>
 __global__ void k_layernorm_bwd_x(T *dinp, const T *dout, const T *inp, const T *w,

@@ -219,6 +219,31 @@ template <typename T> static void test_layernorm(bool bf)
 	CLOSE(bf ? "layernorm forward (bf16)" : "layernorm forward", to_f(oT), out, bf);
 	CLOSE("layernorm mean", gm, mean, bf);
 	CLOSE("layernorm rstd", gr, rstd, bf);
+	/* the residual add fused in front: res = x + y (in T), then the norm
+	 * of res; in place (res = x) too, as the decoder runs it */
+	auto y = randv((size_t)N * C);
+	if (bf)
+		y = to_f(to_T<T>(y));
+	std::vector<float> res((size_t)N * C), rout((size_t)N * C), rmean(N), rrstd(N);
+	residual_forward_ref(res.data(), x.data(), y.data(), res.size());
+	if (bf)
+		res = to_f(to_T<T>(res));
+	layernorm_forward_ref(rout.data(), rmean.data(), rrstd.data(), res.data(), w.data(),
+			      b.data(), N, C);
+	for (int inplace = 0; inplace < 2; inplace++) {
+		auto yT = to_T<T>(y), aT = xT;
+		auto resT = to_T<T>(nanv(res.size())), routT = to_T<T>(nanv(res.size()));
+		T *rp = inplace ? aT.data() : resT.data();
+		std::fill(gm.begin(), gm.end(), NAN);
+		std::fill(gr.begin(), gr.end(), NAN);
+		LAUNCH(nblocks((size_t)N * 32, 64), 64, 0,
+		       k_residual_layernorm_fwd<T>(rp, routT.data(), gm.data(), gr.data(), aT.data(),
+						   yT.data(), wT.data(), bT.data(), N, C));
+		CLOSE("residual + layernorm (residual)", to_f(inplace ? aT : resT), res, bf);
+		CLOSE("residual + layernorm (output)", to_f(routT), rout, bf);
+		CLOSE("residual + layernorm (mean)", gm, rmean, bf);
+		CLOSE("residual + layernorm (rstd)", gr, rrstd, bf);
+	}
 	/* backward: dinp += ..., dw += ..., db += ... */
 	auto dout = randv((size_t)N * C);
 	if (bf)
