@@ -24,6 +24,10 @@
  * block's values stay for the next (on a GPU they are undefined): the
  * dynamic shared memory, at least, is filled with NaN bytes per block.
  *
+ * test_kernels is built with AddressSanitizer, and the stack switches are
+ * announced to it, so a kernel's read or write outside its buffers fails
+ * the test as it would corrupt memory on a GPU.
+ *
  * Include this first, then kernels.cuh, in one C++ translation unit.
  */
 #ifndef GP_EMU_H
@@ -42,6 +46,16 @@
 
 #include <functional>
 #include <vector>
+
+/* Under AddressSanitizer (how test_kernels is built) each switch between
+ * stacks is announced, so that ASan checks the kernels' memory accesses
+ * with the right stack in view. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
 
 #undef __shared__
 #define __shared__ static
@@ -84,8 +98,35 @@ struct state {
 	uint64_t slot[MAX_THREADS]; /* shuffle exchange, by linear thread id */
 	char failure[512];
 	long switches;
+	const void *sched_bottom; /* the scheduler's stack, as ASan saw it */
+	size_t sched_size;
+	~state()
+	{
+		for (fiber &f : fibers)
+			free(f.stack);
+	}
 };
 inline state s;
+
+/* a fiber leaves its stack for the scheduler's (dying: its last switch) */
+inline void to_scheduler(bool dying)
+{
+#if EMU_ASAN
+	void *fake = NULL;
+	__sanitizer_start_switch_fiber(dying ? NULL : &fake, s.sched_bottom, s.sched_size);
+	(void)fake;
+#else
+	(void)dying;
+#endif
+}
+
+/* a fiber is back on its own stack */
+inline void in_fiber()
+{
+#if EMU_ASAN
+	__sanitizer_finish_switch_fiber(NULL, &s.sched_bottom, &s.sched_size);
+#endif
+}
 
 inline void *dyn_smem()
 {
@@ -102,13 +143,17 @@ inline void wait(int kind)
 	fiber &f = s.fibers[(size_t)s.cur];
 	f.state = kind;
 	s.switches++;
+	to_scheduler(false);
 	swapcontext(&f.ctx, &s.sched);
+	in_fiber();
 }
 
 inline void fiber_main()
 {
+	in_fiber();
 	(*s.body)();
-	s.fibers[(size_t)s.cur].state = DONE; /* uc_link returns to the scheduler */
+	s.fibers[(size_t)s.cur].state = DONE;
+	to_scheduler(true); /* uc_link returns to the scheduler */
 }
 
 inline const char *state_name(int st)
@@ -163,7 +208,14 @@ inline bool run_block(unsigned n)
 			s.cur = (int)i;
 			s.thread_idx = s.fibers[i].tid;
 			s.switches++;
+#if EMU_ASAN
+			void *fake = NULL;
+			__sanitizer_start_switch_fiber(&fake, s.fibers[i].stack, STACK_BYTES);
+#endif
 			swapcontext(&s.sched, &s.fibers[i].ctx);
+#if EMU_ASAN
+			__sanitizer_finish_switch_fiber(fake, NULL, NULL);
+#endif
 			ran = true;
 		}
 		unsigned live = 0, at_block = 0;
