@@ -36,6 +36,17 @@ struct gp_worker {
 	volatile int *ext_stop; /* the service's signal flag, set by gp_worker_run */
 	struct gp_metric *m_ok, *m_failed, *m_released, *m_dead, *m_lost_claim, *m_refused,
 		*m_hb_fail, *m_seconds, *m_events_dropped;
+	/* The heartbeat thread lives as long as the worker (a thread per job
+	 * cost about a fifth of a short job's CPU). hb_job is the running job
+	 * (NULL: none); hb_gen changes with every start and end of a job, so
+	 * that a job at the same address is a new one; hb_busy: a heartbeat
+	 * is in flight with hb_job, which must outlive it. */
+	pthread_t hb;
+	int hb_started, hb_quit, hb_busy;
+	unsigned long hb_gen;
+	struct gp_job *hb_job;
+	pthread_mutex_t hb_mu;
+	pthread_cond_t hb_cv;
 };
 
 struct gp_job {
@@ -47,12 +58,10 @@ struct gp_job {
 	enum gp_job_outcome outcome;
 	char *outputs, *metrics, *error;
 	long long reused_from; /* attempt whose outputs this one reuses; 0: none */
-	pthread_t hb;
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	int hb_done;
 	long long started_ms;
 };
+
+static void *heartbeat_main(void *arg);
 
 static void random_hex(char *out, size_t bytes)
 {
@@ -129,6 +138,21 @@ gp_status gp_worker_create(struct gp_worker **out, const struct gp_worker_config
 		goto fail;
 	if ((st = gp_db_connect(&w->hb_db, database_url, 10000, err)))
 		goto fail;
+	{
+		pthread_condattr_t ca;
+		pthread_condattr_init(&ca);
+		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* deadlines ignore clock steps */
+		pthread_mutex_init(&w->hb_mu, NULL);
+		pthread_cond_init(&w->hb_cv, &ca);
+		pthread_condattr_destroy(&ca);
+		if (pthread_create(&w->hb, NULL, heartbeat_main, w) != 0) {
+			pthread_mutex_destroy(&w->hb_mu);
+			pthread_cond_destroy(&w->hb_cv);
+			st = gp_err_set(err, GP_ERR_INTERNAL, "could not start the heartbeat thread");
+			goto fail;
+		}
+		w->hb_started = 1;
+	}
 	/* Register the kind's code version: a new version invalidates cached
 	 * results of this kind. */
 	{
@@ -194,6 +218,15 @@ void gp_worker_destroy(struct gp_worker *w)
 	if (w->sub) {
 		natsSubscription_Unsubscribe(w->sub);
 		natsSubscription_Destroy(w->sub);
+	}
+	if (w->hb_started) {
+		pthread_mutex_lock(&w->hb_mu);
+		w->hb_quit = 1;
+		pthread_cond_broadcast(&w->hb_cv);
+		pthread_mutex_unlock(&w->hb_mu);
+		pthread_join(w->hb, NULL);
+		pthread_mutex_destroy(&w->hb_mu);
+		pthread_cond_destroy(&w->hb_cv);
 	}
 	gp_db_destroy(w->hb_db);
 	free(w->kind);
@@ -328,52 +361,98 @@ void gp_job_progress(struct gp_job *job, double fraction, const char *message,
 	free(buf);
 }
 
-static void *heartbeat_main(void *arg)
+/* One heartbeat of job: extend its lease, or learn that it is lost. */
+static void heartbeat(struct gp_worker *w, struct gp_job *job)
 {
-	struct gp_job *job = arg;
-	struct gp_worker *w = job->w;
 	char id[24], lease[24];
 	snprintf(id, sizeof id, "%lld", (long long)job->msg->attempt_id);
 	snprintf(lease, sizeof lease, "%lld", w->lease_ms);
-	pthread_mutex_lock(&job->mu);
-	while (!job->hb_done && !job->lease_lost) {
-		struct timespec ts;
-		clock_gettime(CLOCK_REALTIME, &ts);
-		long long ns = ts.tv_nsec + (w->heartbeat_ms % 1000) * 1000000LL;
-		ts.tv_sec += w->heartbeat_ms / 1000 + ns / 1000000000LL;
-		ts.tv_nsec = ns % 1000000000LL;
-		pthread_cond_timedwait(&job->cv, &job->mu, &ts);
-		if (job->hb_done)
-			break;
-		pthread_mutex_unlock(&job->mu);
-		const char *p[] = { id, job->token, lease };
-		PGresult *r = NULL;
-		struct gp_err err = { 0 };
-		gp_status st = gp_db_exec(
-			w->hb_db, "extend lease",
-			"UPDATE stage_attempts SET lease_deadline = now() + $3::integer * "
-			"interval '1 millisecond', heartbeat_at = now() "
-			"WHERE id = $1::bigint AND lease_token = $2 AND state = 'running' "
-			"AND lease_deadline > now()",
-			3, p, &r, &err);
-		if (st == GP_OK && atoi(PQcmdTuples(r)) == 1) {
-			struct gp_err e2 = { 0 };
-			if (gp_bus_in_progress(job->nm, &e2))
-				gp_warn("attempt %s: in-progress ack failed: %s", id, e2.msg);
-		} else if (st == GP_OK) {
-			job->lease_lost = 1;
-			gp_metric_inc(w->m_hb_fail, 1);
-			gp_warn("attempt %s: lease lost (expired or taken over); stopping", id);
-		} else {
-			gp_metric_inc(w->m_hb_fail, 1);
-			gp_warn("attempt %s: heartbeat failed: %s", id, err.msg);
-			gp_db_ok(w->hb_db);
-		}
-		PQclear(r);
-		pthread_mutex_lock(&job->mu);
+	const char *p[] = { id, job->token, lease };
+	PGresult *r = NULL;
+	struct gp_err err = { 0 };
+	gp_status st = gp_db_exec(w->hb_db, "extend lease",
+				  "UPDATE stage_attempts SET lease_deadline = now() + $3::integer * "
+				  "interval '1 millisecond', heartbeat_at = now() "
+				  "WHERE id = $1::bigint AND lease_token = $2 AND state = 'running' "
+				  "AND lease_deadline > now()",
+				  3, p, &r, &err);
+	if (st == GP_OK && atoi(PQcmdTuples(r)) == 1) {
+		struct gp_err e2 = { 0 };
+		if (gp_bus_in_progress(job->nm, &e2))
+			gp_warn("attempt %s: in-progress ack failed: %s", id, e2.msg);
+	} else if (st == GP_OK) {
+		job->lease_lost = 1;
+		gp_metric_inc(w->m_hb_fail, 1);
+		gp_warn("attempt %s: lease lost (expired or taken over); stopping", id);
+	} else {
+		gp_metric_inc(w->m_hb_fail, 1);
+		gp_warn("attempt %s: heartbeat failed: %s", id, err.msg);
+		gp_db_ok(w->hb_db);
 	}
-	pthread_mutex_unlock(&job->mu);
+	PQclear(r);
+}
+
+static void deadline_in(struct timespec *ts, long long ms)
+{
+	clock_gettime(CLOCK_MONOTONIC, ts);
+	long long ns = ts->tv_nsec + (ms % 1000) * 1000000LL;
+	ts->tv_sec += ms / 1000 + ns / 1000000000LL;
+	ts->tv_nsec = ns % 1000000000LL;
+}
+
+static int reached(const struct timespec *t)
+{
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return now.tv_sec > t->tv_sec || (now.tv_sec == t->tv_sec && now.tv_nsec >= t->tv_nsec);
+}
+
+/* Every heartbeat_ms while a job runs (the first heartbeat_ms after it
+ * starts); none after its lease is lost; idle between jobs. */
+static void *heartbeat_main(void *arg)
+{
+	struct gp_worker *w = arg;
+	pthread_mutex_lock(&w->hb_mu);
+	while (!w->hb_quit) {
+		if (!w->hb_job) {
+			pthread_cond_wait(&w->hb_cv, &w->hb_mu);
+			continue;
+		}
+		struct gp_job *job = w->hb_job;
+		unsigned long gen = w->hb_gen;
+		struct timespec due;
+		deadline_in(&due, w->heartbeat_ms);
+		while (!w->hb_quit && w->hb_gen == gen) {
+			if (job->lease_lost) {
+				pthread_cond_wait(&w->hb_cv, &w->hb_mu);
+				continue;
+			}
+			pthread_cond_timedwait(&w->hb_cv, &w->hb_mu, &due);
+			if (w->hb_quit || w->hb_gen != gen || !reached(&due))
+				continue;
+			w->hb_busy = 1;
+			pthread_mutex_unlock(&w->hb_mu);
+			heartbeat(w, job);
+			pthread_mutex_lock(&w->hb_mu);
+			w->hb_busy = 0;
+			pthread_cond_broadcast(&w->hb_cv);
+			deadline_in(&due, w->heartbeat_ms);
+		}
+	}
+	pthread_mutex_unlock(&w->hb_mu);
 	return NULL;
+}
+
+/* job starts (non-NULL) or ends (NULL, after which no heartbeat uses it). */
+static void heartbeat_for(struct gp_worker *w, struct gp_job *job)
+{
+	pthread_mutex_lock(&w->hb_mu);
+	w->hb_job = job;
+	w->hb_gen++;
+	pthread_cond_broadcast(&w->hb_cv);
+	while (!job && w->hb_busy)
+		pthread_cond_wait(&w->hb_cv, &w->hb_mu);
+	pthread_mutex_unlock(&w->hb_mu);
 }
 
 gp_status gp_dead_letter(struct gp_db *db, const char *stream, const char *consumer,
@@ -938,8 +1017,6 @@ gp_status gp_worker_poll(struct gp_worker *w, long long timeout_ms, int *handled
 	natsMsg *m = w->buf.Msgs[w->next];
 	w->buf.Msgs[w->next++] = NULL; /* ours now */
 	struct gp_job job = { .w = w, .nm = m };
-	pthread_mutex_init(&job.mu, NULL);
-	pthread_cond_init(&job.cv, NULL);
 	struct gp_err derr = { 0 };
 	const uint8_t *data = (const uint8_t *)natsMsg_GetData(m);
 	if (gp_wire_decode_stage_job(&job.msg, data, (size_t)natsMsg_GetDataLength(m), &derr)) {
@@ -959,16 +1036,9 @@ gp_status gp_worker_poll(struct gp_worker *w, long long timeout_ms, int *handled
 	gp_info("attempt %lld (%s/%s #%u) claimed by %s", (long long)job.msg->attempt_id,
 		job.msg->stage, job.msg->kind, job.msg->attempt, w->worker_id);
 	job.started_ms = gp_now_ms();
-	if (pthread_create(&job.hb, NULL, heartbeat_main, &job) != 0) {
-		st = gp_err_set(err, GP_ERR_INTERNAL, "could not start heartbeat thread");
-		goto out;
-	}
+	heartbeat_for(w, &job);
 	w->handler(&job, w->closure);
-	pthread_mutex_lock(&job.mu);
-	job.hb_done = 1;
-	pthread_cond_signal(&job.cv);
-	pthread_mutex_unlock(&job.mu);
-	pthread_join(job.hb, NULL);
+	heartbeat_for(w, NULL);
 	gp_metric_observe(w->m_seconds, (double)(gp_now_ms() - job.started_ms) / 1000.0);
 	if (job.outcome == GP_JOB_NONE)
 		gp_job_fail(&job, 0, "handler returned without a result");
@@ -993,8 +1063,6 @@ out:
 	free(job.outputs);
 	free(job.metrics);
 	free(job.error);
-	pthread_mutex_destroy(&job.mu);
-	pthread_cond_destroy(&job.cv);
 	natsMsg_Destroy(m);
 	return st;
 }

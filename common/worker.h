@@ -8,7 +8,8 @@
  *   3. claim: UPDATE ... SET state='running', lease_token=<fresh random>
  *      WHERE id=$1 AND state='queued'; no row -> someone else owns it or it
  *      is finished: ack and drop;
- *   4. while the handler runs, a heartbeat thread (own connection) extends
+ *   4. while the handler runs, the worker's heartbeat thread (one for the
+ *      worker's life, idle between jobs; own connection) extends
  *      lease_deadline only while the row still carries our token, and sends
  *      AckProgress so JetStream does not redeliver; a failed extension sets
  *      the job's lease-lost flag;

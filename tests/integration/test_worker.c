@@ -103,27 +103,31 @@ static void test_heartbeat_keeps_job(const struct gp_test_env *env, struct gp_db
 				       .ack_wait_ms = 1000, .handler = sleepy, .closure = &job_ms };
 	struct gp_worker *w = NULL;
 	REQUIRE_OK(gp_worker_create(&w, &wc, db, bus, env->db_url, &e), e);
-	long long id = enqueue1(db, run, "hb", "hb", 3);
-	CHECK(gp_test_relay_all(db, bus) == 1);
-	struct rival r = { .env = env, .until_ms = gp_now_ms() + 5000 };
-	pthread_t t;
-	REQUIRE(pthread_create(&t, NULL, rival_main, &r) == 0);
-	int handled = 0;
-	REQUIRE_OK(gp_worker_poll(w, 5000, &handled, &e), e);
-	CHECK(handled == 1);
-	pthread_join(t, NULL);
-	CHECK(r.taken == 0);
-	CHECK(consumer_stat(bus, "jobs-hb", 0) == 0); /* nothing redelivered */
-	CHECK(consumer_stat(bus, "jobs-hb", 1) == 0); /* nothing unacked */
-	char q[256];
-	snprintf(q, sizeof q, "SELECT count(*) FROM stage_attempts WHERE id = %lld AND "
-		 "state = 'succeeded' AND outputs->>'pid' = '%d' AND metrics->>'loss' = '1.5' "
-		 "AND heartbeat_at > claimed_at", id, (int)getpid());
-	CHECK(gp_test_scalar(db, q) == 1);
-	/* the result message went to the outbox with the state change */
-	CHECK(gp_test_scalar(db, "SELECT count(*) FROM outbox WHERE subject LIKE 'genpipe.results.%' "
-				 "AND sent_at IS NULL") == 1);
-	gp_test_relay_all(db, bus);
+	/* two jobs one after the other: the worker's one heartbeat thread
+	 * must keep each (its job changes, at the same address) */
+	for (int j = 0; j < 2; j++) {
+		long long id = enqueue1(db, run, j ? "hb2" : "hb", "hb", 3);
+		CHECK(gp_test_relay_all(db, bus) == 1);
+		struct rival r = { .env = env, .until_ms = gp_now_ms() + 5000 };
+		pthread_t t;
+		REQUIRE(pthread_create(&t, NULL, rival_main, &r) == 0);
+		int handled = 0;
+		REQUIRE_OK(gp_worker_poll(w, 5000, &handled, &e), e);
+		CHECK(handled == 1);
+		pthread_join(t, NULL);
+		CHECK(r.taken == 0);
+		CHECK(consumer_stat(bus, "jobs-hb", 0) == 0); /* nothing redelivered */
+		CHECK(consumer_stat(bus, "jobs-hb", 1) == 0); /* nothing unacked */
+		char q[256];
+		snprintf(q, sizeof q, "SELECT count(*) FROM stage_attempts WHERE id = %lld AND "
+			 "state = 'succeeded' AND outputs->>'pid' = '%d' AND metrics->>'loss' = "
+			 "'1.5' AND heartbeat_at > claimed_at", id, (int)getpid());
+		CHECK(gp_test_scalar(db, q) == 1);
+		/* the result message went to the outbox with the state change */
+		CHECK(gp_test_scalar(db, "SELECT count(*) FROM outbox WHERE subject LIKE "
+					 "'genpipe.results.%' AND sent_at IS NULL") == 1);
+		gp_test_relay_all(db, bus);
+	}
 	gp_worker_destroy(w);
 }
 
