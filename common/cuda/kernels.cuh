@@ -760,4 +760,340 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
 		next[r] = sorted ? sidx[base + i] : i;
 }
 
+/* ---- flash attention (bf16, tensor cores) ---- */
+
+/*
+ * Causal attention without the (B, NH, T, T) matrices, after FlashAttention-2:
+ * one block of four warps per 64 query rows (forward) or 64 keys
+ * (backward) of one (b, h), each warp 16 rows, products on tensor cores
+ * (mma.sync m16n8k16, bf16 in, fp32 accumulate), q, k, v read from qkv
+ * (B, T, 3C) and y written to (B, T, C) in place (no permutes). For head
+ * sizes 16, 32 and 64 (fa_supported); the forward keeps lse = m + log l per
+ * row for the backward, which recomputes the probabilities tile by tile.
+ *
+ * Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane =
+ * 4 g + t: A (16x16, row-major) a0 = (g, 2t..2t+1), a1 = (g+8, 2t..),
+ * a2 = (g, 2t+8..), a3 = (g+8, 2t+8..); B (16x8) b0 = (k 2t..2t+1, n g),
+ * b1 = (k 2t+8.., n g); C (16x8) c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, ..);
+ * two bf16 to a register, the lower index in the low half. A C tile of
+ * scores is an A fragment of the next product without leaving registers.
+ */
+#define FA_ROWS 64 /* rows (queries or keys) of a block: 16 a warp */
+#define FA_TILE 64 /* the other side's tile */
+#define FA_THREADS 128
+
+static inline int fa_supported(int hs)
+{
+	return hs == 16 || hs == 32 || hs == 64;
+}
+
+__device__ __forceinline__ uint32_t fa_bits(bf16 x)
+{
+	return (uint32_t)__bfloat16_as_ushort(x);
+}
+__device__ __forceinline__ uint32_t fa_pack(float lo, float hi)
+{
+	return fa_bits(__float2bfloat16(lo)) | (fa_bits(__float2bfloat16(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t fa_pack2(bf16 lo, bf16 hi)
+{
+	return fa_bits(lo) | (fa_bits(hi) << 16);
+}
+/* two consecutive bf16 (4-byte aligned) as one register */
+__device__ __forceinline__ uint32_t fa_ld(const bf16 *p)
+{
+#ifdef GP_CUDA_EMU
+	uint32_t v;
+	memcpy(&v, (const void *)p, sizeof v);
+	return v;
+#else
+	return *reinterpret_cast<const uint32_t *>(p);
+#endif
+}
+__device__ __forceinline__ void fa_st(bf16 *p, uint32_t v)
+{
+#ifdef GP_CUDA_EMU
+	memcpy((void *)p, &v, sizeof v);
+#else
+	*reinterpret_cast<uint32_t *>(p) = v;
+#endif
+}
+/* d (16x8) += a (16x16) b (16x8), the whole warp */
+__device__ __forceinline__ void fa_mma(float *d, const uint32_t *a, const uint32_t *b)
+{
+#ifdef GP_CUDA_EMU
+	emu_mma_m16n8k16_bf16(d, a, b);
+#else
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+		     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+/* C tiles n and n+1 (16x8 each, as floats) as the A fragment of 16x16 */
+__device__ __forceinline__ void fa_c_to_a(uint32_t *a, const float *c0, const float *c1)
+{
+	a[0] = fa_pack(c0[0], c0[1]);
+	a[1] = fa_pack(c0[2], c0[3]);
+	a[2] = fa_pack(c1[0], c1[1]);
+	a[3] = fa_pack(c1[2], c1[3]);
+}
+/* the A fragment of rows r0.. of a row-major bf16 matrix (leading dim ld),
+ * columns c0..c0+15; rows at or past n are zero */
+__device__ __forceinline__ void fa_load_a(uint32_t *a, const bf16 *m, size_t ld, int r0, int c0,
+					  int n, int g, int t)
+{
+	for (int r = 0; r < 4; r++) {
+		int row = r0 + g + (r & 1) * 8, col = c0 + 2 * t + (r >> 1) * 8;
+		a[r] = row < n ? fa_ld(m + (size_t)row * ld + col) : 0u;
+	}
+}
+
+/* y = softmax(scale q k^T, causal) v per (b, h); lse per (b, h, t) */
+template <int HS>
+__global__ void __launch_bounds__(FA_THREADS)
+	k_flash_fwd(bf16 *y, float *lse, const bf16 *qkv, int T, int NH, float scale)
+{
+	__shared__ __align__(16) bf16 ks[FA_TILE][HS + 8];
+	__shared__ __align__(16) bf16 vs[FA_TILE][HS + 8];
+	int C = NH * HS, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+	int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	int q0 = blockIdx.x * FA_ROWS + warp * 16;
+	size_t ld = 3 * (size_t)C;
+	const bf16 *base = qkv + (size_t)b * T * ld + h * HS;
+	uint32_t qa[HS / 16][4];
+	for (int s = 0; s < HS / 16; s++)
+		fa_load_a(qa[s], base, ld, q0, 16 * s, T, g, t);
+	float o[HS / 8][4], m[2] = { -INFINITY, -INFINITY }, l[2] = { 0, 0 };
+	for (int d = 0; d < HS / 8; d++)
+		o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0;
+	int last = min(T, (int)(blockIdx.x + 1) * FA_ROWS) - 1;
+	for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
+		__syncthreads(); /* the last tile's readers are done */
+		for (int i = threadIdx.x; i < FA_TILE * HS / 2; i += FA_THREADS) {
+			int r = i / (HS / 2), c = (i % (HS / 2)) * 2, key = k0 + r;
+			const bf16 *src = base + (size_t)key * ld + c;
+			fa_st(&ks[r][c], key < T ? fa_ld(src + C) : 0u);
+			fa_st(&vs[r][c], key < T ? fa_ld(src + 2 * C) : 0u);
+		}
+		__syncthreads();
+		float sc[FA_TILE / 8][4];
+		for (int j = 0; j < FA_TILE / 8; j++) {
+			sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0;
+			for (int s = 0; s < HS / 16; s++) {
+				uint32_t kb[2] = { fa_ld(&ks[8 * j + g][16 * s + 2 * t]),
+						   fa_ld(&ks[8 * j + g][16 * s + 8 + 2 * t]) };
+				fa_mma(sc[j], qa[s], kb);
+			}
+		}
+		float mt[2] = { -INFINITY, -INFINITY };
+		for (int j = 0; j < FA_TILE / 8; j++)
+			for (int e = 0; e < 4; e++) {
+				int row = q0 + g + (e >> 1) * 8, key = k0 + 8 * j + 2 * t + (e & 1);
+				float v = key <= row && key < T ? sc[j][e] * scale : -INFINITY;
+				sc[j][e] = v;
+				mt[e >> 1] = fmaxf(mt[e >> 1], v);
+			}
+		float alpha[2];
+		for (int r = 0; r < 2; r++) {
+			mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
+			mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
+			float mn = fmaxf(m[r], mt[r]);
+			alpha[r] = mn == -INFINITY ? 1.0f : expf(m[r] - mn);
+			m[r] = mn;
+			l[r] *= alpha[r];
+		}
+		for (int j = 0; j < FA_TILE / 8; j++)
+			for (int e = 0; e < 4; e++) {
+				float mr = m[e >> 1];
+				float p = mr == -INFINITY ? 0.0f : expf(sc[j][e] - mr);
+				sc[j][e] = p;
+				l[e >> 1] += p;
+			}
+		for (int d = 0; d < HS / 8; d++)
+			for (int e = 0; e < 4; e++)
+				o[d][e] *= alpha[e >> 1];
+		for (int s = 0; s < FA_TILE / 16; s++) {
+			uint32_t pa[4];
+			fa_c_to_a(pa, sc[2 * s], sc[2 * s + 1]);
+			for (int d = 0; d < HS / 8; d++) {
+				int kr = 16 * s + 2 * t, dc = 8 * d + g;
+				uint32_t vb[2] = { fa_pack2(vs[kr][dc], vs[kr + 1][dc]),
+						   fa_pack2(vs[kr + 8][dc], vs[kr + 9][dc]) };
+				fa_mma(o[d], pa, vb);
+			}
+		}
+	}
+	for (int r = 0; r < 2; r++) {
+		l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+		l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+	}
+	for (int d = 0; d < HS / 8; d++)
+		for (int r = 0; r < 2; r++) {
+			int row = q0 + g + r * 8;
+			if (row < T)
+				fa_st(y + ((size_t)b * T + row) * C + h * HS + 8 * d + 2 * t,
+				      fa_pack(o[d][2 * r] / l[r], o[d][2 * r + 1] / l[r]));
+		}
+	if (t == 0)
+		for (int r = 0; r < 2; r++) {
+			int row = q0 + g + r * 8;
+			if (row < T)
+				lse[(size_t)bh * T + row] = m[r] + logf(l[r]);
+		}
+}
+
+/* dd[(b, h), t] = <dy, y> over the head's channels: the backward's D; one
+ * warp a row */
+template <int HS>
+__global__ void k_flash_bwd_dot(float *dd, const bf16 *dy, const bf16 *y, int B, int T, int NH)
+{
+	size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+	int lane = threadIdx.x & 31;
+	if (row >= (size_t)B * NH * T)
+		return;
+	int tt = (int)(row % T), bh = (int)(row / T), b = bh / NH, h = bh % NH;
+	size_t at = ((size_t)b * T + tt) * NH * HS + (size_t)h * HS;
+	float s = 0;
+	for (int i = lane; i < HS; i += 32)
+		s += tof(dy[at + i]) * tof(y[at + i]);
+	s = warp_sum(s);
+	if (lane == 0)
+		dd[row] = s;
+}
+
+/*
+ * The backward for 64 keys of one (b, h): over the query tiles at or after
+ * them, P^T = exp(scale k q^T - lse), dV += P^T dO, dP^T = v dO^T, dS^T =
+ * P^T (dP^T - D), dK += scale dS^T q; dS goes through shared memory for
+ * dQ += scale dS k, added into dq (fp32, (B, NH, T, HS), zeroed before)
+ * with atomics. dK and dV are written into dqkv (B, T, 3C).
+ */
+template <int HS>
+__global__ void __launch_bounds__(FA_THREADS)
+	k_flash_bwd(bf16 *dqkv, float *dq, const bf16 *qkv, const bf16 *dy, const float *lse,
+		    const float *dd, int T, int NH, float scale)
+{
+	__shared__ __align__(16) bf16 qs[FA_TILE][HS + 8];
+	__shared__ __align__(16) bf16 dos[FA_TILE][HS + 8];
+	__shared__ __align__(16) bf16 kst[FA_ROWS][HS + 8];
+	__shared__ __align__(16) bf16 dss[FA_TILE][FA_ROWS + 8];
+	__shared__ float lse_s[FA_TILE], dd_s[FA_TILE];
+	int C = NH * HS, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+	int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	int kb0 = blockIdx.x * FA_ROWS, kw0 = kb0 + warp * 16;
+	size_t ld = 3 * (size_t)C;
+	const bf16 *base = qkv + (size_t)b * T * ld + h * HS;
+	const bf16 *dyb = dy + (size_t)b * T * C + h * HS;
+	uint32_t ka[HS / 16][4], va[HS / 16][4];
+	for (int s = 0; s < HS / 16; s++) {
+		fa_load_a(ka[s], base + C, ld, kw0, 16 * s, T, g, t);
+		fa_load_a(va[s], base + 2 * C, ld, kw0, 16 * s, T, g, t);
+	}
+	for (int i = threadIdx.x; i < FA_ROWS * HS / 2; i += FA_THREADS) {
+		int r = i / (HS / 2), c = (i % (HS / 2)) * 2, key = kb0 + r;
+		fa_st(&kst[r][c], key < T ? fa_ld(base + (size_t)key * ld + C + c) : 0u);
+	}
+	float dk[HS / 8][4], dv[HS / 8][4];
+	for (int d = 0; d < HS / 8; d++)
+		for (int e = 0; e < 4; e++)
+			dk[d][e] = dv[d][e] = 0;
+	for (int q0 = kb0; q0 < T; q0 += FA_TILE) {
+		__syncthreads(); /* the last tile's readers are done */
+		for (int i = threadIdx.x; i < FA_TILE * HS / 2; i += FA_THREADS) {
+			int r = i / (HS / 2), c = (i % (HS / 2)) * 2, q = q0 + r;
+			fa_st(&qs[r][c], q < T ? fa_ld(base + (size_t)q * ld + c) : 0u);
+			fa_st(&dos[r][c], q < T ? fa_ld(dyb + (size_t)q * C + c) : 0u);
+		}
+		for (int i = threadIdx.x; i < FA_TILE; i += FA_THREADS) {
+			int q = q0 + i;
+			lse_s[i] = q < T ? lse[(size_t)bh * T + q] : 0.0f;
+			dd_s[i] = q < T ? dd[(size_t)bh * T + q] : 0.0f;
+		}
+		__syncthreads();
+		/* P^T and dP^T, 16 keys x 64 queries a warp */
+		float p[FA_TILE / 8][4], ds[FA_TILE / 8][4];
+		for (int j = 0; j < FA_TILE / 8; j++) {
+			for (int e = 0; e < 4; e++)
+				p[j][e] = ds[j][e] = 0;
+			for (int s = 0; s < HS / 16; s++) {
+				uint32_t qb[2] = { fa_ld(&qs[8 * j + g][16 * s + 2 * t]),
+						   fa_ld(&qs[8 * j + g][16 * s + 8 + 2 * t]) };
+				uint32_t db[2] = { fa_ld(&dos[8 * j + g][16 * s + 2 * t]),
+						   fa_ld(&dos[8 * j + g][16 * s + 8 + 2 * t]) };
+				fa_mma(p[j], ka[s], qb);
+				fa_mma(ds[j], va[s], db);
+			}
+			for (int e = 0; e < 4; e++) {
+				int key = kw0 + g + (e >> 1) * 8, qi = 8 * j + 2 * t + (e & 1), q = q0 + qi;
+				float pv = q >= key && q < T && key < T
+						   ? expf(p[j][e] * scale - lse_s[qi])
+						   : 0.0f;
+				p[j][e] = pv;
+				ds[j][e] = pv * (ds[j][e] - dd_s[qi]);
+			}
+		}
+		/* dV += P^T dO, dK += dS^T q (k = the tile's queries) */
+		for (int s = 0; s < FA_TILE / 16; s++) {
+			uint32_t pa[4], sa[4];
+			fa_c_to_a(pa, p[2 * s], p[2 * s + 1]);
+			fa_c_to_a(sa, ds[2 * s], ds[2 * s + 1]);
+			for (int d = 0; d < HS / 8; d++) {
+				int qr = 16 * s + 2 * t, dc = 8 * d + g;
+				uint32_t db[2] = { fa_pack2(dos[qr][dc], dos[qr + 1][dc]),
+						   fa_pack2(dos[qr + 8][dc], dos[qr + 9][dc]) };
+				uint32_t qb[2] = { fa_pack2(qs[qr][dc], qs[qr + 1][dc]),
+						   fa_pack2(qs[qr + 8][dc], qs[qr + 9][dc]) };
+				fa_mma(dv[d], pa, db);
+				fa_mma(dk[d], sa, qb);
+			}
+		}
+		/* dS (queries x keys) for dQ */
+		for (int j = 0; j < FA_TILE / 8; j++)
+			for (int e = 0; e < 4; e++)
+				dss[8 * j + 2 * t + (e & 1)][16 * warp + g + (e >> 1) * 8] =
+					__float2bfloat16(ds[j][e]);
+		__syncthreads();
+		/* dQ for this warp's 16 queries of the tile over the block's keys */
+		float dqa[HS / 8][4];
+		for (int d = 0; d < HS / 8; d++)
+			dqa[d][0] = dqa[d][1] = dqa[d][2] = dqa[d][3] = 0;
+		for (int s = 0; s < FA_ROWS / 16; s++) {
+			uint32_t sa[4];
+			fa_load_a(sa, &dss[0][0], FA_ROWS + 8, 16 * warp, 16 * s, FA_TILE, g, t);
+			for (int d = 0; d < HS / 8; d++) {
+				int kr = 16 * s + 2 * t, dc = 8 * d + g;
+				uint32_t kb[2] = { fa_pack2(kst[kr][dc], kst[kr + 1][dc]),
+						   fa_pack2(kst[kr + 8][dc], kst[kr + 9][dc]) };
+				fa_mma(dqa[d], sa, kb);
+			}
+		}
+		for (int d = 0; d < HS / 8; d++)
+			for (int e = 0; e < 4; e++) {
+				int q = q0 + 16 * warp + g + (e >> 1) * 8, c = 8 * d + 2 * t + (e & 1);
+				if (q < T)
+					atomicAdd(&dq[((size_t)bh * T + q) * HS + c], scale * dqa[d][e]);
+			}
+	}
+	for (int d = 0; d < HS / 8; d++)
+		for (int r = 0; r < 2; r++) {
+			int key = kw0 + g + r * 8;
+			if (key >= T)
+				continue;
+			bf16 *o = dqkv + ((size_t)b * T + key) * ld + h * HS + 8 * d + 2 * t;
+			fa_st(o + C, fa_pack(scale * dk[d][2 * r], scale * dk[d][2 * r + 1]));
+			fa_st(o + 2 * C, fa_pack(dv[d][2 * r], dv[d][2 * r + 1]));
+		}
+}
+
+/* dqkv's q part from the fp32 dq (B, NH, T, HS) */
+template <int HS>
+__global__ void k_flash_dq(bf16 *dqkv, const float *dq, int B, int T, int NH)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= (size_t)B * NH * T * HS)
+		return;
+	dqkv[gp_bnth_to_btc(i, T, NH, HS, 3 * (size_t)NH * HS)] = __float2bfloat16(dq[i]);
+}
+
 #endif

@@ -307,6 +307,42 @@ template <typename V> inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask
 	return r;
 }
 
+/*
+ * mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, warp-wide: each lane
+ * gives its fragments (the PTX ISA's layout: lane = 4 g + t; A regs (g, 2t),
+ * (g+8, 2t), (g, 2t+8), (g+8, 2t+8); B regs (k 2t, n g), (k 2t+8, n g); C
+ * (g, 2t..2t+1), (g+8, 2t..2t+1); two bf16 a register, lower index low)
+ * and gets its part of D = A B + C, summed in fp32 in k order.
+ */
+inline void emu_mma_m16n8k16_bf16(float *d, const uint32_t *a, const uint32_t *b)
+{
+	static uint32_t fa[emu::MAX_THREADS][4], fb[emu::MAX_THREADS][2];
+	unsigned me = emu::linear(threadIdx), w0 = me & ~31u, lane = me & 31u;
+	memcpy(fa[me], a, sizeof fa[me]);
+	memcpy(fb[me], b, sizeof fb[me]);
+	emu::wait(emu::AT_WARP);
+	auto bf = [](uint32_t reg, int hi) {
+		uint32_t bits = (hi ? reg >> 16 : reg & 0xffffu) << 16;
+		float f;
+		memcpy(&f, &bits, sizeof f);
+		return f;
+	};
+	unsigned g = lane >> 2, t = lane & 3;
+	float out[4];
+	for (int e = 0; e < 4; e++) {
+		unsigned row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+		float acc = 0;
+		for (unsigned k = 0; k < 16; k++) {
+			unsigned al = (row & 7) * 4 + (k & 7) / 2, ar = (row >= 8) + 2 * (k >= 8);
+			unsigned bl = col * 4 + (k & 7) / 2, br = k >= 8;
+			acc += bf(fa[w0 + al][ar], (int)(k & 1)) * bf(fb[w0 + bl][br], (int)(k & 1));
+		}
+		out[e] = d[e] + acc;
+	}
+	emu::wait(emu::AT_WARP); /* nobody's fragments change before all have read */
+	memcpy(d, out, sizeof out);
+}
+
 /* A fiber switches only at barriers: these are atomic as written. */
 inline float atomicAdd(float *p, float v)
 {

@@ -14,7 +14,8 @@
  * largest reference value (orders differ); bf16 within 1e-2 (norm-wise).
  * The emulator's own reports (a shuffle in divergent code, a shuffle after
  * lanes returned) are checked first, so that a kernel bug of that kind is
- * known to fail the launch. GENPIPE_TEST_SEED repeats a run.
+ * known to fail the launch. GENPIPE_TEST_SEED repeats a run;
+ * GENPIPE_TEST_VERBOSE=1 prints every comparison's error.
  */
 #include "emu.h"
 
@@ -111,6 +112,8 @@ static int close_(const char *what, const std::vector<float> &got, const std::ve
 	double tol = bf ? 1e-2 : 1e-5;
 	if (!(e <= tol))
 		fprintf(stderr, "  %s: error %.3g over %.0e\n", what, e, tol);
+	else if (getenv("GENPIPE_TEST_VERBOSE"))
+		printf("  %s: error %.3g (limit %.0e)\n", what, e, tol);
 	return e <= tol;
 }
 #define CLOSE(what, got, want, bf) CHECK(close_(what, got, want, bf))
@@ -398,6 +401,71 @@ static void test_attention()
 	attention_case(1, 37, 2, 8); /* rows longer than a warp */
 }
 
+/* flash attention (bf16, tensor cores) against the reference on the same
+ * bf16-rounded inputs: output, log-sum-exp, and the whole dqkv */
+template <int HS> static void flash_case(int B, int T, int NH)
+{
+	const int C = NH * HS;
+	const size_t n = (size_t)B * T * C, tt = (size_t)B * NH * T * T;
+	auto qkv = to_f(to_T<bf16>(randv(n * 3)));
+	std::vector<float> out(n), preatt(tt), att(tt);
+	attention_forward_ref(out.data(), preatt.data(), att.data(), qkv.data(), B, T, C, NH);
+	std::vector<float> lse_want((size_t)B * NH * T);
+	for (size_t r = 0; r < lse_want.size(); r++) {
+		int t = (int)(r % T);
+		const float *pr = &preatt[r * T];
+		double mx = -INFINITY, sum = 0;
+		for (int s = 0; s <= t; s++)
+			mx = std::max(mx, (double)pr[s]);
+		for (int s = 0; s <= t; s++)
+			sum += exp(pr[s] - mx);
+		lse_want[r] = (float)(mx + log(sum));
+	}
+	auto qkvT = to_T<bf16>(qkv);
+	auto y = to_T<bf16>(nanv(n));
+	std::vector<float> lse = nanv(lse_want.size());
+	float scale = 1.0f / sqrtf((float)HS);
+	dim3 grid((unsigned)((T + FA_ROWS - 1) / FA_ROWS), (unsigned)(B * NH));
+	LAUNCH(grid, FA_THREADS, 0, k_flash_fwd<HS>(y.data(), lse.data(), qkvT.data(), T, NH, scale));
+	char what[96];
+	snprintf(what, sizeof what, "flash attention output (hs %d, T %d)", HS, T);
+	CLOSE(what, to_f(y), out, true);
+	CLOSE("flash attention log-sum-exp", lse, lse_want, true);
+
+	auto dout = to_f(to_T<bf16>(randv(n)));
+	std::vector<float> dqkv(3 * n, 0), dpreatt(tt, 0), datt(tt, 0);
+	attention_backward_ref(dqkv.data(), dpreatt.data(), datt.data(), dout.data(), qkv.data(),
+			       att.data(), B, T, C, NH);
+	auto dyT = to_T<bf16>(dout), gdqkv = to_T<bf16>(nanv(3 * n));
+	std::vector<float> dd = nanv(lse.size()), dq((size_t)B * NH * T * HS, 0.0f);
+	LAUNCH(nblocks(lse.size() * 32, 64), 64, 0,
+	       k_flash_bwd_dot<HS>(dd.data(), dyT.data(), y.data(), B, T, NH));
+	LAUNCH(grid, FA_THREADS, 0,
+	       k_flash_bwd<HS>(gdqkv.data(), dq.data(), qkvT.data(), dyT.data(), lse.data(),
+			       dd.data(), T, NH, scale));
+	LAUNCH(nblocks(dq.size(), 64), 64, 0, k_flash_dq<HS>(gdqkv.data(), dq.data(), B, T, NH));
+	snprintf(what, sizeof what, "flash attention backward (hs %d, T %d)", HS, T);
+	CLOSE(what, to_f(gdqkv), dqkv, true);
+	/* and each of q, k, v apart: one of them all wrong would hide in the norm */
+	for (int part = 0; part < 3; part++) {
+		std::vector<float> got, want;
+		for (size_t r = 0; r < (size_t)B * T; r++)
+			for (int c = 0; c < C; c++) {
+				got.push_back(tof(gdqkv[r * 3 * C + (size_t)part * C + (size_t)c]));
+				want.push_back(dqkv[r * 3 * C + (size_t)part * C + (size_t)c]);
+			}
+		CLOSE(part == 0 ? "flash dq" : part == 1 ? "flash dk" : "flash dv", got, want, true);
+	}
+}
+
+static void test_flash()
+{
+	CHECK(fa_supported(64) && fa_supported(16) && !fa_supported(48) && !fa_supported(128));
+	flash_case<16>(2, 37, 2); /* one tile, rows past T in it */
+	flash_case<64>(1, 130, 2); /* three tiles, the last one short */
+	flash_case<32>(1, 64, 1);  /* exactly one tile */
+}
+
 static void test_crossentropy()
 {
 	const int N = 5, V = 613, Vp = 640; /* over one pass of 512 threads */
@@ -644,6 +712,7 @@ int main()
 	test_layernorm<bf16>(true);
 	test_pointwise();
 	test_attention();
+	test_flash();
 	test_crossentropy();
 	test_optimizer();
 	test_decode();
