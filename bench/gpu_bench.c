@@ -8,7 +8,9 @@
  *   demo  about 12M parameters: vocab 4096, context 256, 6 layers, 6 heads,
  *         width 384; training batch 64 x 256
  * Training: bf16, one step = zero + forward + backward + clip + AdamW;
- * tokens/s over timed steps after warm-up, and MFU = 3 x forward matmul and
+ * tokens/s over timed steps after warm-up (flash attention where the head
+ * size allows, then the same steps with the GEMM attention beside it), and
+ * MFU = 3 x forward matmul and
  * attention FLOPs (gp_model_forward_flops) per second over the device's
  * dense bf16 peak (989 TFLOP/s for H100/H200 SXM; GPU_BENCH_PEAK_TFLOPS
  * overrides). Generation: bf16, a 16-token prompt per sequence, then 128
@@ -95,7 +97,26 @@ static double peak_flops(void)
 	return 0;
 }
 
-static int bench_shape(const struct shape *s, double *train_tps, double *mfu, double gen_tps[2])
+/* Training tokens/s over s->steps timed steps after three of warm-up (from
+ * step number step0); NAN on error (e says why). */
+static double time_training(struct gp_gpu_model *g, const struct shape *s, const uint16_t *x,
+			    long step0, float *loss0, float *loss, struct gp_err *e)
+{
+	struct gp_adamw o = { .lr = 3e-4f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
+			      .weight_decay = 0.1f };
+	for (int i = 0; i < 3; i++) /* warm-up: cuBLAS picks its kernels */
+		if (gp_gpu_train_step(g, x, x + 1, s->B, s->T, &o, step0 + i, 1.0f, loss0, NULL, e))
+			return NAN;
+	double t0 = now();
+	for (int i = 0; i < s->steps; i++)
+		if (gp_gpu_train_step(g, x, x + 1, s->B, s->T, &o, step0 + 3 + i, 1.0f,
+				      i == s->steps - 1 ? loss : NULL, NULL, e))
+			return NAN;
+	return (double)s->B * s->T * s->steps / (now() - t0);
+}
+
+static int bench_shape(const struct shape *s, double *train_tps, double *mfu, double gen_tps[2],
+		       double *gemm_tps)
 {
 	struct gp_err e = { 0 };
 	struct gp_model *m = NULL;
@@ -116,28 +137,34 @@ static int bench_shape(const struct shape *s, double *train_tps, double *mfu, do
 	uint16_t *x = malloc((BT + 1) * sizeof *x);
 	for (size_t i = 0; i <= BT; i++)
 		x[i] = rtok(s->cfg.vocab);
-	struct gp_adamw o = { .lr = 3e-4f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
-			      .weight_decay = 0.1f };
 	float loss0 = 0, loss = 0;
-	int rc = 0;
-	for (int i = 1; i <= 3 && !rc; i++) /* warm-up: cuBLAS picks its kernels */
-		rc = gp_gpu_train_step(g, x, x + 1, s->B, s->T, &o, i, 1.0f, &loss0, NULL, &e) != 0;
-	double t0 = now();
-	for (int i = 0; i < s->steps && !rc; i++)
-		rc = gp_gpu_train_step(g, x, x + 1, s->B, s->T, &o, 4 + i, 1.0f,
-				       i == s->steps - 1 ? &loss : NULL, NULL, &e) != 0;
-	double dt = now() - t0;
+	int flash = gp_gpu_model_attention(g) == GP_GPU_ATTN_FLASH;
+	double tps = time_training(g, s, x, 1, &loss0, &loss, &e);
+	int rc = isnan(tps);
 	if (rc) {
 		fprintf(stderr, "%s training: %s\n", s->name, e.msg);
 	} else {
-		*train_tps = (double)BT * s->steps / dt;
+		*train_tps = tps;
 		double pk = peak_flops();
-		*mfu = pk > 0 ? 3.0 * gp_model_forward_flops(&s->cfg, s->B, s->T) * s->steps / dt / pk
+		*mfu = pk > 0 ? 3.0 * gp_model_forward_flops(&s->cfg, s->B, s->T) * tps / BT / pk
 			      : NAN;
 		printf("%s: %zu parameters, loss %.4f -> %.4f over %d steps, %.1f ms/step, "
-		       "%.0f tokens/s, GPU memory %.2f GiB\n",
-		       s->name, gp_model_num_params(m), loss0, loss, s->steps, dt * 1000 / s->steps,
-		       *train_tps, gp_gpu_model_bytes(g) / 1073741824.0);
+		       "%.0f tokens/s (%s attention), GPU memory %.2f GiB\n",
+		       s->name, gp_model_num_params(m), loss0, loss, s->steps,
+		       BT * 1000.0 / tps, tps, flash ? "flash" : "GEMM",
+		       gp_gpu_model_bytes(g) / 1073741824.0);
+	}
+	/* the same steps with the GEMM attention, for the comparison */
+	if (!rc && flash && !gp_gpu_model_set_attention(g, GP_GPU_ATTN_GEMM, &e)) {
+		float l0 = 0, l1 = 0;
+		*gemm_tps = time_training(g, s, x, 100, &l0, &l1, &e);
+		if (isnan(*gemm_tps))
+			fprintf(stderr, "%s training (GEMM attention): %s\n", s->name, e.msg);
+		else
+			printf("%s: with the GEMM attention %.1f ms/step, %.0f tokens/s: flash is "
+			       "%.2fx\n",
+			       s->name, BT * 1000.0 / *gemm_tps, *gemm_tps, tps / *gemm_tps);
+		gp_gpu_model_set_attention(g, GP_GPU_ATTN_FLASH, &e);
 	}
 	/* generation at batch 1 and 32 */
 	for (int bi = 0; bi < 2 && !rc; bi++) {
@@ -273,11 +300,12 @@ int main(int argc, char **argv)
 		const struct shape *s = &shapes[i];
 		if (strcmp(which, "all") && strcmp(which, s->name))
 			continue;
-		double tps = NAN, mfu = NAN, gen[2] = { NAN, NAN };
-		fail |= bench_shape(s, &tps, &mfu, gen);
+		double tps = NAN, mfu = NAN, gen[2] = { NAN, NAN }, gemm = NAN;
+		fail |= bench_shape(s, &tps, &mfu, gen, &gemm);
 		int first = nrows;
 		struct row *r = add_row(s->name, "train tokens/s vs eager", tps, "tok/s");
-		snprintf(r->note, sizeof r->note, "MFU %.1f%%", mfu * 100);
+		snprintf(r->note, sizeof r->note, "MFU %.1f%%; GEMM attention %.0f tok/s", mfu * 100,
+			 gemm);
 		add_row(s->name, "train tokens/s vs torch.compile", tps, "tok/s");
 		add_row(s->name, "gen b1 vs torch KV loop", gen[0], "tok/s");
 		add_row(s->name, "gen b1 vs HF generate", gen[0], "tok/s");

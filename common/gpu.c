@@ -99,6 +99,17 @@ gp_status gp_gpu_train_step(struct gp_gpu_model *g, const uint16_t *inputs,
 	return none(err);
 }
 
+gp_status gp_gpu_model_set_attention(struct gp_gpu_model *g, enum gp_gpu_attention a,
+				     struct gp_err *err)
+{
+	return none(err);
+}
+
+enum gp_gpu_attention gp_gpu_model_attention(const struct gp_gpu_model *g)
+{
+	return GP_GPU_ATTN_GEMM;
+}
+
 gp_status gp_gpu_read_activation(struct gp_gpu_model *g, int act, float *out, size_t n,
 				 struct gp_err *err)
 {

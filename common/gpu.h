@@ -65,6 +65,19 @@ void gp_gpu_model_destroy(struct gp_gpu_model *g);
 /* Bytes of device memory the model holds. */
 size_t gp_gpu_model_bytes(const struct gp_gpu_model *g);
 
+/*
+ * How training computes attention. GEMM: q, k, v permuted, cuBLAS batched
+ * products around a causal softmax kernel, the (B, NH, T, T) probabilities
+ * kept (the ATT activation); any precision. FLASH: fused tensor-core
+ * kernels that keep only a log-sum-exp per row; bf16 training models with
+ * head size 16, 32 or 64 only, where it is the default (the environment's
+ * GENPIPE_GPU_ATTENTION=gemm turns that default off).
+ */
+enum gp_gpu_attention { GP_GPU_ATTN_GEMM, GP_GPU_ATTN_FLASH };
+gp_status gp_gpu_model_set_attention(struct gp_gpu_model *g, enum gp_gpu_attention a,
+				     struct gp_err *err);
+enum gp_gpu_attention gp_gpu_model_attention(const struct gp_gpu_model *g);
+
 /* params: gp_model_num_params floats; mom/vel (may be NULL: zero) the AdamW
  * moments of the same size. */
 gp_status gp_gpu_model_upload(struct gp_gpu_model *g, const float *params, const float *mom,

@@ -126,6 +126,12 @@ struct gp_gpu_model {
 	double *d_sumsq;
 	int B, T, have_targets, have_forward;
 	int infer_only; /* made with max_B = max_T = 0: weights only */
+	/* flash attention (kernels.cuh): 1 when on; fa_lse (L, B, NH, T) the
+	 * forward's log-sum-exp, fa_dd (B, NH, T) the backward's D, fa_dq
+	 * (B, NH, T, hs) its fp32 dq; allocated where it can run (bf16
+	 * training, fa_supported head size) */
+	int flash;
+	float *fa_lse, *fa_dd, *fa_dq;
 	cudaStream_t stream;
 	cublasHandle_t blas;
 	void *blas_ws;
@@ -254,6 +260,14 @@ extern "C" gp_status gp_gpu_model_create(struct gp_gpu_model **out, const struct
 		A_(g->d_norm, 4);
 		A_(g->d_scale, 4);
 		A_(g->d_sumsq, 8);
+		if (prec == GP_GPU_BF16 && fa_supported(c->width / c->heads)) {
+			size_t rows = (size_t)max_B * c->heads * max_T;
+			A_(g->fa_lse, (size_t)c->layers * rows * 4);
+			A_(g->fa_dd, rows * 4);
+			A_(g->fa_dq, BTC * 4);
+			const char *a = getenv("GENPIPE_GPU_ATTENTION");
+			g->flash = !(a && !strcmp(a, "gemm"));
+		}
 	}
 	size_t ws = 32u << 20; /* cuBLAS workspace: set, so that graph capture never allocates */
 	A_(g->blas_ws, ws);
@@ -326,7 +340,7 @@ extern "C" void gp_gpu_model_destroy(struct gp_gpu_model *g)
 	void *ptrs[] = { g->master, g->grads, g->mom,  g->vel,	 g->acts,  g->stats, g->qkvr,
 			 g->vacc,   g->pre,   g->dres, g->dbig,	 g->dqkv,  g->dx,    g->dqkvr,
 			 g->datt,   g->dvacc, g->inp,  g->tgt,	 g->d_loss, g->d_norm, g->d_scale,
-			 g->d_sumsq, g->blas_ws };
+			 g->d_sumsq, g->blas_ws, g->fa_lse, g->fa_dd, g->fa_dq };
 	for (size_t i = 0; i < sizeof ptrs / sizeof *ptrs; i++)
 		if (ptrs[i])
 			cudaFree(ptrs[i]);
@@ -340,6 +354,24 @@ extern "C" void gp_gpu_model_destroy(struct gp_gpu_model *g)
 extern "C" size_t gp_gpu_model_bytes(const struct gp_gpu_model *g)
 {
 	return g ? g->total_bytes : 0;
+}
+
+extern "C" gp_status gp_gpu_model_set_attention(struct gp_gpu_model *g, enum gp_gpu_attention a,
+						struct gp_err *err)
+{
+	if (a == GP_GPU_ATTN_FLASH && !g->fa_lse)
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "flash attention needs a bf16 training model with head size 16, "
+				  "32 or 64 (this one: %s, head size %d%s)",
+				  gp_gpu_precision_str(g->prec), g->cfg.width / g->cfg.heads,
+				  g->infer_only ? ", generation only" : "");
+	g->flash = a == GP_GPU_ATTN_FLASH;
+	return GP_OK;
+}
+
+extern "C" enum gp_gpu_attention gp_gpu_model_attention(const struct gp_gpu_model *g)
+{
+	return g->flash ? GP_GPU_ATTN_FLASH : GP_GPU_ATTN_GEMM;
 }
 
 static gp_status sync_weights(struct gp_gpu_model *g, struct gp_err *err)
@@ -601,12 +633,53 @@ static gp_status layernorm_bwd(struct gp_gpu_model *g, T *dinp, float *dw, float
 	return GP_OK;
 }
 
-/* Attention forward for one layer: atty (B,T,C), att (B,NH,T,T) from qkv. */
+/* Flash attention's launches for a head size (kernels.cuh; bf16 only). */
+template <int HS>
+static gp_status flash_fwd_hs(struct gp_gpu_model *g, bf16 *y, float *lse, const bf16 *qkv,
+			      int B, int Tl, struct gp_err *err)
+{
+	int NH = g->cfg.heads;
+	dim3 grid((unsigned)((Tl + FA_ROWS - 1) / FA_ROWS), (unsigned)(B * NH));
+	k_flash_fwd<HS><<<grid, FA_THREADS, 0, g->stream>>>(y, lse, qkv, Tl, NH,
+							     1.0f / sqrtf((float)HS));
+	CL("flash attention");
+	return GP_OK;
+}
+
+template <int HS>
+static gp_status flash_bwd_hs(struct gp_gpu_model *g, bf16 *dqkv, const bf16 *dy, const bf16 *y,
+			      const bf16 *qkv, const float *lse, int B, int Tl, struct gp_err *err)
+{
+	int NH = g->cfg.heads;
+	size_t rows = (size_t)B * NH * Tl;
+	k_flash_bwd_dot<HS><<<blocks(rows * 32, 256), 256, 0, g->stream>>>(g->fa_dd, dy, y, B, Tl,
+									  NH);
+	CL("flash attention backward (D)");
+	CK(cudaMemsetAsync(g->fa_dq, 0, rows * HS * 4, g->stream));
+	dim3 grid((unsigned)((Tl + FA_ROWS - 1) / FA_ROWS), (unsigned)(B * NH));
+	k_flash_bwd<HS><<<grid, FA_THREADS, 0, g->stream>>>(dqkv, g->fa_dq, qkv, dy, lse, g->fa_dd,
+							     Tl, NH, 1.0f / sqrtf((float)HS));
+	CL("flash attention backward");
+	k_flash_dq<HS><<<blocks(rows * HS, 256), 256, 0, g->stream>>>(dqkv, g->fa_dq, B, Tl, NH);
+	CL("flash attention backward (dq)");
+	return GP_OK;
+}
+
+/* Attention forward for one layer l: atty (B,T,C) from qkv, with att
+ * (B,NH,T,T) (the GEMM path) or the log-sum-exp (flash). */
 template <typename T>
 static gp_status attention_fwd(struct gp_gpu_model *g, T *atty, T *att, const T *qkv, int B,
-			       int Tl, struct gp_err *err)
+			       int Tl, int l, struct gp_err *err)
 {
 	int C = g->cfg.width, NH = g->cfg.heads, hs = C / NH;
+	if (g->flash) { /* set only in bf16 */
+		float *lse = g->fa_lse + (size_t)l * B * NH * Tl;
+		bf16 *y = (bf16 *)atty;
+		const bf16 *x = (const bf16 *)qkv;
+		return hs == 16 ? flash_fwd_hs<16>(g, y, lse, x, B, Tl, err)
+		       : hs == 32 ? flash_fwd_hs<32>(g, y, lse, x, B, Tl, err)
+				  : flash_fwd_hs<64>(g, y, lse, x, B, Tl, err);
+	}
 	size_t n = (size_t)B * Tl * C;
 	T *q = (T *)g->qkvr, *k = q + n, *v = k + n, *pre = (T *)g->pre, *y = (T *)g->vacc;
 	k_permute<T><<<blocks(n, 256), 256, 0, g->stream>>>(q, k, v, qkv, B, Tl, NH, hs);
@@ -624,12 +697,23 @@ static gp_status attention_fwd(struct gp_gpu_model *g, T *atty, T *att, const T 
 	return GP_OK;
 }
 
-/* dqkv (overwritten) from datty, given the layer's qkv and att. */
+/* dqkv (overwritten) from datty, given the layer's qkv and att (or, with
+ * flash attention, its output atty and log-sum-exp). */
 template <typename T>
 static gp_status attention_bwd(struct gp_gpu_model *g, T *dqkv, const T *datty, const T *qkv,
-			       const T *att, int B, int Tl, struct gp_err *err)
+			       const T *att, const T *atty, int B, int Tl, int l,
+			       struct gp_err *err)
 {
 	int C = g->cfg.width, NH = g->cfg.heads, hs = C / NH;
+	if (g->flash) {
+		const float *lse = g->fa_lse + (size_t)l * B * NH * Tl;
+		bf16 *d = (bf16 *)dqkv;
+		const bf16 *dy = (const bf16 *)datty, *y = (const bf16 *)atty,
+			   *x = (const bf16 *)qkv;
+		return hs == 16 ? flash_bwd_hs<16>(g, d, dy, y, x, lse, B, Tl, err)
+		       : hs == 32 ? flash_bwd_hs<32>(g, d, dy, y, x, lse, B, Tl, err)
+				  : flash_bwd_hs<64>(g, d, dy, y, x, lse, B, Tl, err);
+	}
 	size_t n = (size_t)B * Tl * C;
 	T *q = (T *)g->qkvr, *k = q + n, *v = k + n;
 	T *dq = (T *)g->dqkvr, *dk = dq + n, *dv = dk + n;
@@ -686,7 +770,7 @@ static gp_status forward_impl(struct gp_gpu_model *g, int B, int Tl, int targets
 		  *res3 = ACT(g, T, GP_A_RESIDUAL3) + l * BTC;
 		TRY(matmul_fwd<T>(g, qkv, ln1, PW(g, T, GP_P_QKVW) + (size_t)l * 3 * C * C,
 				  PW(g, T, GP_P_QKVB) + l * 3 * C, BT, C, 3 * C, err));
-		TRY(attention_fwd<T>(g, atty, att, qkv, B, Tl, err));
+		TRY(attention_fwd<T>(g, atty, att, qkv, B, Tl, l, err));
 		TRY(matmul_fwd<T>(g, proj, atty, PW(g, T, GP_P_ATTPROJW) + (size_t)l * C * C,
 				  PW(g, T, GP_P_ATTPROJB) + l * C, BT, C, C, err));
 		TRY(residual_layernorm_fwd<T>(s, res2, ln2, STAT(g, GP_A_LN2_MEAN) + l * BT,
@@ -760,7 +844,8 @@ template <typename T> static gp_status backward_impl(struct gp_gpu_model *g, str
 				  PG(g, GP_P_ATTPROJB) + l * C, dres, ACT(g, T, GP_A_ATTY) + l * BTC,
 				  PW(g, T, GP_P_ATTPROJW) + (size_t)l * C * C, BT, C, C, err));
 		TRY(attention_bwd<T>(g, dqkv, dx, ACT(g, T, GP_A_QKV) + l * 3 * BTC,
-				     ACT(g, T, GP_A_ATT) + l * attn, B, Tl, err));
+				     ACT(g, T, GP_A_ATT) + l * attn, ACT(g, T, GP_A_ATTY) + l * BTC,
+				     B, Tl, l, err));
 		TRY(matmul_bwd<T>(g, dx, PG(g, GP_P_QKVW) + (size_t)l * 3 * C * C,
 				  PG(g, GP_P_QKVB) + l * 3 * C, dqkv, ACT(g, T, GP_A_LN1) + l * BTC,
 				  PW(g, T, GP_P_QKVW) + (size_t)l * 3 * C * C, BT, C, 3 * C, err));
@@ -902,6 +987,9 @@ extern "C" gp_status gp_gpu_read_activation(struct gp_gpu_model *g, int act, flo
 {
 	if (act < 0 || act >= GP_A_COUNT || act == GP_A_PREATT || act == GP_A_PROBS)
 		return gp_err_set(err, GP_ERR_INVALID, "activation %d is not kept on the GPU", act);
+	if (act == GP_A_ATT && g->flash)
+		return gp_err_set(err, GP_ERR_INVALID,
+				  "the attention probabilities are not kept with flash attention");
 	if (!g->B)
 		return gp_err_set(err, GP_ERR_INVALID, "no forward pass yet");
 	size_t na, ns;

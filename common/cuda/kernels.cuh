@@ -781,6 +781,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
 #define FA_ROWS 64 /* rows (queries or keys) of a block: 16 a warp */
 #define FA_TILE 64 /* the other side's tile */
 #define FA_THREADS 128
+#ifdef GP_CUDA_EMU
+#define FA_UNROLL
+#else
+#define FA_UNROLL _Pragma("unroll") /* register arrays stay registers */
+#endif
 
 static inline int fa_supported(int hs)
 {
@@ -843,6 +848,7 @@ __device__ __forceinline__ void fa_c_to_a(uint32_t *a, const float *c0, const fl
 __device__ __forceinline__ void fa_load_a(uint32_t *a, const bf16 *m, size_t ld, int r0, int c0,
 					  int n, int g, int t)
 {
+	FA_UNROLL
 	for (int r = 0; r < 4; r++) {
 		int row = r0 + g + (r & 1) * 8, col = c0 + 2 * t + (r >> 1) * 8;
 		a[r] = row < n ? fa_ld(m + (size_t)row * ld + col) : 0u;
@@ -862,9 +868,11 @@ __global__ void __launch_bounds__(FA_THREADS)
 	size_t ld = 3 * (size_t)C;
 	const bf16 *base = qkv + (size_t)b * T * ld + h * HS;
 	uint32_t qa[HS / 16][4];
+	FA_UNROLL
 	for (int s = 0; s < HS / 16; s++)
 		fa_load_a(qa[s], base, ld, q0, 16 * s, T, g, t);
 	float o[HS / 8][4], m[2] = { -INFINITY, -INFINITY }, l[2] = { 0, 0 };
+	FA_UNROLL
 	for (int d = 0; d < HS / 8; d++)
 		o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0;
 	int last = min(T, (int)(blockIdx.x + 1) * FA_ROWS) - 1;
@@ -878,8 +886,10 @@ __global__ void __launch_bounds__(FA_THREADS)
 		}
 		__syncthreads();
 		float sc[FA_TILE / 8][4];
+		FA_UNROLL
 		for (int j = 0; j < FA_TILE / 8; j++) {
 			sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0;
+			FA_UNROLL
 			for (int s = 0; s < HS / 16; s++) {
 				uint32_t kb[2] = { fa_ld(&ks[8 * j + g][16 * s + 2 * t]),
 						   fa_ld(&ks[8 * j + g][16 * s + 8 + 2 * t]) };
@@ -887,7 +897,9 @@ __global__ void __launch_bounds__(FA_THREADS)
 			}
 		}
 		float mt[2] = { -INFINITY, -INFINITY };
+		FA_UNROLL
 		for (int j = 0; j < FA_TILE / 8; j++)
+			FA_UNROLL
 			for (int e = 0; e < 4; e++) {
 				int row = q0 + g + (e >> 1) * 8, key = k0 + 8 * j + 2 * t + (e & 1);
 				float v = key <= row && key < T ? sc[j][e] * scale : -INFINITY;
@@ -895,6 +907,7 @@ __global__ void __launch_bounds__(FA_THREADS)
 				mt[e >> 1] = fmaxf(mt[e >> 1], v);
 			}
 		float alpha[2];
+		FA_UNROLL
 		for (int r = 0; r < 2; r++) {
 			mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
 			mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
@@ -903,19 +916,25 @@ __global__ void __launch_bounds__(FA_THREADS)
 			m[r] = mn;
 			l[r] *= alpha[r];
 		}
+		FA_UNROLL
 		for (int j = 0; j < FA_TILE / 8; j++)
+			FA_UNROLL
 			for (int e = 0; e < 4; e++) {
 				float mr = m[e >> 1];
 				float p = mr == -INFINITY ? 0.0f : expf(sc[j][e] - mr);
 				sc[j][e] = p;
 				l[e >> 1] += p;
 			}
+		FA_UNROLL
 		for (int d = 0; d < HS / 8; d++)
+			FA_UNROLL
 			for (int e = 0; e < 4; e++)
 				o[d][e] *= alpha[e >> 1];
+		FA_UNROLL
 		for (int s = 0; s < FA_TILE / 16; s++) {
 			uint32_t pa[4];
 			fa_c_to_a(pa, sc[2 * s], sc[2 * s + 1]);
+			FA_UNROLL
 			for (int d = 0; d < HS / 8; d++) {
 				int kr = 16 * s + 2 * t, dc = 8 * d + g;
 				uint32_t vb[2] = { fa_pack2(vs[kr][dc], vs[kr + 1][dc]),
@@ -924,11 +943,14 @@ __global__ void __launch_bounds__(FA_THREADS)
 			}
 		}
 	}
+	FA_UNROLL
 	for (int r = 0; r < 2; r++) {
 		l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
 		l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
 	}
+	FA_UNROLL
 	for (int d = 0; d < HS / 8; d++)
+		FA_UNROLL
 		for (int r = 0; r < 2; r++) {
 			int row = q0 + g + r * 8;
 			if (row < T)
@@ -936,6 +958,7 @@ __global__ void __launch_bounds__(FA_THREADS)
 				      fa_pack(o[d][2 * r] / l[r], o[d][2 * r + 1] / l[r]));
 		}
 	if (t == 0)
+		FA_UNROLL
 		for (int r = 0; r < 2; r++) {
 			int row = q0 + g + r * 8;
 			if (row < T)
@@ -986,6 +1009,7 @@ __global__ void __launch_bounds__(FA_THREADS)
 	const bf16 *base = qkv + (size_t)b * T * ld + h * HS;
 	const bf16 *dyb = dy + (size_t)b * T * C + h * HS;
 	uint32_t ka[HS / 16][4], va[HS / 16][4];
+	FA_UNROLL
 	for (int s = 0; s < HS / 16; s++) {
 		fa_load_a(ka[s], base + C, ld, kw0, 16 * s, T, g, t);
 		fa_load_a(va[s], base + 2 * C, ld, kw0, 16 * s, T, g, t);
@@ -995,7 +1019,9 @@ __global__ void __launch_bounds__(FA_THREADS)
 		fa_st(&kst[r][c], key < T ? fa_ld(base + (size_t)key * ld + C + c) : 0u);
 	}
 	float dk[HS / 8][4], dv[HS / 8][4];
+	FA_UNROLL
 	for (int d = 0; d < HS / 8; d++)
+		FA_UNROLL
 		for (int e = 0; e < 4; e++)
 			dk[d][e] = dv[d][e] = 0;
 	for (int q0 = kb0; q0 < T; q0 += FA_TILE) {
@@ -1013,9 +1039,12 @@ __global__ void __launch_bounds__(FA_THREADS)
 		__syncthreads();
 		/* P^T and dP^T, 16 keys x 64 queries a warp */
 		float p[FA_TILE / 8][4], ds[FA_TILE / 8][4];
+		FA_UNROLL
 		for (int j = 0; j < FA_TILE / 8; j++) {
+			FA_UNROLL
 			for (int e = 0; e < 4; e++)
 				p[j][e] = ds[j][e] = 0;
+			FA_UNROLL
 			for (int s = 0; s < HS / 16; s++) {
 				uint32_t qb[2] = { fa_ld(&qs[8 * j + g][16 * s + 2 * t]),
 						   fa_ld(&qs[8 * j + g][16 * s + 8 + 2 * t]) };
@@ -1024,6 +1053,7 @@ __global__ void __launch_bounds__(FA_THREADS)
 				fa_mma(p[j], ka[s], qb);
 				fa_mma(ds[j], va[s], db);
 			}
+			FA_UNROLL
 			for (int e = 0; e < 4; e++) {
 				int key = kw0 + g + (e >> 1) * 8, qi = 8 * j + 2 * t + (e & 1), q = q0 + qi;
 				float pv = q >= key && q < T && key < T
@@ -1034,10 +1064,12 @@ __global__ void __launch_bounds__(FA_THREADS)
 			}
 		}
 		/* dV += P^T dO, dK += dS^T q (k = the tile's queries) */
+		FA_UNROLL
 		for (int s = 0; s < FA_TILE / 16; s++) {
 			uint32_t pa[4], sa[4];
 			fa_c_to_a(pa, p[2 * s], p[2 * s + 1]);
 			fa_c_to_a(sa, ds[2 * s], ds[2 * s + 1]);
+			FA_UNROLL
 			for (int d = 0; d < HS / 8; d++) {
 				int qr = 16 * s + 2 * t, dc = 8 * d + g;
 				uint32_t db[2] = { fa_pack2(dos[qr][dc], dos[qr + 1][dc]),
@@ -1049,18 +1081,23 @@ __global__ void __launch_bounds__(FA_THREADS)
 			}
 		}
 		/* dS (queries x keys) for dQ */
+		FA_UNROLL
 		for (int j = 0; j < FA_TILE / 8; j++)
+			FA_UNROLL
 			for (int e = 0; e < 4; e++)
 				dss[8 * j + 2 * t + (e & 1)][16 * warp + g + (e >> 1) * 8] =
 					__float2bfloat16(ds[j][e]);
 		__syncthreads();
 		/* dQ for this warp's 16 queries of the tile over the block's keys */
 		float dqa[HS / 8][4];
+		FA_UNROLL
 		for (int d = 0; d < HS / 8; d++)
 			dqa[d][0] = dqa[d][1] = dqa[d][2] = dqa[d][3] = 0;
+		FA_UNROLL
 		for (int s = 0; s < FA_ROWS / 16; s++) {
 			uint32_t sa[4];
 			fa_load_a(sa, &dss[0][0], FA_ROWS + 8, 16 * warp, 16 * s, FA_TILE, g, t);
+			FA_UNROLL
 			for (int d = 0; d < HS / 8; d++) {
 				int kr = 16 * s + 2 * t, dc = 8 * d + g;
 				uint32_t kb[2] = { fa_pack2(kst[kr][dc], kst[kr + 1][dc]),
@@ -1068,14 +1105,18 @@ __global__ void __launch_bounds__(FA_THREADS)
 				fa_mma(dqa[d], sa, kb);
 			}
 		}
+		FA_UNROLL
 		for (int d = 0; d < HS / 8; d++)
+			FA_UNROLL
 			for (int e = 0; e < 4; e++) {
 				int q = q0 + 16 * warp + g + (e >> 1) * 8, c = 8 * d + 2 * t + (e & 1);
 				if (q < T)
 					atomicAdd(&dq[((size_t)bh * T + q) * HS + c], scale * dqa[d][e]);
 			}
 	}
+	FA_UNROLL
 	for (int d = 0; d < HS / 8; d++)
+		FA_UNROLL
 		for (int r = 0; r < 2; r++) {
 			int key = kw0 + g + r * 8;
 			if (key >= T)

@@ -9,7 +9,8 @@
  * compared with the reference's: the encoder, LayerNorm (output, mean,
  * rstd), the QKV/attention-projection/MLP matmuls with their biases, the
  * attention (softmax probabilities and output), GELU, residuals, the
- * logits and per-token losses; then every parameter gradient, the gradient
+ * logits and per-token losses (in bf16 with the GEMM attention and with flash
+ * attention, whose probabilities are not kept); then every parameter gradient, the gradient
  * norm, a clipped AdamW step, ten training steps, greedy generation (one
  * sequence, three at once, prefill in one step; graphs on and off) and
  * sampling on the device (as gp_sample on the same logits).
@@ -91,7 +92,27 @@ static void random_tokens(uint16_t *x, size_t n, int vocab)
 }
 
 /* Forward, backward and one clipped AdamW step on both sides. */
-static void check_passes(enum gp_gpu_precision prec)
+static const char *attn_str(enum gp_gpu_attention a)
+{
+	return a == GP_GPU_ATTN_FLASH ? "flash attention" : "GEMM attention";
+}
+
+/* The model's attention set to a (flash: bf16 only, refused in fp32). */
+static void set_attention(struct gp_gpu_model *g, enum gp_gpu_precision prec,
+			  enum gp_gpu_attention a)
+{
+	struct gp_err e = { 0 };
+	if (prec == GP_GPU_FP32) {
+		CHECK(gp_gpu_model_set_attention(g, GP_GPU_ATTN_FLASH, &e) == GP_ERR_INVALID);
+		CHECK(strstr(e.msg, "bf16") != NULL);
+		CHECK(gp_gpu_model_attention(g) == GP_GPU_ATTN_GEMM);
+		return;
+	}
+	REQUIRE_OK(gp_gpu_model_set_attention(g, a, &e), e);
+	CHECK(gp_gpu_model_attention(g) == a);
+}
+
+static void check_passes(enum gp_gpu_precision prec, enum gp_gpu_attention attn)
 {
 	struct gp_err e = { 0 };
 	const int B = 3, T = 17; /* odd sizes: no kernel may assume multiples */
@@ -111,18 +132,21 @@ static void check_passes(enum gp_gpu_precision prec)
 
 	struct gp_gpu_model *g = NULL;
 	REQUIRE_OK(gp_gpu_model_create(&g, &tiny, prec, 4, 32, &e), e);
+	set_attention(g, prec, attn);
 	REQUIRE_OK(gp_gpu_model_upload(g, P, NULL, NULL, &e), e);
 	REQUIRE_OK(gp_gpu_poison(g, &e), e);
 	float lc = 0, lg = NAN;
 	REQUIRE_OK(gp_model_forward(m, in, tg, B, T, &lc, &e), e);
 	REQUIRE_OK(gp_gpu_forward(g, in, tg, B, T, &lg, &e), e);
 	double tol = tolerance(prec);
-	printf("%s forward, loss cpu %.6f gpu %.6f\n", gp_gpu_precision_str(prec), lc, lg);
+	printf("%s forward (%s), loss cpu %.6f gpu %.6f\n", gp_gpu_precision_str(prec),
+	       attn_str(gp_gpu_model_attention(g)), lc, lg);
 	CHECK(fabs(lc - lg) <= (prec == GP_GPU_FP32 ? 1e-4 : 1e-2) * fabs(lc));
 	size_t sizes[GP_A_COUNT];
 	gp_model_act_sizes(&tiny, B, T, sizes);
 	for (int a = 0; a < GP_A_COUNT; a++) {
-		if (a == GP_A_PREATT || a == GP_A_PROBS) {
+		if (a == GP_A_PREATT || a == GP_A_PROBS ||
+		    (a == GP_A_ATT && gp_gpu_model_attention(g) == GP_GPU_ATTN_FLASH)) {
 			float x;
 			CHECK(gp_gpu_read_activation(g, a, &x, 1, &e) == GP_ERR_INVALID);
 			continue;
@@ -232,7 +256,7 @@ static void check_passes(enum gp_gpu_precision prec)
 }
 
 /* Ten training steps: the losses stay within 1e-2 relative of the CPU's. */
-static void check_training(enum gp_gpu_precision prec)
+static void check_training(enum gp_gpu_precision prec, enum gp_gpu_attention attn)
 {
 	struct gp_err e = { 0 };
 	const struct gp_model_config c = { .vocab = 200, .padded_vocab = 256, .context = 64,
@@ -245,6 +269,7 @@ static void check_training(enum gp_gpu_precision prec)
 	size_t np = gp_model_num_params(m);
 	struct gp_gpu_model *g = NULL;
 	REQUIRE_OK(gp_gpu_model_create(&g, &c, prec, B, T, &e), e);
+	set_attention(g, prec, attn);
 	REQUIRE_OK(gp_gpu_model_upload(g, gp_model_params(m), NULL, NULL, &e), e);
 	float *mom = calloc(np, sizeof *mom), *vel = calloc(np, sizeof *vel);
 	REQUIRE(mom && vel);
@@ -270,8 +295,8 @@ static void check_training(enum gp_gpu_precision prec)
 		if (step == 1)
 			first = lg;
 		last = lg;
-		printf("  %s step %2d: loss cpu %.5f gpu %.5f (rel %.2g), gpu grad norm %.4f\n",
-		       gp_gpu_precision_str(prec), step, lc, lg, r, ng);
+		printf("  %s (%s) step %2d: loss cpu %.5f gpu %.5f (rel %.2g), gpu grad norm %.4f\n",
+		       gp_gpu_precision_str(prec), attn_str(attn), step, lc, lg, r, ng);
 	}
 	CHECK(worst <= 1e-2);
 	CHECK(last < first); /* it learns */
@@ -550,10 +575,12 @@ int main(void)
 		rng_state = 1;
 	printf("device %s, %.1f GiB; GENPIPE_TEST_SEED=%llu\n", name, mem / 1073741824.0,
 	       (unsigned long long)rng_state);
-	check_passes(GP_GPU_FP32);
-	check_passes(GP_GPU_BF16);
-	check_training(GP_GPU_FP32);
-	check_training(GP_GPU_BF16);
+	check_passes(GP_GPU_FP32, GP_GPU_ATTN_GEMM);
+	check_passes(GP_GPU_BF16, GP_GPU_ATTN_GEMM);
+	check_passes(GP_GPU_BF16, GP_GPU_ATTN_FLASH);
+	check_training(GP_GPU_FP32, GP_GPU_ATTN_GEMM);
+	check_training(GP_GPU_BF16, GP_GPU_ATTN_GEMM);
+	check_training(GP_GPU_BF16, GP_GPU_ATTN_FLASH);
 	check_generation(0);
 	check_generation(1);
 	check_sampling(0);
