@@ -71,7 +71,8 @@ size_t gp_gpu_model_bytes(const struct gp_gpu_model *g);
  * kept (the ATT activation); any precision. FLASH: fused tensor-core
  * kernels that keep only a log-sum-exp per row; bf16 training models with
  * head size 16, 32 or 64 only, where it is the default (the environment's
- * GENPIPE_GPU_ATTENTION=gemm turns that default off).
+ * GENPIPE_GPU_ATTENTION=gemm turns that default off). Changing it drops a
+ * pending forward (gp_gpu_backward then refuses until the next forward).
  */
 enum gp_gpu_attention { GP_GPU_ATTN_GEMM, GP_GPU_ATTN_FLASH };
 gp_status gp_gpu_model_set_attention(struct gp_gpu_model *g, enum gp_gpu_attention a,

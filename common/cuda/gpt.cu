@@ -365,7 +365,10 @@ extern "C" gp_status gp_gpu_model_set_attention(struct gp_gpu_model *g, enum gp_
 				  "32 or 64 (this one: %s, head size %d%s)",
 				  gp_gpu_precision_str(g->prec), g->cfg.width / g->cfg.heads,
 				  g->infer_only ? ", generation only" : "");
-	g->flash = a == GP_GPU_ATTN_FLASH;
+	int flash = a == GP_GPU_ATTN_FLASH;
+	if (flash != g->flash)
+		g->have_forward = 0; /* its backward would read what the other kept */
+	g->flash = flash;
 	return GP_OK;
 }
 

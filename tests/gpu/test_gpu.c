@@ -170,6 +170,16 @@ static void check_passes(enum gp_gpu_precision prec, enum gp_gpu_attention attn)
 	REQUIRE_OK(gp_gpu_backward(g, &e), e);
 	/* a second backward without a forward is refused */
 	CHECK(gp_gpu_backward(g, &e) == GP_ERR_INVALID);
+	if (prec == GP_GPU_BF16) { /* and one after the attention changed */
+		REQUIRE_OK(gp_gpu_forward(g, in, tg, B, T, NULL, &e), e);
+		REQUIRE_OK(gp_gpu_model_set_attention(g, attn == GP_GPU_ATTN_FLASH
+								 ? GP_GPU_ATTN_GEMM
+								 : GP_GPU_ATTN_FLASH,
+						      &e),
+			   e);
+		CHECK(gp_gpu_backward(g, &e) == GP_ERR_INVALID);
+		REQUIRE_OK(gp_gpu_model_set_attention(g, attn, &e), e);
+	}
 	float *gg = malloc(np * sizeof *gg);
 	REQUIRE(gg);
 	REQUIRE_OK(gp_gpu_read_grads(g, gg, &e), e);
