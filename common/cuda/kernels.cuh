@@ -112,7 +112,32 @@ __global__ void k_encoder_bwd(float *dwte, float *dwpe, const T *dout, const uin
 	atomicAdd(&dwpe[(size_t)t * C + c], d);
 }
 
-/* One warp per row; two passes over the row as the reference does. */
+/*
+ * The rest of a LayerNorm row for one warp, given each lane's part s of the
+ * row's sum: mean, then the variance in a second pass (as the reference
+ * does), then o; lane 0 stores the row's mean and rstd.
+ */
+template <typename T>
+__device__ __forceinline__ void layernorm_row(T *o, float *mean, float *rstd, const T *x,
+					      const T *w, const T *b, float s, int C, int lane)
+{
+	float m = warp_sum(s) / C;
+	float v = 0;
+	for (int i = lane; i < C; i += 32) {
+		float d = tof(x[i]) - m;
+		v += d * d;
+	}
+	v = warp_sum(v) / C;
+	float r = rsqrtf(v + 1e-5f);
+	for (int i = lane; i < C; i += 32)
+		o[i] = fromf<T>((tof(x[i]) - m) * r * tof(w[i]) + tof(b[i]));
+	if (lane == 0) {
+		*mean = m;
+		*rstd = r;
+	}
+}
+
+/* One warp per row. */
 template <typename T>
 __global__ void k_layernorm_fwd(T *out, float *mean, float *rstd, const T *inp, const T *w,
 				const T *b, int N, int C)
@@ -124,21 +149,7 @@ __global__ void k_layernorm_fwd(T *out, float *mean, float *rstd, const T *inp, 
 	float s = 0;
 	for (int i = lane; i < C; i += 32)
 		s += tof(x[i]);
-	float m = warp_sum(s) / C;
-	float v = 0;
-	for (int i = lane; i < C; i += 32) {
-		float d = tof(x[i]) - m;
-		v += d * d;
-	}
-	v = warp_sum(v) / C;
-	float r = rsqrtf(v + 1e-5f);
-	T *o = out + (size_t)row * C;
-	for (int i = lane; i < C; i += 32)
-		o[i] = fromf<T>((tof(x[i]) - m) * r * tof(w[i]) + tof(b[i]));
-	if (lane == 0) {
-		mean[row] = m;
-		rstd[row] = r;
-	}
+	layernorm_row(out + (size_t)row * C, mean + row, rstd + row, x, w, b, s, C, lane);
 }
 
 /*
@@ -162,21 +173,7 @@ __global__ void k_residual_layernorm_fwd(T *res, T *out, float *mean, float *rst
 		x[i] = r;
 		s += tof(r);
 	}
-	float m = warp_sum(s) / C;
-	float v = 0;
-	for (int i = lane; i < C; i += 32) {
-		float d = tof(x[i]) - m;
-		v += d * d;
-	}
-	v = warp_sum(v) / C;
-	float r = rsqrtf(v + 1e-5f);
-	T *o = out + off;
-	for (int i = lane; i < C; i += 32)
-		o[i] = fromf<T>((tof(x[i]) - m) * r * tof(w[i]) + tof(bias[i]));
-	if (lane == 0) {
-		mean[row] = m;
-		rstd[row] = r;
-	}
+	layernorm_row(out + off, mean + row, rstd + row, (const T *)x, w, bias, s, C, lane);
 }
 
 /* dinp += the LayerNorm's input gradient; one warp per row. */
