@@ -840,6 +840,23 @@ __device__ __forceinline__ void fa_c_to_a(uint32_t *a, const float *c0, const fl
 	a[2] = fa_pack(c1[0], c1[1]);
 	a[3] = fa_pack(c1[2], c1[3]);
 }
+/* B fragments of a row-major bf16 matrix m (leading dim ld): kn, with k
+ * down its rows (B[k][n] = m[k0 + k][n0 + n], pairs gathered); nk, with n
+ * down its rows (B[k][n] = m[n0 + n][k0 + k], pairs loaded whole) */
+__device__ __forceinline__ void fa_load_b_kn(uint32_t *b, const bf16 *m, int ld, int k0, int n0,
+					     int g, int t)
+{
+	const bf16 *p = m + (size_t)(k0 + 2 * t) * ld + n0 + g;
+	b[0] = fa_pack2(p[0], p[ld]);
+	b[1] = fa_pack2(p[8 * ld], p[9 * ld]);
+}
+__device__ __forceinline__ void fa_load_b_nk(uint32_t *b, const bf16 *m, int ld, int k0, int n0,
+					     int g, int t)
+{
+	const bf16 *p = m + (size_t)(n0 + g) * ld + k0 + 2 * t;
+	b[0] = fa_ld(p);
+	b[1] = fa_ld(p + 8);
+}
 /* the A fragment of rows r0.. of a row-major bf16 matrix (leading dim ld),
  * columns c0..c0+15; rows at or past n are zero */
 __device__ __forceinline__ void fa_load_a(uint32_t *a, const bf16 *m, size_t ld, int r0, int c0,
@@ -888,8 +905,8 @@ __global__ void __launch_bounds__(FA_THREADS)
 			sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0;
 			FA_UNROLL
 			for (int s = 0; s < HS / 16; s++) {
-				uint32_t kb[2] = { fa_ld(&ks[8 * j + g][16 * s + 2 * t]),
-						   fa_ld(&ks[8 * j + g][16 * s + 8 + 2 * t]) };
+				uint32_t kb[2];
+				fa_load_b_nk(kb, &ks[0][0], HS + 8, 16 * s, 8 * j, g, t);
 				fa_mma(sc[j], qa[s], kb);
 			}
 		}
@@ -933,9 +950,8 @@ __global__ void __launch_bounds__(FA_THREADS)
 			fa_c_to_a(pa, sc[2 * s], sc[2 * s + 1]);
 			FA_UNROLL
 			for (int d = 0; d < HS / 8; d++) {
-				int kr = 16 * s + 2 * t, dc = 8 * d + g;
-				uint32_t vb[2] = { fa_pack2(vs[kr][dc], vs[kr + 1][dc]),
-						   fa_pack2(vs[kr + 8][dc], vs[kr + 9][dc]) };
+				uint32_t vb[2];
+				fa_load_b_kn(vb, &vs[0][0], HS + 8, 16 * s, 8 * d, g, t);
 				fa_mma(o[d], pa, vb);
 			}
 		}
@@ -1043,10 +1059,9 @@ __global__ void __launch_bounds__(FA_THREADS)
 				p[j][e] = ds[j][e] = 0;
 			FA_UNROLL
 			for (int s = 0; s < HS / 16; s++) {
-				uint32_t qb[2] = { fa_ld(&qs[8 * j + g][16 * s + 2 * t]),
-						   fa_ld(&qs[8 * j + g][16 * s + 8 + 2 * t]) };
-				uint32_t db[2] = { fa_ld(&dos[8 * j + g][16 * s + 2 * t]),
-						   fa_ld(&dos[8 * j + g][16 * s + 8 + 2 * t]) };
+				uint32_t qb[2], db[2];
+				fa_load_b_nk(qb, &qs[0][0], HS + 8, 16 * s, 8 * j, g, t);
+				fa_load_b_nk(db, &dos[0][0], HS + 8, 16 * s, 8 * j, g, t);
 				fa_mma(p[j], ka[s], qb);
 				fa_mma(ds[j], va[s], db);
 			}
@@ -1068,11 +1083,9 @@ __global__ void __launch_bounds__(FA_THREADS)
 			fa_c_to_a(sa, ds[2 * s], ds[2 * s + 1]);
 			FA_UNROLL
 			for (int d = 0; d < HS / 8; d++) {
-				int qr = 16 * s + 2 * t, dc = 8 * d + g;
-				uint32_t db[2] = { fa_pack2(dos[qr][dc], dos[qr + 1][dc]),
-						   fa_pack2(dos[qr + 8][dc], dos[qr + 9][dc]) };
-				uint32_t qb[2] = { fa_pack2(qs[qr][dc], qs[qr + 1][dc]),
-						   fa_pack2(qs[qr + 8][dc], qs[qr + 9][dc]) };
+				uint32_t db[2], qb[2];
+				fa_load_b_kn(db, &dos[0][0], HS + 8, 16 * s, 8 * d, g, t);
+				fa_load_b_kn(qb, &qs[0][0], HS + 8, 16 * s, 8 * d, g, t);
 				fa_mma(dv[d], pa, db);
 				fa_mma(dk[d], sa, qb);
 			}
@@ -1096,9 +1109,8 @@ __global__ void __launch_bounds__(FA_THREADS)
 			fa_load_a(sa, &dss[0][0], FA_ROWS + 8, 16 * warp, 16 * s, FA_TILE, g, t);
 			FA_UNROLL
 			for (int d = 0; d < HS / 8; d++) {
-				int kr = 16 * s + 2 * t, dc = 8 * d + g;
-				uint32_t kb[2] = { fa_pack2(kst[kr][dc], kst[kr + 1][dc]),
-						   fa_pack2(kst[kr + 8][dc], kst[kr + 9][dc]) };
+				uint32_t kb[2];
+				fa_load_b_kn(kb, &kst[0][0], HS + 8, 16 * s, 8 * d, g, t);
 				fa_mma(dqa[d], sa, kb);
 			}
 		}
