@@ -1106,7 +1106,7 @@ template <typename T> static gp_status decode_impl(struct gp_gpu_decoder *d, int
 		k_kv_write<T><<<blocks(nC, 256), 256, 0, s>>>((T *)d->kc, (T *)d->vc, qkv, d->d_rows,
 							       n, l, L, ctx, C);
 		CL("kv write");
-		k_decode_attn<T><<<dim3((unsigned)n, (unsigned)NH), 128, d->smem, s>>>(
+		k_decode_attn<T><<<dim3((unsigned)n, (unsigned)NH), DECODE_THREADS, d->smem, s>>>(
 			y, qkv, (const T *)d->kc, (const T *)d->vc, d->d_rows, l, L, ctx, C, NH);
 		CL("decode attention");
 		TRY(matmul_fwd_on<T>(g, on, proj, y, PW(g, T, GP_P_ATTPROJW) + (size_t)l * C * C,
@@ -1260,7 +1260,7 @@ extern "C" gp_status gp_gpu_decoder_create(struct gp_gpu_decoder **out, struct g
 			st = cublas_fail(err, "decoder setup", bs);
 	}
 	if (!st) {
-		d->smem = (size_t)c->context * 4;
+		d->smem = decode_attn_smem(c->context, c->width / c->heads);
 		cudaError_t ce = cudaSuccess;
 		if (d->smem > 48 * 1024) {
 			if (g->prec == GP_GPU_BF16)

@@ -521,8 +521,18 @@ __global__ void k_kv_write(T *kc, T *vc, const T *qkv, const struct row_info *ro
 	vc[at] = qkv[(size_t)r * 3 * C + 2 * C + c];
 }
 
-/* One block per (row, head): scores over positions 0..pos of the row's
- * slot (in shared memory), softmax, weighted sum of values. */
+/* One block of DECODE_THREADS per (row, head): scores over positions
+ * 0..pos of the row's slot (in shared memory), softmax, then the weighted
+ * sum of values with each warp over a share of the positions (lanes over
+ * channels: coalesced rows of V) and the warps' partial sums added. */
+#define DECODE_THREADS 128
+
+/* dynamic shared memory of k_decode_attn: scores, then the partial sums */
+static inline size_t decode_attn_smem(int ctx, int hs)
+{
+	return ((size_t)ctx + (size_t)(DECODE_THREADS / 32) * hs) * sizeof(float);
+}
+
 template <typename T>
 __global__ void k_decode_attn(T *y, const T *qkv, const T *kc, const T *vc,
 			      const struct row_info *rows, int l, int L, int ctx, int C, int NH)
@@ -551,12 +561,21 @@ __global__ void k_decode_attn(T *y, const T *qkv, const T *kc, const T *vc,
 		s += e;
 	}
 	s = block_reduce(s, false); /* synchronizes: sc is complete */
+	int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+	float *part = sc + ctx; /* (nw, hs) */
+	for (int i = lane; i < hs; i += 32) {
+		float acc = 0;
+		for (int p = w; p <= pos; p += nw)
+			acc += sc[p] * tof(vc[base + (size_t)p * C + i]);
+		part[w * hs + i] = acc;
+	}
+	__syncthreads();
 	float inv = 1.0f / s;
 	for (int i = threadIdx.x; i < hs; i += blockDim.x) {
 		float acc = 0;
-		for (int p = 0; p <= pos; p++)
-			acc += sc[p] * inv * tof(vc[base + (size_t)p * C + i]);
-		y[(size_t)r * C + (size_t)h * hs + i] = fromf<T>(acc);
+		for (int k = 0; k < nw; k++)
+			acc += part[k * hs + i];
+		y[(size_t)r * C + (size_t)h * hs + i] = fromf<T>(acc * inv);
 	}
 }
 

@@ -546,11 +546,11 @@ static void test_optimizer()
 
 /* ---- generation ---- */
 
-static void test_decode()
+static void decode_case(int NH, int hs)
 {
 	/* two slots of a KV cache; every position of both in one step (as a
 	 * prefill), attention per row over its slot's positions 0..pos */
-	const int B = 2, T = 37, NH = 3, hs = 4, C = NH * hs, L = 2, l = 1, ctx = 40, V = 19;
+	const int B = 2, T = 37, C = NH * hs, L = 2, l = 1, ctx = 40, V = 19;
 	const size_t n = (size_t)B * T;
 	auto qkv = randv(n * 3 * C);
 	std::vector<float> out(n * C), preatt((size_t)B * NH * T * T), att(preatt.size());
@@ -567,7 +567,7 @@ static void test_decode()
 	LAUNCH(nblocks(n * C, 64), 64, 0,
 	       k_kv_write<float>(kc.data(), vc.data(), qkv.data(), rows.data(), (int)n, l, L, ctx,
 				 C));
-	LAUNCH(dim3((unsigned)n, NH), 128, (size_t)ctx * sizeof(float),
+	LAUNCH(dim3((unsigned)n, NH), DECODE_THREADS, decode_attn_smem(ctx, hs),
 	       k_decode_attn<float>(y.data(), qkv.data(), kc.data(), vc.data(), rows.data(), l, L,
 				    ctx, C, NH));
 	CLOSE("decode attention over the KV cache", y, out, false);
@@ -578,6 +578,12 @@ static void test_decode()
 	LAUNCH(nblocks(n * C, 64), 64, 0,
 	       k_embed_rows<float>(egot.data(), rows.data(), wte.data(), wpe.data(), (int)n, C));
 	CLOSE("row embedding", egot, ewant, false);
+}
+
+static void test_decode()
+{
+	decode_case(3, 4);  /* a head narrower than a warp */
+	decode_case(2, 40); /* wider than a warp, not a multiple of it */
 }
 
 /* CUB's radix key of a float: unsigned order of the keys is the floats'
