@@ -11,12 +11,14 @@
  * cuBLAS with fp32 accumulation (CUBLAS_COMPUTE_32F: no TF32 in fp32 mode,
  * tensor cores on bf16 inputs in bf16 mode).
  *
- * Attention: q, k, v are permuted to (B, NH, T, hs) and multiplied with
- * strided-batched GEMMs around a causal softmax kernel (the "cuBLAS batched
- * products with a fused softmax" first step; a flash-style kernel is the
- * next one). The backward pass keeps one residual-gradient buffer that each
- * LayerNorm backward adds into (llm.c's scheme), so no residual gradient
- * is copied.
+ * Attention (gp_gpu_model_set_attention): flash attention in bf16 where the
+ * head size is 16, 32 or 64 (kernels.cuh: fused tensor-core kernels, a
+ * log-sum-exp per row kept for the backward), else q, k, v permuted to
+ * (B, NH, T, hs) and multiplied with strided-batched GEMMs around a causal
+ * softmax kernel, the probabilities kept. Each residual add is fused with
+ * the LayerNorm after it. The backward pass keeps one residual-gradient
+ * buffer that each LayerNorm backward adds into (llm.c's scheme), so no
+ * residual gradient is copied.
  *
  * Generation: per-slot KV caches, a step over rows of several slots at once
  * (prefill rows and decode rows alike), captured once per row count as a
