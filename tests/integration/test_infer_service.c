@@ -668,8 +668,14 @@ static int body(struct gp_test_env *env)
 		uint8_t *jl = NULL;
 		size_t jlen = 0;
 		REQUIRE_OK(gp_store_get(st, hh, 1 << 20, &jl, &jlen, &e), e);
+		/* the artifact's bytes, no terminator: strtok needs one */
+		char *jsonl = malloc(jlen + 1);
+		REQUIRE(jsonl);
+		memcpy(jsonl, jl, jlen);
+		jsonl[jlen] = 0;
+		free(jl);
 		int lines = 0, good = 0;
-		for (char *line = strtok((char *)jl, "\n"); line; line = strtok(NULL, "\n")) {
+		for (char *line = strtok(jsonl, "\n"); line; line = strtok(NULL, "\n")) {
 			cJSON *o = cJSON_Parse(line);
 			lines++;
 			cJSON *idx = cJSON_GetObjectItem(o, "index");
@@ -688,7 +694,7 @@ static int body(struct gp_test_env *env)
 		CHECK(lines == nd && good == 3);
 		CHECK(q("SELECT count(*) FROM artifacts WHERE content_hash = '%s' AND kind = "
 			"'completions' AND run_id = %lld", hh, rb) == 1);
-		free(jl);
+		free(jsonl);
 		free(ref);
 		gp_store_close(st);
 	}
