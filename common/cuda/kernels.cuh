@@ -876,6 +876,19 @@ __device__ __forceinline__ void fa_load_b_nk(uint32_t *b, const bf16 *m, int ld,
 	b[0] = fa_ld(p);
 	b[1] = fa_ld(p + 8);
 }
+/* acc (16 x HS as HS/8 C tiles) += a (16 x 16) . m[k0 .. k0+15][0 .. HS),
+ * m row-major in shared memory with leading dim ld */
+template <int HS>
+__device__ __forceinline__ void fa_mma_rows(float (*acc)[4], const uint32_t *a, const bf16 *m,
+					    int ld, int k0, int g, int t)
+{
+	FA_UNROLL
+	for (int d = 0; d < HS / 8; d++) {
+		uint32_t b[2];
+		fa_load_b_kn(b, m, ld, k0, 8 * d, g, t);
+		fa_mma(acc[d], a, b);
+	}
+}
 /* the A fragment of rows r0.. of a row-major bf16 matrix (leading dim ld),
  * columns c0..c0+15; rows at or past n are zero */
 __device__ __forceinline__ void fa_load_a(uint32_t *a, const bf16 *m, size_t ld, int r0, int c0,
@@ -967,12 +980,7 @@ __global__ void __launch_bounds__(FA_THREADS)
 		for (int s = 0; s < FA_TILE / 16; s++) {
 			uint32_t pa[4];
 			fa_c_to_a(pa, sc[2 * s], sc[2 * s + 1]);
-			FA_UNROLL
-			for (int d = 0; d < HS / 8; d++) {
-				uint32_t vb[2];
-				fa_load_b_kn(vb, &vs[0][0], HS + 8, 16 * s, 8 * d, g, t);
-				fa_mma(o[d], pa, vb);
-			}
+			fa_mma_rows<HS>(o, pa, &vs[0][0], HS + 8, 16 * s, g, t);
 		}
 	}
 	FA_UNROLL
@@ -1100,14 +1108,8 @@ __global__ void __launch_bounds__(FA_THREADS)
 			uint32_t pa[4], sa[4];
 			fa_c_to_a(pa, p[2 * s], p[2 * s + 1]);
 			fa_c_to_a(sa, ds[2 * s], ds[2 * s + 1]);
-			FA_UNROLL
-			for (int d = 0; d < HS / 8; d++) {
-				uint32_t db[2], qb[2];
-				fa_load_b_kn(db, &dos[0][0], HS + 8, 16 * s, 8 * d, g, t);
-				fa_load_b_kn(qb, &qs[0][0], HS + 8, 16 * s, 8 * d, g, t);
-				fa_mma(dv[d], pa, db);
-				fa_mma(dk[d], sa, qb);
-			}
+			fa_mma_rows<HS>(dv, pa, &dos[0][0], HS + 8, 16 * s, g, t);
+			fa_mma_rows<HS>(dk, sa, &qs[0][0], HS + 8, 16 * s, g, t);
 		}
 		/* dS (queries x keys) for dQ */
 		FA_UNROLL
@@ -1126,12 +1128,7 @@ __global__ void __launch_bounds__(FA_THREADS)
 		for (int s = 0; s < FA_ROWS / 16; s++) {
 			uint32_t sa[4];
 			fa_load_a(sa, &dss[0][0], FA_ROWS + 8, 16 * warp, 16 * s, FA_TILE, g, t);
-			FA_UNROLL
-			for (int d = 0; d < HS / 8; d++) {
-				uint32_t kb[2];
-				fa_load_b_kn(kb, &kst[0][0], HS + 8, 16 * s, 8 * d, g, t);
-				fa_mma(dqa[d], sa, kb);
-			}
+			fa_mma_rows<HS>(dqa, sa, &kst[0][0], HS + 8, 16 * s, g, t);
 		}
 		FA_UNROLL
 		for (int d = 0; d < HS / 8; d++)
